@@ -1,0 +1,90 @@
+"""Quality and speed measurements used by the demo, the README table and the real-model tests."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from sqonnx.calibrators.data import feeds_for_tokens, load_tokenizer, pydoc_text
+
+
+def session(model_path: Path, threads: int = 0) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+
+
+def _inputs(model_path: Path) -> list[ir.Value]:
+    import onnx
+
+    proto = onnx.load(str(model_path), load_external_data=False)
+    return list(ir.serde.deserialize_graph(proto.graph).inputs)
+
+
+def eval_windows(model_dir: Path, seq_len: int, max_windows: int) -> np.ndarray:
+    """Non-overlapping token windows of the held-out pydoc text."""
+    ids = np.asarray(load_tokenizer(model_dir).encode(pydoc_text("evaluation"), add_special_tokens=False).ids)
+    count = min(max_windows, len(ids) // seq_len)
+    return ids[: count * seq_len].reshape(count, seq_len)
+
+
+def perplexity(model_path: Path, windows: np.ndarray) -> float:
+    """exp(mean next-token negative log-likelihood) over the windows."""
+    sess = session(model_path)
+    inputs = _inputs(model_path)
+    total, count = 0.0, 0
+    for window in windows:
+        logits = sess.run(["logits"], feeds_for_tokens(inputs, window))[0][0].astype(np.float64)
+        logits = logits[:-1]
+        top = logits.max(axis=-1, keepdims=True)
+        log_z = np.log(np.exp(logits - top).sum(axis=-1)) + top[:, 0]
+        total += float((log_z - logits[np.arange(len(window) - 1), window[1:]]).sum())
+        count += len(window) - 1
+    return float(np.exp(total / count))
+
+
+def sentence_embeddings(model_path: Path, windows: list[np.ndarray]) -> np.ndarray:
+    """Mean-pooled, L2-normalized sentence embeddings (as sentence-transformers computes them)."""
+    sess = session(model_path)
+    inputs = _inputs(model_path)
+    out = []
+    for tokens in windows:
+        hidden = sess.run(["last_hidden_state"], feeds_for_tokens(inputs, tokens))[0][0]
+        vector = hidden.mean(axis=0)
+        out.append(vector / np.linalg.norm(vector))
+    return np.stack(out)
+
+
+def sentences(model_dir: Path, count: int, max_tokens: int = 128) -> list[np.ndarray]:
+    """Held-out pydoc paragraphs tokenized with [CLS] ... [SEP], as the sentence encoder expects."""
+    tokenizer = load_tokenizer(model_dir)
+    paragraphs = [p.strip() for p in pydoc_text("evaluation").split("\n\n") if len(p.strip()) > 40]
+    step = max(1, len(paragraphs) // count)
+    result = []
+    for paragraph in paragraphs[::step][:count]:
+        ids = tokenizer.encode(paragraph, add_special_tokens=True).ids[:max_tokens]
+        result.append(np.asarray(ids, dtype=np.int64))
+    return result
+
+
+def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean(np.sum(a * b, axis=1)))
+
+
+def latency(model_path: Path, seq_len: int, repeats: int = 5) -> float:
+    """Median seconds for one batch-1 forward of `seq_len` tokens."""
+    sess = session(model_path)
+    feeds = feeds_for_tokens(_inputs(model_path), np.arange(seq_len, dtype=np.int64) % 1000 + 100)
+    sess.run(None, feeds)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sess.run(None, feeds)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))

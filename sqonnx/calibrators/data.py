@@ -1,0 +1,151 @@
+"""Calibration feeds: token windows from text (a file, or Python's own pydoc topics), or an .npz.
+
+Text is tokenized with the tokenizer.json that optimum saves beside the model. The built-in text is
+`pydoc_data.topics`, which every CPython ships: topics are split deterministically into a calibration
+part and a held-out evaluation part, so quality is never measured on the calibration text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from sqonnx.config import CalibrationConfig
+from sqonnx.errors import SqonnxError
+
+EVAL_EVERY = 5  # every 5th pydoc topic (sorted by name) is held out for evaluation
+
+_NUMPY_OF = {ir.DataType.INT64: np.int64, ir.DataType.INT32: np.int32, ir.DataType.FLOAT: np.float32}
+
+
+def pydoc_text(split: str) -> str:
+    """The calibration ("calibration") or held-out ("evaluation") part of Python's pydoc topics."""
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)
+    held_out = split == "evaluation"
+    return "\n\n".join(topics[k] for i, k in enumerate(keys) if (i % EVAL_EVERY == EVAL_EVERY - 1) == held_out)
+
+
+def load_tokenizer(model_dir: Path):  # -> tokenizers.Tokenizer
+    path = model_dir / "tokenizer.json"
+    if not path.exists():
+        raise SqonnxError(f"no tokenizer.json beside the model in {model_dir}; export with optimum "
+                          "(it saves one) or pass --calib-data as an .npz of input feeds")
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path))
+
+
+def token_windows(token_ids: list[int], num_samples: int, seq_len: int) -> np.ndarray:
+    """`num_samples` windows of `seq_len` tokens at evenly spaced offsets (overlapping if text is short)."""
+    if len(token_ids) < seq_len:
+        raise SqonnxError(f"calibration text has {len(token_ids)} tokens, fewer than --seq-len {seq_len}; "
+                          "give more text or a smaller --seq-len")
+    ids = np.asarray(token_ids, dtype=np.int64)
+    offsets = np.linspace(0, len(ids) - seq_len, num_samples).astype(np.int64)
+    return np.stack([ids[o:o + seq_len] for o in offsets])
+
+
+def feeds_for_tokens(inputs: list[ir.Value], tokens: np.ndarray) -> dict[str, np.ndarray]:
+    """Feeds for one [seq] window, for the inputs a transformer export has."""
+    seq = tokens.shape[0]
+    feeds: dict[str, np.ndarray] = {}
+    for value in inputs:
+        name = str(value.name)
+        dtype = _NUMPY_OF.get(value.dtype, np.int64) if value.dtype is not None else np.int64
+        if name == "input_ids":
+            array = tokens
+        elif name == "attention_mask":
+            array = np.ones(seq, dtype=np.int64)
+        elif name == "position_ids":
+            array = np.arange(seq, dtype=np.int64)
+        elif name == "token_type_ids":
+            array = np.zeros(seq, dtype=np.int64)
+        else:
+            raise SqonnxError(f"model input '{name}' cannot be filled from text; "
+                              "pass --calib-data as an .npz with one array per model input")
+        feeds[name] = array[None, :].astype(dtype)
+    return feeds
+
+
+@dataclass
+class CalibrationFeeds:
+    """A re-iterable, countable source of feeds; samples are made one at a time."""
+
+    count: int
+    _make: object  # Callable[[], Iterator[dict[str, np.ndarray]]]
+    description: str
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self._make()  # type: ignore[operator]
+
+
+def calibration_feeds(graph: ir.Graph, model_dir: Path, config: CalibrationConfig) -> CalibrationFeeds:
+    inputs = [v for v in graph.inputs if not v.is_initializer()]
+    data = config.data
+    if data is not None and not data.exists():
+        raise SqonnxError(f"calibration data not found: {data}")
+    if data is not None and data.suffix == ".npz":
+        return _npz_feeds(inputs, data, config.num_samples)
+    if data is not None:
+        try:
+            text = data.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise SqonnxError(f"{data} is neither UTF-8 text nor an .npz of input feeds") from None
+        description = f"{data.name}"
+    else:
+        text = pydoc_text("calibration")
+        description = "built-in pydoc topics"
+    tokenizer = load_tokenizer(model_dir)
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    windows = token_windows(ids, config.num_samples, config.seq_len)
+
+    def make() -> Iterator[dict[str, np.ndarray]]:
+        return (feeds_for_tokens(inputs, w) for w in windows)
+
+    return CalibrationFeeds(len(windows), make, f"{description}, {len(windows)} x {config.seq_len} tokens")
+
+
+def _npz_feeds(inputs: list[ir.Value], path: Path, num_samples: int) -> CalibrationFeeds:
+    """An .npz holds one array per model input, samples along the first axis."""
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except Exception:
+        raise SqonnxError(f"{path} is not a readable .npz file") from None
+    names = {str(v.name) for v in inputs}
+    if set(archive.files) != names:
+        raise SqonnxError(f"{path.name} holds arrays {sorted(archive.files)} but the model's inputs are "
+                          f"{sorted(names)}; save one array per input under its name")
+    count = None
+    for value in inputs:
+        array = archive[str(value.name)]
+        rank = len(value.shape) if value.shape is not None else array.ndim - 1
+        if array.ndim != rank + 1:
+            raise SqonnxError(f"array '{value.name}' in {path.name} has shape {array.shape}; expected "
+                              f"[samples, ...] with {rank} dims after the sample axis")
+        for axis, dim in enumerate(value.shape or ()):
+            if isinstance(dim, int) and array.shape[axis + 1] != dim:
+                raise SqonnxError(f"array '{value.name}' in {path.name} has shape {array.shape[1:]} per "
+                                  f"sample but the model needs {list(value.shape)}")
+        expected = _NUMPY_OF.get(value.dtype) if value.dtype is not None else None
+        if expected is not None and array.dtype != expected:
+            raise SqonnxError(f"array '{value.name}' in {path.name} is {array.dtype}; the model needs "
+                              f"{np.dtype(expected).name}")
+        if count is not None and array.shape[0] != count:
+            raise SqonnxError(f"arrays in {path.name} disagree on the number of samples")
+        count = array.shape[0]
+    total = min(int(count or 0), num_samples)
+    if total == 0:
+        raise SqonnxError(f"{path.name} holds no samples")
+
+    arrays = {str(v.name): archive[str(v.name)][:total] for v in inputs}
+
+    def make() -> Iterator[dict[str, np.ndarray]]:
+        return ({name: array[i] for name, array in arrays.items()} for i in range(total))
+
+    return CalibrationFeeds(total, make, f"{path.name}, {total} samples")

@@ -1,0 +1,72 @@
+"""The `sqonnx` command. Each command maps onto one library function; user mistakes print one line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sqonnx.api import quantize as quantize_model
+from sqonnx.config import DEFAULT_EXCLUDE, CalibrationConfig, Level, QuantizeConfig, Unabsorbed
+from sqonnx.errors import SqonnxError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="SmoothQuant W8A8 INT8 quantization for ONNX transformer models.")
+
+
+@app.callback()
+def _root() -> None:
+    """SmoothQuant W8A8 INT8 quantization for ONNX transformer models."""
+
+
+@app.command()
+def quantize(
+    model: Annotated[Path, typer.Argument(help="FP32 .onnx model (a tokenizer.json beside it for text calibration)")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output .onnx [default: <model>.int8.onnx]")] = None,
+    alpha: Annotated[float, typer.Option(help="Migration strength: s = max|X|^a / max|W|^(1-a)")] = 0.5,
+    static: Annotated[bool, typer.Option("--static", help="Static per-tensor activations (level O3)")] = False,
+    level: Annotated[Level, typer.Option(help="SmoothQuant level")] = Level.O3,
+    smooth: Annotated[bool, typer.Option("--smooth/--no-smooth", help="Apply SmoothQuant before quantizing")] = True,
+    per_channel: Annotated[bool, typer.Option("--per-channel", help="Per-output-channel weight scales")] = False,
+    reduce_range: Annotated[bool, typer.Option(
+        "--reduce-range/--full-range",
+        help="7-bit weights: no int16 saturation on x86 CPUs without VNNI. --full-range for VNNI/ARM/GPU")] = True,
+    exclude: Annotated[list[str] | None, typer.Option(
+        help=f"Node-name glob to keep in float; repeatable [default: {', '.join(DEFAULT_EXCLUDE)}]")] = None,
+    unabsorbed: Annotated[Unabsorbed, typer.Option(
+        help="Groups whose producer cannot absorb 1/s: skip them, or insert an explicit Mul")] = Unabsorbed.SKIP,
+    calib_data: Annotated[Path | None, typer.Option(
+        help="Calibration text file or .npz of input feeds [default: Python's pydoc topics]")] = None,
+    num_samples: Annotated[int, typer.Option(help="Calibration samples")] = 128,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration sample (text data)")] = 512,
+    report_json: Annotated[Path | None, typer.Option(help="Also write the per-layer report as JSON")] = None,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify",
+                                         help="Ask onnxruntime which CPU kernels the output runs")] = True,
+) -> None:
+    """Quantize MODEL to INT8 with SmoothQuant."""
+    del static  # O3 is the only level so far; --static is accepted for the documented command line
+    try:
+        config = QuantizeConfig(
+            alpha=alpha, smooth=smooth, level=level, per_channel=per_channel, reduce_range=reduce_range,
+            exclude=tuple(exclude) if exclude else DEFAULT_EXCLUDE, unabsorbed=unabsorbed,
+            calibration=CalibrationConfig(data=calib_data, num_samples=num_samples, seq_len=seq_len),
+            verify_fusion=verify)
+        report = quantize_model(model, output, config, progress=sys.stderr.isatty())
+        if report_json is not None:
+            report_json.write_text(json.dumps(report.to_dict(), indent=2, default=str))
+    except SqonnxError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted: no output written", err=True)
+        raise typer.Exit(130) from None
+    typer.echo(report.summary())
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    app()

@@ -1,0 +1,79 @@
+"""Typed, validated configuration for one quantization run."""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqonnx.errors import SqonnxError
+
+
+class Level(str, enum.Enum):
+    """SmoothQuant levels (paper, Table 2). Only O3 (static per-tensor activations) exists so far."""
+
+    O3 = "O3"
+
+
+class Unabsorbed(str, enum.Enum):
+    """What to do with a smoothing group whose producer cannot absorb 1/s exactly."""
+
+    SKIP = "skip"  # leave the group unsmoothed: the graph stays unchanged but for Q/DQ
+    MUL = "mul"  # insert an explicit Mul by 1/s in front of the group (costs one elementwise op)
+
+
+# The LM head is the layer that ruins accuracy first; keep it (and any other output projection that
+# optimum names this way) in float unless the user asks otherwise.
+DEFAULT_EXCLUDE: tuple[str, ...] = ("*lm_head*",)
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Where calibration samples come from and how many."""
+
+    data: Path | None = None  # text file or .npz of feeds; None: built-in pydoc text
+    num_samples: int = 128
+    seq_len: int = 512
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise SqonnxError(f"--num-samples must be at least 1, got {self.num_samples}")
+        if self.seq_len < 2:
+            raise SqonnxError(f"--seq-len must be at least 2, got {self.seq_len}")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Options of `sqonnx.quantize`; the CLI maps its flags 1:1 onto these fields."""
+
+    alpha: float = 0.5
+    smooth: bool = True  # False: plain per-tensor W8A8 (the unsmoothed baseline)
+    level: Level = Level.O3
+    per_channel: bool = False  # weight scales per output channel instead of per tensor
+    # Weights in [-63, 63] instead of [-127, 127]. x86 CPUs without VNNI multiply u8 x s8 pairs into
+    # saturating int16 (vpmaddubsw): 255*127*2 overflows, 255*63*2 does not. True is safe everywhere.
+    reduce_range: bool = True
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    unabsorbed: Unabsorbed = Unabsorbed.SKIP
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    verify_fusion: bool = True  # ask onnxruntime which kernels the saved model runs
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise SqonnxError(f"--alpha must be between 0 and 1, got {self.alpha}; try 0.5")
+        for pattern in self.exclude:
+            if not pattern:
+                raise SqonnxError("--exclude got an empty pattern; give a node-name glob like '*lm_head*'")
+
+    @property
+    def weight_qmax(self) -> int:
+        return 63 if self.reduce_range else 127
+
+    def is_excluded(self, node_name: str) -> bool:
+        return any(_glob_to_regex(p).fullmatch(node_name) for p in self.exclude)
+
+
+def _glob_to_regex(pattern: str) -> re.Pattern[str]:
+    # fnmatch treats '[' specially; node names like '/model/layers.0/...' never need classes.
+    return re.compile(".*".join(re.escape(part) for part in pattern.split("*")))

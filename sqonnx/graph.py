@@ -1,0 +1,129 @@
+"""Reading the model and the few graph facts every pass needs: which nodes are linear layers with a
+constant weight, and how to give a node a new constant without touching anyone else's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from sqonnx.errors import SqonnxError
+
+
+def load_model(path: Path) -> ir.Model:
+    """Load an ONNX model, turning the ways a file can be wrong into one-line errors."""
+    if not path.exists():
+        raise SqonnxError(f"model file not found: {path}")
+    if path.is_dir():
+        raise SqonnxError(f"{path} is a folder; pass the .onnx file inside it")
+    try:
+        model = ir.load(path)
+    except Exception as exc:  # protobuf raises several unrelated types for junk input
+        raise SqonnxError(f"{path} is not a readable ONNX model ({type(exc).__name__}); "
+                          "pass a .onnx file exported by optimum or torch.onnx") from None
+    for tensor_value in model.graph.initializers.values():
+        tensor = tensor_value.const_value
+        if isinstance(tensor, ir.ExternalTensor) and not Path(tensor.path).exists():
+            raise SqonnxError(f"external data file {tensor.path} of {path.name} is missing; "
+                              "keep the .onnx file beside its data file")
+    return model
+
+
+def constant(value: ir.Value | None) -> np.ndarray | None:
+    """The array behind an initializer input, or None when the value is computed at run time."""
+    if value is None or value.const_value is None or not value.is_initializer():
+        return None
+    return value.const_value.numpy()
+
+
+@dataclass(frozen=True)
+class LinearLayer:
+    """A MatMul or Gemm whose right-hand operand is a constant 2-D weight."""
+
+    node: ir.Node
+    # Axis of the weight that multiplies the activation's last axis: 0 for MatMul and Gemm(transB=0)
+    # ([in, out] layout), 1 for Gemm(transB=1) ([out, in] layout).
+    in_axis: int
+
+    @property
+    def name(self) -> str:
+        return self.node.name or self.node.outputs[0].name
+
+    @property
+    def activation(self) -> ir.Value:
+        value = self.node.inputs[0]
+        assert value is not None
+        return value
+
+    @property
+    def weight_value(self) -> ir.Value:
+        value = self.node.inputs[1]
+        assert value is not None
+        return value
+
+    @property
+    def weight(self) -> np.ndarray:
+        array = constant(self.weight_value)
+        assert array is not None
+        return array
+
+    @property
+    def bias_value(self) -> ir.Value | None:
+        return self.node.inputs[2] if self.node.op_type == "Gemm" and len(self.node.inputs) > 2 else None
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.weight.shape[self.in_axis])
+
+
+def as_linear_layer(node: ir.Node) -> LinearLayer | None:
+    if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm"):
+        return None
+    weight = constant(node.inputs[1]) if len(node.inputs) > 1 else None
+    if weight is None or weight.ndim != 2 or weight.dtype != np.float32:
+        return None
+    if node.op_type == "MatMul":
+        return LinearLayer(node, in_axis=0)
+    attrs = node.attributes
+    if attrs.get_int("transA", 0) or attrs.get_float("alpha", 1.0) != 1.0:
+        return None
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if bias is not None and constant(bias) is None:
+        return None
+    return LinearLayer(node, in_axis=1 if attrs.get_int("transB", 0) else 0)
+
+
+def find_linear_layers(graph: ir.Graph) -> list[LinearLayer]:
+    """Linear layers in graph order."""
+    return [layer for node in graph if (layer := as_linear_layer(node)) is not None]
+
+
+def set_constant_input(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, suffix: str) -> None:
+    """Give `node.inputs[index]` a new value `array`.
+
+    The initializer is rewritten in place when this node is its only reader; otherwise (tied or shared
+    weights) the node gets its own copy named `<original><suffix>`, so no other node changes.
+    """
+    old = node.inputs[index]
+    assert old is not None and old.name is not None
+    array = np.ascontiguousarray(array, dtype=old.const_value.dtype.numpy() if old.const_value else None)
+    if len(old.uses()) == 1 and not old.is_graph_output() and not old.is_graph_input():
+        old.const_value = ir.tensor(array, name=old.name)
+        return
+    node.replace_input_with(index, add_initializer(graph, f"{old.name}{suffix}", array))
+
+
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register a new initializer under a deterministic name (made unique if it is taken)."""
+    unique = name
+    counter = 1
+    while unique in graph.initializers:
+        unique = f"{name}_{counter}"
+        counter += 1
+    tensor = ir.tensor(np.ascontiguousarray(array), name=unique)
+    value = ir.Value(name=unique, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype),
+                     const_value=tensor)
+    graph.register_initializer(value)
+    return value

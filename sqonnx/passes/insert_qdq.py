@@ -1,0 +1,90 @@
+"""Insert standard-domain QuantizeLinear/DequantizeLinear around each quantized linear layer.
+
+Weights become int8 initializers behind one DequantizeLinear; activations get a Q -> DQ pair with a
+static symmetric scale. The shape is what onnxruntime's CPU QDQ fusion needs to turn the layer into an
+integer kernel (QLinearMatMul when a Q follows, MatMulIntegerToFloat when not): on x86 an int8 Q -> DQ
+pair is only fused after being rewritten to uint8, which requires explicit constant int8 zero points on
+both nodes, equal zero points, and a Q with exactly one reader. So every layer gets its own pair even
+when siblings read the same X (q/k/v): three cheap Q ops instead of three unfused DQs per inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from sqonnx.graph import LinearLayer, add_initializer, as_linear_layer
+from sqonnx.smoothing import quantize_symmetric, symmetric_scale
+
+ACTIVATION_QMAX = 127
+
+
+@dataclass(frozen=True)
+class LayerQuantization:
+    """Static quantization of one layer: the activation's max |x| after smoothing."""
+
+    layer: LinearLayer
+    activation_max: float
+
+
+class InsertQDQPass(ir.passes.InPlacePass):
+    def __init__(self, plan: list[LayerQuantization], weight_qmax: int, per_channel: bool) -> None:
+        super().__init__()
+        self.plan = plan
+        self.weight_qmax = weight_qmax
+        self.per_channel = per_channel
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for item in self.plan:
+            # A layer already quantized has a DequantizeLinear, not a constant, as its weight.
+            if as_linear_layer(item.layer.node) is None:
+                continue
+            self._quantize_weight(model.graph, item.layer)
+            self._quantize_activation(model.graph, item.layer, item.activation_max)
+            modified = True
+        return ir.passes.PassResult(model, modified=modified)
+
+    def _quantize_weight(self, graph: ir.Graph, layer: LinearLayer) -> None:
+        weight = layer.weight
+        base = str(layer.weight_value.name)
+        out_axis = 1 - layer.in_axis
+        if self.per_channel:
+            scale = symmetric_scale(np.abs(weight).max(axis=layer.in_axis), self.weight_qmax)
+            codes = quantize_symmetric(weight, np.expand_dims(scale, layer.in_axis), self.weight_qmax)
+            zero_point = np.zeros(scale.shape, dtype=np.int8)
+        else:
+            scale = symmetric_scale(np.abs(weight).max(), self.weight_qmax)
+            codes = quantize_symmetric(weight, scale, self.weight_qmax)
+            zero_point = np.zeros((), dtype=np.int8)
+        inputs = [add_initializer(graph, f"{base}_quantized", codes),
+                  add_initializer(graph, f"{base}_scale", scale),
+                  add_initializer(graph, f"{base}_zero_point", zero_point)]
+        attributes = {"axis": ir.AttrInt64("axis", out_axis)} if self.per_channel else {}
+        dequantize = ir.Node("", "DequantizeLinear", inputs, attributes, name=f"{layer.name}/weight_DequantizeLinear")
+        _name_output(dequantize, f"{base}_dequantized", weight.shape)
+        graph.insert_before(layer.node, dequantize)
+        layer.node.replace_input_with(1, dequantize.outputs[0])
+
+    def _quantize_activation(self, graph: ir.Graph, layer: LinearLayer, activation_max: float) -> None:
+        activation = layer.activation
+        name = layer.name
+        scale = add_initializer(graph, f"{name}/input_scale", symmetric_scale(activation_max, ACTIVATION_QMAX))
+        zero_point = add_initializer(graph, f"{name}/input_zero_point", np.zeros((), dtype=np.int8))
+        quantize = ir.Node("", "QuantizeLinear", [activation, scale, zero_point], name=f"{name}/input_QuantizeLinear")
+        _name_output(quantize, f"{name}/input_quantized", activation.shape, ir.DataType.INT8)
+        dequantize = ir.Node("", "DequantizeLinear", [quantize.outputs[0], scale, zero_point],
+                             name=f"{name}/input_DequantizeLinear")
+        _name_output(dequantize, f"{name}/input_dequantized", activation.shape)
+        graph.insert_before(layer.node, [quantize, dequantize])
+        layer.node.replace_input_with(0, dequantize.outputs[0])
+
+
+def _name_output(node: ir.Node, name: str, shape: object, dtype: ir.DataType = ir.DataType.FLOAT) -> None:
+    output = node.outputs[0]
+    output.name = name
+    output.dtype = dtype
+    if shape is not None:
+        output.shape = ir.Shape(shape) if not isinstance(shape, ir.Shape) else shape

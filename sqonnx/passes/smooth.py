@@ -1,0 +1,90 @@
+"""The smoothing pass: per group, compute s, scale the readers' weight rows by s, fold 1/s upstream.
+
+Groups are processed in reverse graph order. A group's fold may divide the output columns of a layer
+that belongs to an earlier group (down_proj's s goes into up_proj), and that earlier group must then see
+the weight as it will really be quantized when it takes its per-row maxima.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from sqonnx.config import Unabsorbed
+from sqonnx.graph import set_constant_input
+from sqonnx.passes.fold_into_linear import fold_into_linear
+from sqonnx.passes.fold_into_mul import fold_into_mul
+from sqonnx.passes.fold_into_norm import fold_into_norm
+from sqonnx.passes.insert_smoothing_mul import insert_smoothing_mul
+from sqonnx.passes.smoothing_groups import LinearAbsorber, MulAbsorber, NormAbsorber, SmoothingGroup
+from sqonnx.smoothing import input_channel_max, smoothing_scales
+
+logger = logging.getLogger(__name__)
+
+SMOOTHED_KEY = "sqonnx.smoothed"
+
+
+@dataclass
+class GroupResult:
+    """What happened to one group; feeds the report."""
+
+    group: SmoothingGroup
+    scales: np.ndarray | None  # None: not smoothed
+    folded_into: str  # name of the node that absorbed 1/s ("" when none)
+    method: str  # how: a producer kind, "explicit Mul", or "not smoothed: <why>"
+
+
+class SmoothPass(ir.passes.InPlacePass):
+    """Apply SmoothQuant to every group that has at least one layer to quantize."""
+
+    def __init__(self, groups: list[SmoothingGroup], channel_max: dict[str, np.ndarray], alpha: float,
+                 unabsorbed: Unabsorbed, quantized: set[str]) -> None:
+        super().__init__()
+        self.groups = groups
+        self.channel_max = channel_max
+        self.alpha = alpha
+        self.unabsorbed = unabsorbed
+        self.quantized = quantized
+        self.results: list[GroupResult] = []
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if SMOOTHED_KEY in model.metadata_props:
+            return ir.passes.PassResult(model, modified=False)
+        graph = model.graph
+        results = []
+        for group in reversed(self.groups):
+            results.append(self._smooth_group(graph, group))
+        self.results = list(reversed(results))
+        modified = any(r.scales is not None for r in self.results)
+        if modified:
+            model.metadata_props[SMOOTHED_KEY] = f"alpha={self.alpha}"
+        return ir.passes.PassResult(model, modified=modified)
+
+    def _smooth_group(self, graph: ir.Graph, group: SmoothingGroup) -> GroupResult:
+        if not any(layer.name in self.quantized for layer in group.layers):
+            return GroupResult(group, None, "", "not smoothed: no layer of the group is quantized")
+        absorber = group.absorber
+        if absorber is None and self.unabsorbed is Unabsorbed.SKIP:
+            return GroupResult(group, None, "", f"not smoothed: {group.reason}")
+        act_max = self.channel_max[str(group.activation.name)]
+        weight_max = np.max([input_channel_max(layer.weight, layer.in_axis) for layer in group.layers], axis=0)
+        scales = smoothing_scales(act_max, weight_max, self.alpha)
+        for layer in group.layers:
+            shape = [1, 1]
+            shape[layer.in_axis] = scales.shape[0]
+            set_constant_input(graph, layer.node, 1, layer.weight * scales.reshape(shape), suffix="_smoothed")
+        if isinstance(absorber, NormAbsorber):
+            fold_into_norm(graph, absorber, scales)
+            return GroupResult(group, scales, absorber.node.name or "", absorber.node.op_type)
+        if isinstance(absorber, MulAbsorber):
+            fold_into_mul(graph, absorber, scales)
+            return GroupResult(group, scales, absorber.node.name or "", "Mul (per-channel weight)")
+        if isinstance(absorber, LinearAbsorber):
+            fold_into_linear(graph, absorber, scales)
+            return GroupResult(group, scales, absorber.layer.name, f"{absorber.node.op_type} (output columns)")
+        mul = insert_smoothing_mul(graph, group, scales)
+        logger.info("inserted %s: %s", mul.name, group.reason)
+        return GroupResult(group, scales, mul.name or "", "explicit Mul")

@@ -1,0 +1,69 @@
+"""What a quantization run did, per layer: the report `sqonnx.quantize` returns and the CLI prints."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sqonnx.kernels import KernelCheck
+
+
+@dataclass
+class LayerReport:
+    name: str
+    activation: str
+    quantized: bool
+    smoothing: str  # producer kind that absorbed 1/s, "explicit Mul", or "not smoothed: <why>"
+    folded_into: str
+    scale_min: float | None
+    scale_max: float | None
+    activation_max_before: float  # max over channels of max|X_j|
+    activation_max_after: float  # max over channels of max|X_j / s_j|: the static range that is used
+    outlier_ratio_before: float  # max / median of the per-channel maxima
+    outlier_ratio_after: float
+
+
+@dataclass
+class QuantizeReport:
+    input_path: str
+    output_path: str
+    settings: dict[str, Any]
+    calibration: str
+    layers: list[LayerReport] = field(default_factory=list)
+    kernels: KernelCheck | None = None
+    input_bytes: int = 0
+    output_bytes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def quantized_layers(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.quantized]
+
+    @property
+    def smoothed_layers(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.quantized and layer.scale_min is not None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        quantized = self.quantized_layers
+        smoothed = self.smoothed_layers
+        kinds: dict[str, int] = {}
+        for layer in quantized:
+            key = layer.smoothing if layer.scale_min is not None else "not smoothed"
+            kinds[key] = kinds.get(key, 0) + 1
+        ratio_before = max((layer.outlier_ratio_before for layer in quantized), default=0.0)
+        ratio_after = max((layer.outlier_ratio_after for layer in quantized), default=0.0)
+        lines = [
+            f"{self.input_path} -> {self.output_path}",
+            f"  calibration: {self.calibration}",
+            f"  quantized {len(quantized)} of {len(self.layers)} linear layers; smoothed {len(smoothed)} "
+            f"({', '.join(f'{n} via {k}' for k, n in sorted(kinds.items()))})",
+            f"  worst outlier ratio (channel max / median) before -> after smoothing: "
+            f"{ratio_before:.1f} -> {ratio_after:.1f}",
+            f"  size: {self.input_bytes / 1e6:.1f} MB -> {self.output_bytes / 1e6:.1f} MB in {self.seconds:.1f} s",
+        ]
+        if self.kernels is not None:
+            lines.append(f"  onnxruntime CPU: {self.kernels.summary()}")
+        return "\n".join(lines)

@@ -1,0 +1,44 @@
+"""SmoothQuant math, in numpy and nothing else (no graph code here).
+
+For Y = X W with per-input-channel maxima a_j = max|X_j| and w_j = max_k |W_jk| (taken over every
+weight that reads X, so siblings share one s), the paper (Xiao et al. 2023, eq. 4) picks
+
+    s_j = a_j^alpha / w_j^(1 - alpha)
+
+and rewrites Y = (X / s) (s W). We use this formula as published (llm-compressor uses a variant).
+Both maxima are clamped at 1e-5 as the reference implementation does, so a channel that is always zero
+gets a finite s and the fold stays exact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+EPS = 1e-5
+
+
+def smoothing_scales(act_max: np.ndarray, weight_max: np.ndarray, alpha: float) -> np.ndarray:
+    """Per-channel s (float32, shape [C]) from activation and weight maxima."""
+    a = np.maximum(np.asarray(act_max, dtype=np.float64), EPS)
+    w = np.maximum(np.asarray(weight_max, dtype=np.float64), EPS)
+    s = np.power(a, alpha) / np.power(w, 1.0 - alpha)
+    s = np.maximum(s, EPS)
+    return s.astype(np.float32)
+
+
+def input_channel_max(weight: np.ndarray, channel_axis: int) -> np.ndarray:
+    """max|W| per input channel; `channel_axis` is the axis that multiplies X's last axis."""
+    other = 1 - channel_axis
+    return np.abs(weight).max(axis=other)
+
+
+def symmetric_scale(max_abs: np.ndarray | float, qmax: int) -> np.ndarray:
+    """Scale of symmetric linear quantization onto [-qmax, qmax]; never zero."""
+    m = np.asarray(max_abs, dtype=np.float32)
+    return np.where(m > 0, m / np.float32(qmax), np.float32(1.0)).astype(np.float32)
+
+
+def quantize_symmetric(values: np.ndarray, scale: np.ndarray, qmax: int) -> np.ndarray:
+    """Round-to-nearest-even int8 codes in [-qmax, qmax], as QuantizeLinear rounds."""
+    q = np.rint(values.astype(np.float32) / scale)
+    return np.clip(q, -qmax, qmax).astype(np.int8)

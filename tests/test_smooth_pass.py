@@ -1,0 +1,80 @@
+"""Smoothing alone must leave the model's outputs equal to FP32 (it is exact in real arithmetic)."""
+
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from sqonnx.calibrators import collect_channel_max
+from sqonnx.config import Unabsorbed
+from sqonnx.graph import find_linear_layers
+from sqonnx.passes.smooth import SmoothPass
+from sqonnx.passes.smoothing_groups import find_smoothing_groups
+from tests.synthetic import activations, build_block, run
+
+
+def smooth_model(path: Path, out: Path, x: np.ndarray, unabsorbed: Unabsorbed, alpha: float = 0.5) -> SmoothPass:
+    model = ir.load(path)
+    groups = find_smoothing_groups(model.graph)
+    wanted = {str(g.activation.name): g.channels for g in groups}
+    stats = collect_channel_max(model, wanted, ({"x": s} for s in x), len(x), progress=False)
+    layers = {layer.name for layer in find_linear_layers(model.graph)}
+    smooth = SmoothPass(groups, stats, alpha, unabsorbed, layers)
+    result = smooth(model)
+    assert result.modified
+    ir.save(model, out)
+    return smooth
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shared_weight", [False, True])
+@pytest.mark.parametrize("unabsorbed", list(Unabsorbed))
+def test_smoothing_keeps_outputs(tmp_path: Path, bias: bool, shared_weight: bool, unabsorbed: Unabsorbed) -> None:
+    path = build_block(tmp_path / "m.onnx", bias=bias, shared_weight=shared_weight)
+    x = activations(4)
+    smooth = smooth_model(path, tmp_path / "s.onnx", x, unabsorbed)
+    expected = run(path, x)
+    got = run(tmp_path / "s.onnx", x)
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * scale)
+    smoothed = [r for r in smooth.results if r.scales is not None]
+    assert len(smoothed) == (4 if unabsorbed is Unabsorbed.MUL else 3)
+    # The scales really moved something: outlier channels got large s.
+    assert max(float(r.scales.max() / r.scales.min()) for r in smoothed) > 10
+
+
+def test_explicit_mul_only_where_nothing_absorbs(tmp_path: Path, block: Path) -> None:
+    smooth_model(block, tmp_path / "s.onnx", activations(2), Unabsorbed.MUL)
+    muls = [n for n in ir.load(tmp_path / "s.onnx").graph if n.name.endswith("/SmoothMul")]
+    assert [n.name for n in muls] == ["/attn/o_proj/MatMul/SmoothMul"]
+
+
+def test_smoothing_handles_zero_channels(tmp_path: Path, block: Path) -> None:
+    x = activations(2)
+    x[..., 7] = 0.0  # an input channel that is always zero
+    smooth_model(block, tmp_path / "s.onnx", x, Unabsorbed.SKIP)
+    np.testing.assert_allclose(run(tmp_path / "s.onnx", x), run(block, x), rtol=1e-4,
+                               atol=1e-4 * np.abs(run(block, x)).max())
+
+
+def test_second_run_changes_nothing(tmp_path: Path, block: Path) -> None:
+    x = activations(2)
+    smooth = smooth_model(block, tmp_path / "s.onnx", x, Unabsorbed.SKIP)
+    model = ir.load(tmp_path / "s.onnx")
+    before = {k: v.const_value.numpy().copy() for k, v in model.graph.initializers.items()}
+    again = SmoothPass(find_smoothing_groups(model.graph), {}, 0.5, Unabsorbed.SKIP, set(smooth.quantized))(model)
+    assert not again.modified
+    for name, array in before.items():
+        np.testing.assert_array_equal(model.graph.initializers[name].const_value.numpy(), array)
+
+
+def test_calibrator_matches_numpy(tmp_path: Path, block: Path) -> None:
+    """The streaming ReduceMax statistics equal max|x| computed from the whole input."""
+    x = activations(5)
+    model = ir.load(block)
+    stats = collect_channel_max(model, {"x": 32}, ({"x": s} for s in x), len(x), progress=False)
+    np.testing.assert_allclose(stats["x"], np.abs(x).reshape(-1, 32).max(axis=0), rtol=1e-6)
+    # The calibrator cleans up after itself: the model is unchanged.
+    assert [o.name for o in model.graph.outputs] == ["y"]
+    assert not any(n.name.startswith("sqonnx_calib") for n in model.graph)
