@@ -108,7 +108,7 @@ def set_constant_input(graph: ir.Graph, node: ir.Node, index: int, array: np.nda
     """
     old = node.inputs[index]
     assert old is not None and old.name is not None
-    array = np.ascontiguousarray(array, dtype=old.const_value.dtype.numpy() if old.const_value else None)
+    array = _contiguous(array, old.const_value.dtype.numpy() if old.const_value else None)
     if len(old.uses()) == 1 and not old.is_graph_output() and not old.is_graph_input():
         old.const_value = ir.tensor(array, name=old.name)
         return
@@ -122,8 +122,13 @@ def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     while unique in graph.initializers:
         unique = f"{name}_{counter}"
         counter += 1
-    tensor = ir.tensor(np.ascontiguousarray(array), name=unique)
+    tensor = ir.tensor(_contiguous(array), name=unique)
     value = ir.Value(name=unique, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype),
                      const_value=tensor)
     graph.register_initializer(value)
     return value
+
+
+def _contiguous(array: np.ndarray, dtype: np.dtype | None = None) -> np.ndarray:
+    # np.ascontiguousarray would turn a scalar into shape [1]; scales and zero points must stay scalars.
+    return np.require(np.asarray(array, dtype=dtype), requirements="C")

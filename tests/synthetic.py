@@ -37,6 +37,13 @@ def build_block(path: Path, *, bias: bool = True, shared_weight: bool = False, s
         "ln.gamma": gamma, "ln.beta": w(c, scale=0.5),
         "wg": w(c, f), "wu": w(c, f), "wd": w(f, c), "up.bias": w(f, scale=0.5),
     }
+    # As in real LLMs, the weight rows that read outlier channels are small, so every channel matters
+    # to the output and rounding the small channels to zero (plain per-tensor INT8) hurts.
+    for name in ("wq", "wk", "wv"):
+        inits[name][list(OUTLIERS)] /= 200.0
+    for name in ("wg", "wu"):
+        inits[name][5] /= 30.0
+    inits["wo"] *= 30.0  # the attention path contributes as much to the output as the MLP
     if shared_weight:
         inits.pop("wk")  # k_proj reuses q_proj's weight: tied weights must not be rescaled for one reader
     k_weight = "wq" if shared_weight else "wk"

@@ -1,0 +1,3 @@
+from sqonnx.cli import main
+
+main()

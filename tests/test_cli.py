@@ -1,0 +1,91 @@
+"""The command line: the happy path, and every bad input gets one line, exit code 2 and no file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from tests.synthetic import activations, save_feeds
+
+
+def sqonnx(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sqonnx", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_quantize_command(tmp_path: Path, block: Path, feeds: Path) -> None:
+    out = tmp_path / "out" / "q.onnx"
+    out.parent.mkdir()
+    result = sqonnx("quantize", block, "-o", out, "--alpha", "0.5", "--static", "--calib-data", feeds,
+                    "--num-samples", "4", "--report-json", tmp_path / "r.json")
+    assert result.returncode == 0, result.stderr
+    assert "quantized 7 of 7 linear layers" in result.stdout
+    assert "integer kernels: 7 MatMulIntegerToFloat" in result.stdout
+    assert onnx.load(str(out)).graph.node
+    assert sorted(p.name for p in out.parent.iterdir()) == ["q.onnx"]  # no temporary left behind
+    assert '"folded_into": "/mlp/up_proj/MatMul"' in (tmp_path / "r.json").read_text()
+
+
+def _no_input_model(path: Path) -> Path:
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="relu")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return path
+
+
+def _bad_cases(tmp: Path, block: Path, feeds: Path) -> dict[str, tuple[list[str | Path], str]]:
+    junk = tmp / "junk.onnx"
+    junk.write_bytes(b"this is not a protobuf at all \x00\xff" * 10)
+    wrong_name = tmp / "wrong_name.npz"
+    np.savez(wrong_name, input_ids=np.zeros((2, 1, 16), np.int64))
+    wrong_shape = tmp / "wrong_shape.npz"
+    np.savez(wrong_shape, x=np.zeros((2, 1, 16, 5), np.float32))
+    wrong_dtype = tmp / "wrong_dtype.npz"
+    np.savez(wrong_dtype, x=activations(2).astype(np.float64))
+    out = tmp / "out.onnx"
+    return {
+        "not onnx": ([junk, "-o", out], "not a readable ONNX model"),
+        "missing model": ([tmp / "nope.onnx", "-o", out], "model file not found"),
+        "nothing to quantize": ([_no_input_model(tmp / "relu.onnx"), "-o", out], "no MatMul/Gemm"),
+        "everything excluded": ([block, "-o", out, "--exclude", "*MatMul*", "--calib-data", feeds],
+                                "outside --exclude"),
+        "npz names": ([block, "-o", out, "--calib-data", wrong_name], "model's inputs are ['x']"),
+        "npz shape": ([block, "-o", out, "--calib-data", wrong_shape], "per sample but the model needs"),
+        "npz dtype": ([block, "-o", out, "--calib-data", wrong_dtype], "float64; the model needs float32"),
+        "missing data": ([block, "-o", out, "--calib-data", tmp / "none.npz"], "calibration data not found"),
+        "no tokenizer": ([block, "-o", out], "no tokenizer.json beside the model"),
+        "alpha": ([block, "-o", out, "--alpha", "1.5"], "--alpha must be between 0 and 1"),
+        "output is input": ([block, "-o", block, "--calib-data", feeds], "is the input model"),
+        "no such folder": ([block, "-o", tmp / "missing" / "q.onnx", "--calib-data", feeds], "does not exist"),
+        "unwritable": ([block, "-o", "/proc/q.onnx", "--calib-data", feeds], "/proc"),
+    }
+
+
+CASES = ["not onnx", "missing model", "nothing to quantize", "everything excluded", "npz names", "npz shape",
+         "npz dtype", "missing data", "no tokenizer", "alpha", "output is input", "no such folder", "unwritable"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input(tmp_path: Path, case: str) -> None:
+    from tests.synthetic import build_block
+
+    work = tmp_path / "work"
+    work.mkdir()
+    block = build_block(work / "block.onnx")
+    feeds = save_feeds(work / "feeds.npz", activations(2))
+    args, message = _bad_cases(work, block, feeds)[case]
+    before = sorted(p.name for p in work.iterdir())
+    result = sqonnx("quantize", *args)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert message in lines[0]
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in work.iterdir()) == before  # no output, no temporary files
