@@ -26,12 +26,14 @@ def _root() -> None:
 @app.command()
 def quantize(
     model: Annotated[Path, typer.Argument(help="FP32 .onnx model (a tokenizer.json beside it for text calibration)")],
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output .onnx [default: <model>.int8.onnx]")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Output .onnx [default: <model>.int8.onnx]")] = None,
     alpha: Annotated[float, typer.Option(help="Migration strength: s = max|X|^a / max|W|^(1-a)")] = 0.5,
     static: Annotated[bool, typer.Option("--static", help="Static per-tensor activations (level O3)")] = False,
     level: Annotated[Level, typer.Option(help="SmoothQuant level")] = Level.O3,
     smooth: Annotated[bool, typer.Option("--smooth/--no-smooth", help="Apply SmoothQuant before quantizing")] = True,
-    per_channel: Annotated[bool, typer.Option("--per-channel", help="Per-output-channel weight scales")] = False,
+    per_channel: Annotated[bool, typer.Option(
+        "--per-channel/--per-tensor", help="Weight scales per output channel, or one per tensor as in the paper")] = True,
     reduce_range: Annotated[bool, typer.Option(
         "--reduce-range/--full-range",
         help="7-bit weights: no int16 saturation on x86 CPUs without VNNI. --full-range for VNNI/ARM/GPU")] = True,

@@ -50,7 +50,10 @@ class QuantizeConfig:
     alpha: float = 0.5
     smooth: bool = True  # False: plain per-tensor W8A8 (the unsmoothed baseline)
     level: Level = Level.O3
-    per_channel: bool = False  # weight scales per output channel instead of per tensor
+    # Weight scales per output channel. The paper uses per-tensor weights, but with the 7-bit range
+    # below it costs SmolLM2 perplexity 24.2 instead of 16.9 (FP32 11.8); per-channel scales cost no
+    # run time in onnxruntime's integer kernels, which scale each output column anyway.
+    per_channel: bool = True
     # Weights in [-63, 63] instead of [-127, 127]. x86 CPUs without VNNI multiply u8 x s8 pairs into
     # saturating int16 (vpmaddubsw): 255*127*2 overflows, 255*63*2 does not. True is safe everywhere.
     reduce_range: bool = True

