@@ -33,7 +33,7 @@ def quantize(
     level: Annotated[Level, typer.Option(help="SmoothQuant level")] = Level.O3,
     smooth: Annotated[bool, typer.Option("--smooth/--no-smooth", help="Apply SmoothQuant before quantizing")] = True,
     per_channel: Annotated[bool, typer.Option(
-        "--per-channel/--per-tensor", help="Weight scales per output channel, or one per tensor as in the paper")] = True,
+        "--per-channel/--per-tensor", help="Weight scale per output channel, or per tensor (paper)")] = True,
     reduce_range: Annotated[bool, typer.Option(
         "--reduce-range/--full-range",
         help="7-bit weights: no int16 saturation on x86 CPUs without VNNI. --full-range for VNNI/ARM/GPU")] = True,

@@ -50,16 +50,15 @@ class QuantizeReport:
         quantized = self.quantized_layers
         smoothed = self.smoothed_layers
         kinds: dict[str, int] = {}
-        for layer in quantized:
-            key = layer.smoothing if layer.scale_min is not None else "not smoothed"
-            kinds[key] = kinds.get(key, 0) + 1
+        for layer in smoothed:
+            kinds[layer.smoothing] = kinds.get(layer.smoothing, 0) + 1
         ratio_before = max((layer.outlier_ratio_before for layer in quantized), default=0.0)
         ratio_after = max((layer.outlier_ratio_after for layer in quantized), default=0.0)
         lines = [
             f"{self.input_path} -> {self.output_path}",
             f"  calibration: {self.calibration}",
-            f"  quantized {len(quantized)} of {len(self.layers)} linear layers; smoothed {len(smoothed)} "
-            f"({', '.join(f'{n} via {k}' for k, n in sorted(kinds.items()))})",
+            f"  quantized {len(quantized)} of {len(self.layers)} linear layers; smoothed {len(smoothed)}"
+            + (f" ({', '.join(f'{n} via {k}' for k, n in sorted(kinds.items()))})" if kinds else ""),
             f"  worst outlier ratio (channel max / median) before -> after smoothing: "
             f"{ratio_before:.1f} -> {ratio_after:.1f}",
             f"  size: {self.input_bytes / 1e6:.1f} MB -> {self.output_bytes / 1e6:.1f} MB in {self.seconds:.1f} s",

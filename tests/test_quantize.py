@@ -8,7 +8,7 @@ import pytest
 
 import sqonnx
 from sqonnx import CalibrationConfig, QuantizeConfig
-from tests.synthetic import activations, build_block, run, save_feeds
+from tests.synthetic import activations, build_block, run
 
 
 def config(feeds: Path, **kwargs: object) -> QuantizeConfig:
