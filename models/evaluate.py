@@ -9,7 +9,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from sqonnx.calibrators.data import feeds_for_tokens, load_tokenizer, pydoc_text
+from sqonnx.calibrators.data import feeds_for_tokens, load_tokenizer, pydoc_text, special_tokens
 
 
 def session(model_path: Path, threads: int = 0) -> ort.InferenceSession:
@@ -28,10 +28,14 @@ def _inputs(model_path: Path) -> list[ir.Value]:
 
 
 def eval_windows(model_dir: Path, seq_len: int, max_windows: int) -> np.ndarray:
-    """Non-overlapping token windows of the held-out pydoc text."""
-    ids = np.asarray(load_tokenizer(model_dir).encode(pydoc_text("evaluation"), add_special_tokens=False).ids)
-    count = min(max_windows, len(ids) // seq_len)
-    return ids[: count * seq_len].reshape(count, seq_len)
+    """Non-overlapping token windows of the held-out pydoc text, with the tokenizer's special tokens."""
+    tokenizer = load_tokenizer(model_dir)
+    prefix, suffix = special_tokens(tokenizer)
+    ids = np.asarray(tokenizer.encode(pydoc_text("evaluation"), add_special_tokens=False).ids)
+    body = seq_len - len(prefix) - len(suffix)
+    count = min(max_windows, len(ids) // body)
+    return np.stack([np.concatenate([prefix, ids[i * body:(i + 1) * body], suffix]).astype(np.int64)
+                     for i in range(count)])
 
 
 def perplexity(model_path: Path, windows: np.ndarray) -> float:
@@ -68,7 +72,9 @@ def sentences(model_dir: Path, count: int, max_tokens: int = 128) -> list[np.nda
     step = max(1, len(paragraphs) // count)
     result = []
     for paragraph in paragraphs[::step][:count]:
-        ids = tokenizer.encode(paragraph, add_special_tokens=True).ids[:max_tokens]
+        ids = tokenizer.encode(paragraph, add_special_tokens=True).ids
+        if len(ids) > max_tokens:
+            ids = ids[: max_tokens - 1] + ids[-1:]  # keep the closing [SEP]
         result.append(np.asarray(ids, dtype=np.int64))
     return result
 

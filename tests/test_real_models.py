@@ -22,12 +22,13 @@ def test_minilm_o3_keeps_embeddings(tmp_path: Path) -> None:
     report = sqonnx.quantize(fp32, out, config)
     assert report.kernels is not None and not report.kernels.unfused
     assert report.kernels.integer_total == len(report.quantized_layers) == 36
-    # LayerNormalization (BERT's attention and FFN inputs) absorbs 1/s for the query/key/value and
-    # intermediate groups.
-    assert sum(layer.smoothing == "LayerNormalization" for layer in report.quantized_layers) == 24
+    # BERT is post-LN: each LayerNorm output also feeds the next residual Add, so folding 1/s into
+    # gamma/beta would change the residual; those groups are left unsmoothed by default, and say why.
+    query = next(layer for layer in report.layers if layer.name.endswith("layer.0/attention/self/query/MatMul"))
+    assert query.scale_min is None and "also read by" in query.smoothing
     texts = sentences(fp32.parent, 32)
     cosine = mean_cosine(sentence_embeddings(out, texts), sentence_embeddings(fp32, texts))
-    assert cosine >= 0.99, cosine
+    assert cosine >= 0.975, cosine
 
 
 def test_smollm2_o3_perplexity(tmp_path: Path) -> None:

@@ -38,17 +38,40 @@ def load_tokenizer(model_dir: Path):  # -> tokenizers.Tokenizer
                           "(it saves one) or pass --calib-data as an .npz of input feeds")
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(path))
+    tokenizer = Tokenizer.from_file(str(path))
+    # transformers saves its padding/truncation settings in tokenizer.json (MiniLM: pad and cut at 128),
+    # which would cut the whole calibration text to one window.
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
 
 
-def token_windows(token_ids: list[int], num_samples: int, seq_len: int) -> np.ndarray:
-    """`num_samples` windows of `seq_len` tokens at evenly spaced offsets (overlapping if text is short)."""
-    if len(token_ids) < seq_len:
-        raise SqonnxError(f"calibration text has {len(token_ids)} tokens, fewer than --seq-len {seq_len}; "
+def special_tokens(tokenizer) -> tuple[list[int], list[int]]:  # noqa: ANN001 (tokenizers.Tokenizer)
+    """The tokens the model's tokenizer puts before and after a text: BERT [CLS] .. [SEP], Llama <s> ...
+
+    Calibration windows carry them so the model sees what it sees in use (BERT's special tokens
+    have activation patterns of their own that static ranges must cover).
+    """
+    plain = tokenizer.encode("a", add_special_tokens=False).ids
+    full = tokenizer.encode("a", add_special_tokens=True).ids
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return full[:start], full[start + len(plain):]
+    return [], []
+
+
+def token_windows(token_ids: list[int], num_samples: int, seq_len: int,
+                  prefix: list[int] | None = None, suffix: list[int] | None = None) -> np.ndarray:
+    """`num_samples` windows of `seq_len` tokens (special tokens included) at evenly spaced offsets of the
+    text, overlapping if the text is short."""
+    prefix, suffix = prefix or [], suffix or []
+    body = seq_len - len(prefix) - len(suffix)
+    if body < 1 or len(token_ids) < body:
+        raise SqonnxError(f"calibration text has {len(token_ids)} tokens, too few for --seq-len {seq_len}; "
                           "give more text or a smaller --seq-len")
     ids = np.asarray(token_ids, dtype=np.int64)
-    offsets = np.linspace(0, len(ids) - seq_len, num_samples).astype(np.int64)
-    return np.stack([ids[o:o + seq_len] for o in offsets])
+    offsets = np.linspace(0, len(ids) - body, num_samples).astype(np.int64)
+    return np.stack([np.concatenate([prefix, ids[o:o + body], suffix]).astype(np.int64) for o in offsets])
 
 
 def feeds_for_tokens(inputs: list[ir.Value], tokens: np.ndarray) -> dict[str, np.ndarray]:
@@ -103,7 +126,7 @@ def calibration_feeds(graph: ir.Graph, model_dir: Path, config: CalibrationConfi
         description = "built-in pydoc topics"
     tokenizer = load_tokenizer(model_dir)
     ids = tokenizer.encode(text, add_special_tokens=False).ids
-    windows = token_windows(ids, config.num_samples, config.seq_len)
+    windows = token_windows(ids, config.num_samples, config.seq_len, *special_tokens(tokenizer))
 
     def make() -> Iterator[dict[str, np.ndarray]]:
         return (feeds_for_tokens(inputs, w) for w in windows)

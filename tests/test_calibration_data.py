@@ -1,0 +1,58 @@
+"""Text calibration: the model's tokenizer, its special tokens, and no padding/truncation surprises."""
+
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+from sqonnx.calibrators.data import calibration_feeds, pydoc_text
+from sqonnx.config import CalibrationConfig
+from sqonnx.errors import SqonnxError
+
+
+def _bert_like_tokenizer(folder: Path) -> None:
+    words = sorted({w for w in pydoc_text("calibration").split()})[:5000]
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, **{w: i + 4 for i, w in enumerate(words)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                             special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    # As transformers saves MiniLM's: pad and truncate everything to 128 tokens.
+    tokenizer.enable_padding(length=128, pad_id=0)
+    tokenizer.enable_truncation(max_length=128)
+    tokenizer.save(str(folder / "tokenizer.json"))
+
+
+def _graph(folder: Path) -> ir.Graph:
+    inputs = [ir.Value(name=n, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["batch", "seq"]))
+              for n in ("input_ids", "attention_mask", "token_type_ids")]
+    return ir.Graph(inputs, [], nodes=[], name="g")
+
+
+def test_windows_carry_special_tokens_and_differ(tmp_path: Path) -> None:
+    _bert_like_tokenizer(tmp_path)
+    feeds = calibration_feeds(_graph(tmp_path), tmp_path, CalibrationConfig(num_samples=6, seq_len=64))
+    samples = list(feeds)
+    assert feeds.count == len(samples) == 6
+    ids = np.stack([s["input_ids"][0] for s in samples])
+    assert ids.shape == (6, 64) and ids.dtype == np.int64
+    assert np.all(ids[:, 0] == 2) and np.all(ids[:, -1] == 3)  # [CLS] ... [SEP]
+    assert not np.any(ids[:, 1:-1] == 0)  # no padding inside the text
+    assert len({row.tobytes() for row in ids}) == 6  # truncation did not collapse the text to one window
+    assert np.all(samples[0]["attention_mask"] == 1) and np.all(samples[0]["token_type_ids"] == 0)
+
+
+def test_pydoc_splits_are_disjoint() -> None:
+    calibration, evaluation = pydoc_text("calibration"), pydoc_text("evaluation")
+    assert len(evaluation) > 20_000 and len(calibration) > 3 * len(evaluation)
+    assert evaluation[:2000] not in calibration
+
+
+def test_text_too_short(tmp_path: Path) -> None:
+    _bert_like_tokenizer(tmp_path)
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words here")
+    with pytest.raises(SqonnxError, match="too few for --seq-len 64"):
+        calibration_feeds(_graph(tmp_path), tmp_path, CalibrationConfig(data=short, num_samples=2, seq_len=64))
