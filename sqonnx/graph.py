@@ -90,6 +90,8 @@ def as_linear_layer(node: ir.Node) -> LinearLayer | None:
     if attrs.get_int("transA", 0) or attrs.get_float("alpha", 1.0) != 1.0:
         return None
     bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if bias is not None and attrs.get_float("beta", 1.0) != 1.0:
+        return None
     if bias is not None and constant(bias) is None:
         return None
     return LinearLayer(node, in_axis=1 if attrs.get_int("transB", 0) else 0)
