@@ -103,3 +103,16 @@ def test_opset_17_model(tmp_path: Path, feeds: Path) -> None:
     assert report.kernels is not None and report.kernels.integer_total == 7
     x = activations(2, seed=3)
     np.testing.assert_allclose(run(tmp_path / "q17.onnx", x), run(tmp_path / "q18.onnx", x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("smooth", [False, True])
+def test_tied_weights(tmp_path: Path, feeds: Path, smooth: bool) -> None:
+    """q_proj and k_proj read one initializer: quantized once when it stays shared, valid either way."""
+    path = build_block(tmp_path / "tied.onnx", shared_weight=True)
+    out = tmp_path / "q.onnx"
+    report = sqonnx.quantize(path, out, config(feeds, smooth=smooth))
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    assert report.kernels is not None and report.kernels.integer_total == 7 and not report.kernels.unfused
+    int8_weights = [i for i in onnx.load(str(out)).graph.initializer if i.name.endswith("_quantized")]
+    assert len(int8_weights) == 6  # smoothing scales q and k alike in place; unsmoothed they stay tied
+    assert relative_error(out, path, activations(4, seed=7)) < (0.3 if smooth else 1.0)

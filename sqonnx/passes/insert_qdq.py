@@ -35,6 +35,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
         self.plan = plan
         self.weight_qmax = weight_qmax
         self.per_channel = per_channel
+        # Tied weights (one initializer read by several layers) are quantized once and shared.
+        self._quantized_weights: dict[ir.Value, list[ir.Value]] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
@@ -49,8 +51,20 @@ class InsertQDQPass(ir.passes.InPlacePass):
 
     def _quantize_weight(self, graph: ir.Graph, layer: LinearLayer) -> None:
         weight = layer.weight
-        base = str(layer.weight_value.name)
         out_axis = 1 - layer.in_axis
+        inputs = self._quantized_weights.get(layer.weight_value)
+        if inputs is None:
+            inputs = self._weight_initializers(graph, layer)
+            self._quantized_weights[layer.weight_value] = inputs
+        attributes = {"axis": ir.AttrInt64("axis", out_axis)} if self.per_channel else {}
+        dequantize = ir.Node("", "DequantizeLinear", inputs, attributes, name=f"{layer.name}/weight_DequantizeLinear")
+        _name_output(dequantize, f"{layer.name}/weight_dequantized", weight.shape)
+        graph.insert_before(layer.node, dequantize)
+        layer.node.replace_input_with(1, dequantize.outputs[0])
+
+    def _weight_initializers(self, graph: ir.Graph, layer: LinearLayer) -> list[ir.Value]:
+        weight = layer.weight
+        base = str(layer.weight_value.name)
         if self.per_channel:
             scale = symmetric_scale(np.abs(weight).max(axis=layer.in_axis), self.weight_qmax)
             codes = quantize_symmetric(weight, np.expand_dims(scale, layer.in_axis), self.weight_qmax)
@@ -59,14 +73,9 @@ class InsertQDQPass(ir.passes.InPlacePass):
             scale = symmetric_scale(np.abs(weight).max(), self.weight_qmax)
             codes = quantize_symmetric(weight, scale, self.weight_qmax)
             zero_point = np.zeros((), dtype=np.int8)
-        inputs = [add_initializer(graph, f"{base}_quantized", codes),
-                  add_initializer(graph, f"{base}_scale", scale),
-                  add_initializer(graph, f"{base}_zero_point", zero_point)]
-        attributes = {"axis": ir.AttrInt64("axis", out_axis)} if self.per_channel else {}
-        dequantize = ir.Node("", "DequantizeLinear", inputs, attributes, name=f"{layer.name}/weight_DequantizeLinear")
-        _name_output(dequantize, f"{base}_dequantized", weight.shape)
-        graph.insert_before(layer.node, dequantize)
-        layer.node.replace_input_with(1, dequantize.outputs[0])
+        return [add_initializer(graph, f"{base}_quantized", codes),
+                add_initializer(graph, f"{base}_scale", scale),
+                add_initializer(graph, f"{base}_zero_point", zero_point)]
 
     def _quantize_activation(self, graph: ir.Graph, layer: LinearLayer, activation_max: float) -> None:
         activation = layer.activation

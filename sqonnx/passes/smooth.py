@@ -72,10 +72,7 @@ class SmoothPass(ir.passes.InPlacePass):
         act_max = self.channel_max[str(group.activation.name)]
         weight_max = np.max([input_channel_max(layer.weight, layer.in_axis) for layer in group.layers], axis=0)
         scales = smoothing_scales(act_max, weight_max, self.alpha)
-        for layer in group.layers:
-            shape = [1, 1]
-            shape[layer.in_axis] = scales.shape[0]
-            set_constant_input(graph, layer.node, 1, layer.weight * scales.reshape(shape), suffix="_smoothed")
+        _scale_weight_rows(graph, group, scales)
         if isinstance(absorber, NormAbsorber):
             fold_into_norm(graph, absorber, scales)
             return GroupResult(group, scales, absorber.node.name or "", absorber.node.op_type)
@@ -88,3 +85,25 @@ class SmoothPass(ir.passes.InPlacePass):
         mul = insert_smoothing_mul(graph, group, scales)
         logger.info("inserted %s: %s", mul.name, group.reason)
         return GroupResult(group, scales, mul.name or "", "explicit Mul")
+
+
+def _scale_weight_rows(graph: ir.Graph, group: SmoothingGroup, scales: np.ndarray) -> None:
+    """W_j *= s_j for every reader. A weight tied between readers of this group only is scaled once,
+    in place, and stays tied; one also read outside the group gets a copy per reader."""
+    group_nodes = {id(layer.node) for layer in group.layers}
+    done: set[int] = set()
+    for layer in group.layers:
+        value = layer.weight_value
+        if id(value) in done:
+            continue
+        shape = [1, 1]
+        shape[layer.in_axis] = scales.shape[0]
+        scaled = layer.weight * scales.reshape(shape)
+        readers = {id(use.node) for use in value.uses()}
+        tied_in_group = len(value.uses()) > 1 and readers <= group_nodes and not value.is_graph_output()
+        same_layout = all(other.in_axis == layer.in_axis for other in group.layers if other.weight_value is value)
+        if tied_in_group and same_layout and all(use.idx == 1 for use in value.uses()):
+            value.const_value = ir.tensor(scaled.astype(np.float32), name=value.name)
+            done.add(id(value))
+        else:
+            set_constant_input(graph, layer.node, 1, scaled, suffix="_smoothed")
