@@ -49,8 +49,13 @@ def _bad_cases(tmp: Path, block: Path, feeds: Path) -> dict[str, tuple[list[str 
     np.savez(wrong_shape, x=np.zeros((2, 1, 16, 5), np.float32))
     wrong_dtype = tmp / "wrong_dtype.npz"
     np.savez(wrong_dtype, x=activations(2).astype(np.float64))
+    external = tmp / "external.onnx"
+    onnx.save(onnx.load(str(block)), str(external), save_as_external_data=True, location="external.onnx.data",
+              size_threshold=0)
+    (tmp / "external.onnx.data").unlink()
     out = tmp / "out.onnx"
     return {
+        "missing external data": ([external, "-o", out], "external data file"),
         "not onnx": ([junk, "-o", out], "not a readable ONNX model"),
         "missing model": ([tmp / "nope.onnx", "-o", out], "model file not found"),
         "nothing to quantize": ([_no_input_model(tmp / "relu.onnx"), "-o", out], "no MatMul/Gemm"),
@@ -68,8 +73,9 @@ def _bad_cases(tmp: Path, block: Path, feeds: Path) -> dict[str, tuple[list[str 
     }
 
 
-CASES = ["not onnx", "missing model", "nothing to quantize", "everything excluded", "npz names", "npz shape",
-         "npz dtype", "missing data", "no tokenizer", "alpha", "output is input", "no such folder", "unwritable"]
+CASES = ["missing external data", "not onnx", "missing model", "nothing to quantize", "everything excluded",
+         "npz names", "npz shape", "npz dtype", "missing data", "no tokenizer", "alpha", "output is input",
+         "no such folder", "unwritable"]
 
 
 @pytest.mark.parametrize("case", CASES)

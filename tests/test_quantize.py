@@ -116,3 +116,10 @@ def test_tied_weights(tmp_path: Path, feeds: Path, smooth: bool) -> None:
     int8_weights = [i for i in onnx.load(str(out)).graph.initializer if i.name.endswith("_quantized")]
     assert len(int8_weights) == 6  # smoothing scales q and k alike in place; unsmoothed they stay tied
     assert relative_error(out, path, activations(4, seed=7)) < (0.3 if smooth else 1.0)
+
+
+def test_refuses_an_already_quantized_model(tmp_path: Path, block: Path, feeds: Path) -> None:
+    sqonnx.quantize(block, tmp_path / "q.onnx", config(feeds))
+    with pytest.raises(sqonnx.SqonnxError, match="already quantized"):
+        sqonnx.quantize(tmp_path / "q.onnx", tmp_path / "qq.onnx", config(feeds))
+    assert not (tmp_path / "qq.onnx").exists()
