@@ -43,6 +43,7 @@ def quantize(model_path: str | Path, output_path: str | Path | None = None,
     graph = model.graph
     _check_quantizable(model, config)
     input_bytes = _model_bytes(model_path, model)
+    external_data = any(isinstance(v.const_value, ir.ExternalTensor) for v in graph.initializers.values())
 
     layers = find_linear_layers(graph)
     quantized = {layer.name for layer in layers if not config.is_excluded(layer.name)}
@@ -85,7 +86,7 @@ def quantize(model_path: str | Path, output_path: str | Path | None = None,
         if config.verify_fusion:
             kernels.append(inspect_cpu_kernels(staged))
 
-    written = save_atomically(model, output_path, validate)
+    written = save_atomically(model, output_path, validate, external_data=external_data)
     report = QuantizeReport(
         input_path=str(model_path), output_path=str(output_path), settings=_settings(config),
         calibration=feeds.description, layers=layer_reports, kernels=kernels[0] if kernels else None,
@@ -100,8 +101,10 @@ def _check_quantizable(model: ir.Model, config: QuantizeConfig) -> None:
     opset = model.graph.opset_imports.get("", model.graph.opset_imports.get("ai.onnx", 0))
     needed = 13 if config.per_channel else 10
     if opset < needed:
+        hint = " (or --per-tensor, which needs 10)" if config.per_channel and opset >= 10 else ""
         raise SqonnxError(f"the model uses opset {opset}; INT8 Q/DQ{' per channel' if config.per_channel else ''} "
-                          f"needs opset {needed} or newer: convert it with onnx.version_converter first")
+                          f"needs opset {needed} or newer: convert it with "
+                          f"onnx.version_converter.convert_version(model, 17){hint}")
     already = sorted({node.op_type for node in model.graph if node.op_type in QUANTIZED_OPS})
     if already:
         raise SqonnxError(f"the model is already quantized (it has {', '.join(already)}); "

@@ -29,10 +29,16 @@ def check_output_path(input_path: Path, output_path: Path) -> None:
         raise SqonnxError(f"output folder {folder} is not writable; choose another --output")
 
 
-def save_atomically(model: ir.Model, output_path: Path, validate: Callable[[Path], None]) -> int:
-    """Save to a temporary folder beside the output, check, then rename into place. Returns bytes written."""
+def save_atomically(model: ir.Model, output_path: Path, validate: Callable[[Path], None],
+                    external_data: bool = False) -> int:
+    """Save to a temporary folder beside the output, check, then rename into place. Returns bytes written.
+
+    Weights go to `<output>.data` when asked (the input had external data) or when the model would not
+    fit in one protobuf.
+    """
     tensor_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value)
-    data_name = f"{output_path.name}.data" if tensor_bytes > EXTERNAL_DATA_BYTES else None
+    external_data = external_data or tensor_bytes > EXTERNAL_DATA_BYTES
+    data_name = f"{output_path.name}.data" if external_data else None
     try:
         tmp = Path(tempfile.mkdtemp(prefix=".sqonnx-", dir=output_path.parent))
     except OSError as exc:

@@ -40,6 +40,15 @@ def _no_input_model(path: Path) -> Path:
     return path
 
 
+def _opset9_model(path: Path) -> Path:
+    weight = onnx.numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)]), path)
+    return path
+
+
 def _bad_cases(tmp: Path, block: Path, feeds: Path) -> dict[str, tuple[list[str | Path], str]]:
     junk = tmp / "junk.onnx"
     junk.write_bytes(b"this is not a protobuf at all \x00\xff" * 10)
@@ -49,6 +58,8 @@ def _bad_cases(tmp: Path, block: Path, feeds: Path) -> dict[str, tuple[list[str 
     np.savez(wrong_shape, x=np.zeros((2, 1, 16, 5), np.float32))
     wrong_dtype = tmp / "wrong_dtype.npz"
     np.savez(wrong_dtype, x=activations(2).astype(np.float64))
+    truncated = tmp / "truncated.onnx"
+    truncated.write_bytes(block.read_bytes()[: block.stat().st_size // 2])
     external = tmp / "external.onnx"
     onnx.save(onnx.load(str(block)), str(external), save_as_external_data=True, location="external.onnx.data",
               size_threshold=0)
@@ -57,6 +68,8 @@ def _bad_cases(tmp: Path, block: Path, feeds: Path) -> dict[str, tuple[list[str 
     return {
         "missing external data": ([external, "-o", out], "external data file"),
         "not onnx": ([junk, "-o", out], "not a readable ONNX model"),
+        "truncated onnx": ([truncated, "-o", out], "not a readable ONNX model"),
+        "old opset": ([_opset9_model(tmp / "old.onnx"), "-o", out], "needs opset 13 or newer"),
         "missing model": ([tmp / "nope.onnx", "-o", out], "model file not found"),
         "nothing to quantize": ([_no_input_model(tmp / "relu.onnx"), "-o", out], "no MatMul/Gemm"),
         "everything excluded": ([block, "-o", out, "--exclude", "*MatMul*", "--calib-data", feeds],
@@ -73,7 +86,7 @@ def _bad_cases(tmp: Path, block: Path, feeds: Path) -> dict[str, tuple[list[str 
     }
 
 
-CASES = ["missing external data", "not onnx", "missing model", "nothing to quantize", "everything excluded",
+CASES = ["missing external data", "not onnx", "truncated onnx", "old opset", "missing model", "nothing to quantize", "everything excluded",
          "npz names", "npz shape", "npz dtype", "missing data", "no tokenizer", "alpha", "output is input",
          "no such folder", "unwritable"]
 
@@ -95,3 +108,65 @@ def test_bad_input(tmp_path: Path, case: str) -> None:
     assert message in lines[0]
     assert "Traceback" not in result.stderr
     assert sorted(p.name for p in work.iterdir()) == before  # no output, no temporary files
+
+
+def test_nan_in_calibration_data(tmp_path: Path, block: Path) -> None:
+    x = activations(3)
+    x[1, 0, 4, 2] = np.nan
+    feeds = save_feeds(tmp_path / "nan.npz", x)
+    result = sqonnx("quantize", block, "-o", tmp_path / "q.onnx", "--calib-data", feeds)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "error: array 'x' in nan.npz has NaN or infinite values (sample 1); remove those samples")
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_disk_full_leaves_nothing(tmp_path: Path, block: Path, feeds: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import sqonnx as api
+    import sqonnx.output
+
+    out = tmp_path / "out"
+    out.mkdir()
+    real_save = sqonnx.output.ir.save
+
+    def full_disk(model: object, path: Path, **kwargs: object) -> None:
+        if out not in Path(path).parents:  # the calibrator's own copy in TMPDIR is written normally
+            return real_save(model, path, **kwargs)
+        Path(path).write_bytes(b"partial")  # what a write cut short leaves behind
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sqonnx.output.ir, "save", full_disk)
+    config = api.QuantizeConfig(calibration=api.CalibrationConfig(data=feeds, num_samples=2))
+    with pytest.raises(api.SqonnxError, match="No space left on device"):
+        api.quantize(block, out / "q.onnx", config)
+    assert list(out.iterdir()) == []
+
+
+def test_ctrl_c_during_calibration_leaves_nothing(tmp_path: Path, block: Path) -> None:
+    """SIGINT while onnxruntime calibrates: exit 130, no output, no temporary folders anywhere."""
+    import os
+    import signal
+    import time
+
+    feeds = save_feeds(tmp_path / "many.npz", activations(20000, seq=8))
+    out = tmp_path / "out"
+    out.mkdir()
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    process = subprocess.Popen([sys.executable, "-m", "sqonnx", "quantize", str(block), "-o", str(out / "q.onnx"),
+                                "--calib-data", str(feeds), "--num-samples", "20000"],
+                               env={**os.environ, "TMPDIR": str(temp)}, stderr=subprocess.PIPE, text=True)
+    def ours() -> list[Path]:  # onnxruntime's import leaves a .ses file of its own in TMPDIR
+        return [p for p in temp.iterdir() if p.name.startswith("sqonnx-")]
+
+    deadline = time.monotonic() + 60
+    while not ours() and time.monotonic() < deadline:  # the calibration copy of the model is being written
+        time.sleep(0.05)
+    assert ours(), "calibration never started"
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert stderr.strip() == "interrupted: no output written"
+    assert list(out.iterdir()) == [] and ours() == []

@@ -62,7 +62,11 @@ def collect_channel_max(model: ir.Model, activations: dict[str, int], feeds: Ite
     try:
         with tempfile.TemporaryDirectory(prefix="sqonnx-calib-") as tmp:
             path = Path(tmp) / "calibration.onnx"
-            ir.save(model, path, external_data="calibration.onnx.data")
+            try:
+                ir.save(model, path, external_data="calibration.onnx.data")
+            except OSError as exc:
+                raise SqonnxError(f"cannot write the calibration copy of the model in {tmp}: {exc.strerror}; "
+                                  "free some space or point TMPDIR elsewhere") from None
             session = _session(path)
             return _run(session, output_names, feeds, total, progress)
     finally:

@@ -159,6 +159,10 @@ def _npz_feeds(inputs: list[ir.Value], path: Path, num_samples: int) -> Calibrat
         if expected is not None and array.dtype != expected:
             raise SqonnxError(f"array '{value.name}' in {path.name} is {array.dtype}; the model needs "
                               f"{np.dtype(expected).name}")
+        if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+            sample = int(np.argwhere(~np.isfinite(array.reshape(array.shape[0], -1)))[0][0])
+            raise SqonnxError(f"array '{value.name}' in {path.name} has NaN or infinite values (sample {sample}); "
+                              "remove those samples")
         if count is not None and array.shape[0] != count:
             raise SqonnxError(f"arrays in {path.name} disagree on the number of samples")
         count = array.shape[0]

@@ -72,6 +72,7 @@ class SmoothPass(ir.passes.InPlacePass):
         act_max = self.channel_max[str(group.activation.name)]
         weight_max = np.max([input_channel_max(layer.weight, layer.in_axis) for layer in group.layers], axis=0)
         scales = smoothing_scales(act_max, weight_max, self.alpha)
+        _warn_about_dead_channels(group, act_max, weight_max)
         _scale_weight_rows(graph, group, scales)
         if isinstance(absorber, NormAbsorber):
             fold_into_norm(graph, absorber, scales)
@@ -107,3 +108,12 @@ def _scale_weight_rows(graph: ir.Graph, group: SmoothingGroup, scales: np.ndarra
             done.add(id(value))
         else:
             set_constant_input(graph, layer.node, 1, scaled, suffix="_smoothed")
+
+
+def _warn_about_dead_channels(group: SmoothingGroup, act_max: np.ndarray, weight_max: np.ndarray) -> None:
+    dead_inputs = int(np.count_nonzero(act_max == 0))
+    dead_rows = int(np.count_nonzero(weight_max == 0))
+    if dead_inputs or dead_rows:
+        logger.warning("%s: %d input channels were zero on every calibration sample and %d weight rows are all "
+                       "zero; their smoothing factors were clamped (the fold stays exact)",
+                       group.layers[0].name, dead_inputs, dead_rows)

@@ -1,0 +1,40 @@
+"""A model above protobuf's 2 GB limit: quantized with memory about its size, saved with external data."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from tests.large_model import HIDDEN, build_large_model
+
+pytestmark = pytest.mark.large_model
+
+
+def test_quantize_model_over_2gb(tmp_path: Path) -> None:
+    source = build_large_model(tmp_path / "large.onnx")
+    data_bytes = (tmp_path / "large.onnx.data").stat().st_size
+    assert data_bytes > 2**31
+    x = np.random.default_rng(0).standard_normal((3, 1, 16, HIDDEN)).astype(np.float32)
+    np.savez(tmp_path / "feeds.npz", x=x[:2])
+    out = tmp_path / "out" / "large-int8.onnx"
+    out.parent.mkdir()
+    process = subprocess.Popen([sys.executable, "-m", "sqonnx", "quantize", str(source), "-o", str(out),
+                                "--calib-data", str(tmp_path / "feeds.npz")], stdout=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(process.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, process.stdout.read() if process.stdout else ""
+    peak = usage.ru_maxrss * 1024
+    assert peak < 2.0 * data_bytes, f"peak RSS {peak / 1e9:.2f} GB for a {data_bytes / 1e9:.2f} GB model"
+    # The input kept its weights outside the protobuf; so does the output.
+    assert sorted(p.name for p in out.parent.iterdir()) == ["large-int8.onnx", "large-int8.onnx.data"]
+    onnx.checker.check_model(str(out))
+    import onnxruntime as ort
+
+    expected = ort.InferenceSession(str(source)).run(None, {"x": x[2]})[0] - x[2]
+    got = ort.InferenceSession(str(out)).run(None, {"x": x[2]})[0] - x[2]
+    assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 0.1  # 9 stacked 7-bit layers
