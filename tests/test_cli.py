@@ -86,9 +86,9 @@ def _bad_cases(tmp: Path, block: Path, feeds: Path) -> dict[str, tuple[list[str 
     }
 
 
-CASES = ["missing external data", "not onnx", "truncated onnx", "old opset", "missing model", "nothing to quantize", "everything excluded",
-         "npz names", "npz shape", "npz dtype", "missing data", "no tokenizer", "alpha", "output is input",
-         "no such folder", "unwritable"]
+CASES = ["missing external data", "not onnx", "truncated onnx", "old opset", "missing model",
+         "nothing to quantize", "everything excluded", "npz names", "npz shape", "npz dtype", "missing data",
+         "no tokenizer", "alpha", "output is input", "no such folder", "unwritable"]
 
 
 @pytest.mark.parametrize("case", CASES)
