@@ -56,3 +56,14 @@ def test_text_too_short(tmp_path: Path) -> None:
     short.write_text("only a few words here")
     with pytest.raises(SqonnxError, match="too few for --seq-len 64"):
         calibration_feeds(_graph(tmp_path), tmp_path, CalibrationConfig(data=short, num_samples=2, seq_len=64))
+
+
+def test_input_text_cannot_fill(tmp_path: Path) -> None:
+    """A model input that is not a token input gets a clear error instead of a made-up tensor."""
+    _bert_like_tokenizer(tmp_path)
+    graph = _graph(tmp_path)
+    graph.inputs.append(ir.Value(name="pixel_values", type=ir.TensorType(ir.DataType.FLOAT),
+                                 shape=ir.Shape(["batch", 3, 224, 224])))
+    feeds = calibration_feeds(graph, tmp_path, CalibrationConfig(num_samples=2, seq_len=32))
+    with pytest.raises(SqonnxError, match="model input 'pixel_values' cannot be filled from text"):
+        next(iter(feeds))

@@ -50,12 +50,27 @@ def test_explicit_mul_only_where_nothing_absorbs(tmp_path: Path, block: Path) ->
     assert [n.name for n in muls] == ["/attn/o_proj/MatMul/SmoothMul"]
 
 
-def test_smoothing_handles_zero_channels(tmp_path: Path, block: Path) -> None:
+def test_smoothing_handles_zero_channels_and_rows(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An input channel that is always zero and an all-zero weight row: s stays finite, the fold exact,
+    and the user is told."""
+    path = build_block(tmp_path / "m.onnx")
+    model = ir.load(path)
+    for name in ("wg", "wu"):  # gate_proj's and up_proj's row 9 (one shared input channel) are all zero
+        weight = model.graph.initializers[name]
+        array = weight.const_value.numpy().copy()
+        array[9] = 0.0
+        weight.const_value = ir.tensor(array, name=name)
+    ir.save(model, path)
     x = activations(2)
     x[..., 7] = 0.0  # an input channel that is always zero
-    smooth_model(block, tmp_path / "s.onnx", x, Unabsorbed.SKIP)
-    np.testing.assert_allclose(run(tmp_path / "s.onnx", x), run(block, x), rtol=1e-4,
-                               atol=1e-4 * np.abs(run(block, x)).max())
+    with caplog.at_level("WARNING"):
+        smooth = smooth_model(path, tmp_path / "s.onnx", x, Unabsorbed.SKIP)
+    assert all(np.all(np.isfinite(r.scales)) for r in smooth.results if r.scales is not None)
+    expected = run(path, x)
+    np.testing.assert_allclose(run(tmp_path / "s.onnx", x), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    assert "/attn/q_proj/MatMul: 1 input channels were zero" in caplog.text
+    assert "/mlp/gate_proj/MatMul: 0 input channels were zero on every calibration sample and 1 weight rows" \
+        in caplog.text
 
 
 def test_second_run_changes_nothing(tmp_path: Path, block: Path) -> None:
