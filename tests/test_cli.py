@@ -170,3 +170,25 @@ def test_ctrl_c_during_calibration_leaves_nothing(tmp_path: Path, block: Path) -
     assert process.returncode == 130, stderr
     assert stderr.strip() == "interrupted: no output written"
     assert list(out.iterdir()) == [] and ours() == []
+
+
+def test_ctrl_c_while_saving_leaves_nothing(tmp_path: Path, block: Path, feeds: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C arriving in the middle of writing the output: the staged file and its folder go away."""
+    import sqonnx as api
+    import sqonnx.output
+
+    out = tmp_path / "out"
+    out.mkdir()
+    real_save = sqonnx.output.ir.save
+
+    def interrupted(model: object, path: Path, **kwargs: object) -> None:
+        if out not in Path(path).parents:
+            return real_save(model, path, **kwargs)
+        Path(path).write_bytes(b"half a model")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sqonnx.output.ir, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        api.quantize(block, out / "q.onnx", api.QuantizeConfig(calibration=api.CalibrationConfig(data=feeds)))
+    assert list(out.iterdir()) == []
