@@ -32,6 +32,13 @@ def input_channel_max(weight: np.ndarray, channel_axis: int) -> np.ndarray:
     return np.abs(weight).max(axis=other)
 
 
+def along(factors: np.ndarray, axis: int) -> np.ndarray:
+    """Per-channel factors shaped to broadcast along `axis` of a 2-D weight (rows: 0, columns: 1)."""
+    shape = [1, 1]
+    shape[axis] = factors.shape[0]
+    return factors.reshape(shape)
+
+
 def symmetric_scale(max_abs: np.ndarray | float, qmax: int) -> np.ndarray:
     """Scale of symmetric linear quantization onto [-qmax, qmax]; never zero."""
     m = np.asarray(max_abs, dtype=np.float32)

@@ -13,14 +13,12 @@ import onnx_ir as ir
 
 from sqonnx.graph import constant, set_constant_input
 from sqonnx.passes.smoothing_groups import LinearAbsorber
+from sqonnx.smoothing import along
 
 
 def fold_into_linear(graph: ir.Graph, absorber: LinearAbsorber, scales: np.ndarray) -> None:
     layer = absorber.layer
-    out_axis = 1 - layer.in_axis
-    shape = [1, 1]
-    shape[out_axis] = scales.shape[0]
-    set_constant_input(graph, layer.node, 1, layer.weight / scales.reshape(shape), suffix="_smoothed")
+    set_constant_input(graph, layer.node, 1, layer.weight / along(scales, 1 - layer.in_axis), suffix="_smoothed")
     if layer.bias_value is not None:
         bias = constant(layer.bias_value)
         assert bias is not None

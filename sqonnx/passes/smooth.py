@@ -20,7 +20,7 @@ from sqonnx.passes.fold_into_mul import fold_into_mul
 from sqonnx.passes.fold_into_norm import fold_into_norm
 from sqonnx.passes.insert_smoothing_mul import insert_smoothing_mul
 from sqonnx.passes.smoothing_groups import LinearAbsorber, MulAbsorber, NormAbsorber, SmoothingGroup
-from sqonnx.smoothing import input_channel_max, smoothing_scales
+from sqonnx.smoothing import along, input_channel_max, smoothing_scales
 
 logger = logging.getLogger(__name__)
 
@@ -90,22 +90,20 @@ class SmoothPass(ir.passes.InPlacePass):
 
 def _scale_weight_rows(graph: ir.Graph, group: SmoothingGroup, scales: np.ndarray) -> None:
     """W_j *= s_j for every reader. A weight tied between readers of this group only is scaled once,
-    in place, and stays tied; one also read outside the group gets a copy per reader."""
-    group_nodes = {id(layer.node) for layer in group.layers}
-    done: set[int] = set()
+    in place, and stays tied; one also read elsewhere gets a copy per reader (set_constant_input)."""
+    group_nodes = {id(layer.node): layer for layer in group.layers}
+    scaled_in_place: set[int] = set()
     for layer in group.layers:
         value = layer.weight_value
-        if id(value) in done:
+        if id(value) in scaled_in_place:
             continue
-        shape = [1, 1]
-        shape[layer.in_axis] = scales.shape[0]
-        scaled = layer.weight * scales.reshape(shape)
-        readers = {id(use.node) for use in value.uses()}
-        tied_in_group = len(value.uses()) > 1 and readers <= group_nodes and not value.is_graph_output()
-        same_layout = all(other.in_axis == layer.in_axis for other in group.layers if other.weight_value is value)
-        if tied_in_group and same_layout and all(use.idx == 1 for use in value.uses()):
+        scaled = layer.weight * along(scales, layer.in_axis)
+        tied_only_here = len(value.uses()) > 1 and not value.is_graph_output() and all(
+            use.idx == 1 and id(use.node) in group_nodes and group_nodes[id(use.node)].in_axis == layer.in_axis
+            for use in value.uses())
+        if tied_only_here:
             value.const_value = ir.tensor(scaled.astype(np.float32), name=value.name)
-            done.add(id(value))
+            scaled_in_place.add(id(value))
         else:
             set_constant_input(graph, layer.node, 1, scaled, suffix="_smoothed")
 
