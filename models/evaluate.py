@@ -94,3 +94,53 @@ def latency(model_path: Path, seq_len: int, repeats: int = 5) -> float:
         sess.run(None, feeds)
         times.append(time.perf_counter() - start)
     return float(np.median(times))
+
+
+def decode_seconds(model_path: Path, prompt: np.ndarray, new_tokens: int) -> float:
+    """Seconds to generate `new_tokens` greedily, one token per run with the key/value cache (batch 1),
+    after a prefill of `prompt` (not timed). Needs a with-past export (past_key_values.* inputs)."""
+    sess = session(model_path)
+    inputs = _inputs(model_path)
+    cache_names = [str(v.name) for v in inputs if str(v.name).startswith("past_key_values")]
+    if not cache_names:
+        raise ValueError(f"{model_path} has no past_key_values inputs; export it with past (with_past=True)")
+    output_names = [o.name for o in sess.get_outputs()]
+    feeds = feeds_for_tokens(inputs, prompt)
+    position = len(prompt)
+    elapsed = 0.0
+    for step in range(new_tokens + 1):
+        start = time.perf_counter()
+        outputs = dict(zip(output_names, sess.run(None, feeds), strict=True))
+        if step:  # step 0 is the prefill
+            elapsed += time.perf_counter() - start
+        token = int(outputs["logits"][0, -1].argmax())
+        feeds = {"input_ids": np.array([[token]], np.int64),
+                 "attention_mask": np.ones((1, position + 1), np.int64),
+                 "position_ids": np.array([[position]], np.int64)}
+        feeds.update({name: outputs[name.replace("past_key_values", "present")] for name in cache_names})
+        position += 1
+    return elapsed
+
+
+def kernel_time_by_op(model_path: Path, seq_len: int, runs: int = 3) -> dict[str, float]:
+    """Share of onnxruntime's kernel time per op type at `seq_len` tokens (its profiler's node events)."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="sqonnx-profile-") as tmp:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "profile")
+        sess = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        feeds = feeds_for_tokens(_inputs(model_path), np.arange(seq_len, dtype=np.int64) % 1000 + 100)
+        for _ in range(runs + 1):
+            sess.run(None, feeds)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    totals: dict[str, float] = {}
+    for event in events:
+        args = event.get("args", {})
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time") and "op_name" in args:
+            totals[args["op_name"]] = totals.get(args["op_name"], 0.0) + float(event["dur"])
+    grand = sum(totals.values()) or 1.0
+    return {op: t / grand for op, t in sorted(totals.items(), key=lambda kv: -kv[1])}

@@ -11,8 +11,9 @@ from typing import Annotated
 import typer
 
 from sqonnx.api import quantize as quantize_model
-from sqonnx.config import DEFAULT_EXCLUDE, CalibrationConfig, Level, QuantizeConfig, Unabsorbed
+from sqonnx.config import DEFAULT_EXCLUDE, CalibrationConfig, Format, Level, QuantizeConfig, Unabsorbed
 from sqonnx.errors import SqonnxError
+from sqonnx.target import Target
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="SmoothQuant W8A8 INT8 quantization for ONNX transformer models.")
@@ -29,14 +30,23 @@ def quantize(
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Output .onnx [default: <model>.int8.onnx]")] = None,
     alpha: Annotated[float, typer.Option(help="Migration strength: s = max|X|^a / max|W|^(1-a)")] = 0.5,
-    static: Annotated[bool, typer.Option("--static", help="Static per-tensor activations (level O3)")] = False,
-    level: Annotated[Level, typer.Option(help="SmoothQuant level")] = Level.O3,
+    static: Annotated[bool, typer.Option("--static", help="Static per-tensor activations (= --level O3)")] = False,
+    dynamic: Annotated[bool, typer.Option(
+        "--dynamic", help="Dynamic activations: per-tensor (= --level O2); per-token with --per-token (O1)")
+    ] = False,
+    per_token: Annotated[bool, typer.Option("--per-token", help="With --dynamic: one scale per token (O1)")] = False,
+    level: Annotated[Level | None, typer.Option(
+        help="O1 per-token dynamic, O2 per-tensor dynamic, O3 per-tensor static (fastest) [default: O3]")] = None,
+    format: Annotated[Format, typer.Option(
+        "--format", help="qdq: Q/DQ around float ops (portable); qoperator: explicit MatMulInteger")] = Format.QDQ,
+    target: Annotated[Target, typer.Option(
+        help="Where the model runs; decides the weight range. native: detect this CPU")] = Target.PORTABLE,
     smooth: Annotated[bool, typer.Option("--smooth/--no-smooth", help="Apply SmoothQuant before quantizing")] = True,
     per_channel: Annotated[bool, typer.Option(
         "--per-channel/--per-tensor", help="Weight scale per output channel, or per tensor (paper)")] = True,
-    reduce_range: Annotated[bool, typer.Option(
-        "--reduce-range/--full-range",
-        help="7-bit weights: no int16 saturation on x86 CPUs without VNNI. --full-range for VNNI/ARM/GPU")] = True,
+    reduce_range: Annotated[bool | None, typer.Option(
+        "--reduce-range/--full-range", show_default=False,
+        help="7-bit or 8-bit weights [default: what --target needs; full range only for VNNI/ARM/GPU]")] = None,
     exclude: Annotated[list[str] | None, typer.Option(
         help=f"Node-name glob to keep in float; repeatable [default: {', '.join(DEFAULT_EXCLUDE)}]")] = None,
     unabsorbed: Annotated[Unabsorbed, typer.Option(
@@ -50,10 +60,10 @@ def quantize(
                                          help="Ask onnxruntime which CPU kernels the output runs")] = True,
 ) -> None:
     """Quantize MODEL to INT8 with SmoothQuant."""
-    del static  # O3 is the only level so far; --static is accepted for the documented command line
     try:
         config = QuantizeConfig(
-            alpha=alpha, smooth=smooth, level=level, per_channel=per_channel, reduce_range=reduce_range,
+            alpha=alpha, smooth=smooth, level=_level(level, static, dynamic, per_token), format=format,
+            target=target, per_channel=per_channel, reduce_range=reduce_range,
             exclude=tuple(exclude) if exclude else DEFAULT_EXCLUDE, unabsorbed=unabsorbed,
             calibration=CalibrationConfig(data=calib_data, num_samples=num_samples, seq_len=seq_len),
             verify_fusion=verify)
@@ -67,6 +77,19 @@ def quantize(
         typer.echo("interrupted: no output written", err=True)
         raise typer.Exit(130) from None
     typer.echo(report.summary())
+
+
+def _level(level: Level | None, static: bool, dynamic: bool, per_token: bool) -> Level:
+    """--static / --dynamic [--per-token] are short for --level; they must agree with it."""
+    if static and (dynamic or per_token):
+        raise SqonnxError("--static contradicts --dynamic/--per-token; pick one (or --level O1|O2|O3)")
+    if per_token and not dynamic and level is None:
+        dynamic = True
+    implied = Level.O3 if static else (Level.O1 if per_token else Level.O2) if dynamic else None
+    if level is not None and implied is not None and level is not implied:
+        raise SqonnxError(f"--level {level.value} contradicts the {implied.value} implied by "
+                          f"{'--static' if static else '--dynamic' + (' --per-token' if per_token else '')}; drop one")
+    return level or implied or Level.O3
 
 
 def main() -> None:

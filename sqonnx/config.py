@@ -8,12 +8,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqonnx.errors import SqonnxError
+from sqonnx.target import Target, full_range_is_safe, resolve
 
 
 class Level(str, enum.Enum):
-    """SmoothQuant levels (paper, Table 2). Only O3 (static per-tensor activations) exists so far."""
+    """SmoothQuant levels (paper, Table 2): how activations are quantized. Faster down the list."""
 
-    O3 = "O3"
+    O1 = "O1"  # dynamic per-token: one scale per row, computed at run time
+    O2 = "O2"  # dynamic per-tensor: one scale per activation tensor, computed at run time
+    O3 = "O3"  # static per-tensor: one scale per activation, fixed by calibration
+
+    @property
+    def activations(self) -> str:
+        return {"O1": "int8 dynamic per-token (symmetric)", "O2": "uint8 dynamic per-tensor (asymmetric)",
+                "O3": "int8 static per-tensor (symmetric, min-max calibrated)"}[self.value]
+
+
+class Format(str, enum.Enum):
+    """How the quantized graph is written."""
+
+    QDQ = "qdq"  # QuantizeLinear/DequantizeLinear around float ops: portable; runtimes fuse it
+    QOPERATOR = "qoperator"  # explicit integer ops: MatMulInteger (+ DynamicQuantizeLinear at O2)
 
 
 class Unabsorbed(str, enum.Enum):
@@ -50,13 +65,15 @@ class QuantizeConfig:
     alpha: float = 0.5
     smooth: bool = True  # False: plain per-tensor W8A8 (the unsmoothed baseline)
     level: Level = Level.O3
+    format: Format = Format.QDQ
     # Weight scales per output channel. The paper uses per-tensor weights, but with the 7-bit range
     # below it costs SmolLM2 perplexity 24.2 instead of 16.9 (FP32 11.8); per-channel scales cost no
     # run time in onnxruntime's integer kernels, which scale each output column anyway.
     per_channel: bool = True
-    # Weights in [-63, 63] instead of [-127, 127]. x86 CPUs without VNNI multiply u8 x s8 pairs into
-    # saturating int16 (vpmaddubsw): 255*127*2 overflows, 255*63*2 does not. True is safe everywhere.
-    reduce_range: bool = True
+    # Where the model will run decides the weight range (see sqonnx.target): portable and x86 without
+    # VNNI need weights in [-63, 63]; reduce_range None means "what the target needs".
+    target: Target = Target.PORTABLE
+    reduce_range: bool | None = None
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     unabsorbed: Unabsorbed = Unabsorbed.SKIP
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
@@ -65,13 +82,30 @@ class QuantizeConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise SqonnxError(f"--alpha must be between 0 and 1, got {self.alpha}; try 0.5")
+        if self.reduce_range is False and not full_range_is_safe(self.target):
+            raise SqonnxError(
+                f"--full-range saturates int16 sums on x86 CPUs without VNNI (target {resolve(self.target).value}); "
+                "pass --target x86-vnni, arm64 or gpu if the model only runs there")
         for pattern in self.exclude:
             if not pattern:
                 raise SqonnxError("--exclude got an empty pattern; give a node-name glob like '*lm_head*'")
 
     @property
+    def integer_form(self) -> bool:
+        """Explicit integer ops: asked for, or O1, whose per-token scales have no Q/DQ spelling."""
+        return self.format is Format.QOPERATOR or self.level is Level.O1
+
+    @property
+    def format_used(self) -> Format:
+        return Format.QOPERATOR if self.integer_form else Format.QDQ
+
+    @property
+    def reduced_range(self) -> bool:
+        return self.reduce_range if self.reduce_range is not None else not full_range_is_safe(self.target)
+
+    @property
     def weight_qmax(self) -> int:
-        return 63 if self.reduce_range else 127
+        return 63 if self.reduced_range else 127
 
     def is_excluded(self, node_name: str) -> bool:
         return any(_glob_to_regex(p).fullmatch(node_name) for p in self.exclude)

@@ -39,6 +39,8 @@ def save_atomically(model: ir.Model, output_path: Path, validate: Callable[[Path
     tensor_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value)
     external_data = external_data or tensor_bytes > EXTERNAL_DATA_BYTES
     data_name = f"{output_path.name}.data" if external_data else None
+    if data_name is None:  # weights memory-mapped from a working copy must go inline into the one file
+        ir.external_data.load_to_model(model)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=".sqonnx-", dir=output_path.parent))
     except OSError as exc:

@@ -49,3 +49,12 @@ def quantize_symmetric(values: np.ndarray, scale: np.ndarray, qmax: int) -> np.n
     """Round-to-nearest-even int8 codes in [-qmax, qmax], as QuantizeLinear rounds."""
     q = np.rint(values.astype(np.float32) / scale)
     return np.clip(q, -qmax, qmax).astype(np.int8)
+
+
+def quantize_weight(weight: np.ndarray, in_axis: int, qmax: int, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 codes and scale of a 2-D weight: one scale per output channel, or one in all."""
+    if per_channel:
+        scale = symmetric_scale(np.abs(weight).max(axis=in_axis), qmax)
+        return quantize_symmetric(weight, np.expand_dims(scale, in_axis), qmax), scale
+    scale = symmetric_scale(np.abs(weight).max(), qmax)
+    return quantize_symmetric(weight, scale, qmax), scale

@@ -70,7 +70,10 @@ def test_smoothing_beats_plain_int8(tmp_path: Path, block: Path, feeds: Path) ->
 @pytest.mark.parametrize("reduce_range", [False, True])
 def test_weight_options(tmp_path: Path, block: Path, feeds: Path, per_channel: bool, reduce_range: bool) -> None:
     out = tmp_path / "q.onnx"
-    report = sqonnx.quantize(block, out, config(feeds, per_channel=per_channel, reduce_range=reduce_range))
+    # Full range is only allowed for a target whose integer kernels cannot saturate.
+    target = sqonnx.Target.PORTABLE if reduce_range else sqonnx.Target.GPU
+    report = sqonnx.quantize(block, out, config(feeds, per_channel=per_channel, reduce_range=reduce_range,
+                                                target=target))
     assert report.kernels is not None and report.kernels.integer_total == 7 and not report.kernels.unfused
     assert relative_error(out, block, activations(4, seed=7)) < 0.3
     proto = onnx.load(str(out))

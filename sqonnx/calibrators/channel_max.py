@@ -80,6 +80,8 @@ def collect_channel_max(model: ir.Model, activations: dict[str, int], feeds: Ite
 def _session(path: Path) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # Pre-packed copies of the weights cost memory (~200 MB on SmolLM2) and calibration is not latency-bound.
+    options.add_session_config_entry("session.disable_prepacking", "1")
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:

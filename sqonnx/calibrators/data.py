@@ -89,11 +89,26 @@ def feeds_for_tokens(inputs: list[ir.Value], tokens: np.ndarray) -> dict[str, np
             array = np.arange(seq, dtype=np.int64)
         elif name == "token_type_ids":
             array = np.zeros(seq, dtype=np.int64)
+        elif name.startswith(("past_key_values", "past_key", "past_value")) and _empty_cache_shape(value):
+            # A with-past export run as a prefill: the key/value cache is empty (length 0).
+            feeds[name] = np.zeros(_empty_cache_shape(value), dtype=dtype)  # type: ignore[arg-type]
+            continue
         else:
             raise SqonnxError(f"model input '{name}' cannot be filled from text; "
                               "pass --calib-data as an .npz with one array per model input")
         feeds[name] = array[None, :].astype(dtype)
     return feeds
+
+
+def _empty_cache_shape(value: ir.Value) -> tuple[int, ...] | None:
+    """[1, kv_heads, 0, head_dim] for a cache input whose other dimensions are fixed in the model."""
+    shape = value.shape
+    if shape is None or len(shape) != 4:
+        return None
+    heads, head_dim = shape[1], shape[3]
+    if not isinstance(heads, int) or not isinstance(head_dim, int):
+        return None
+    return (1, heads, 0, head_dim)
 
 
 @dataclass

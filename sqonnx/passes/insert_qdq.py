@@ -1,7 +1,11 @@
-"""Insert standard-domain QuantizeLinear/DequantizeLinear around each quantized linear layer.
+"""Insert standard-domain QuantizeLinear/DequantizeLinear around each quantized linear layer (QDQ form).
 
-Weights become int8 initializers behind one DequantizeLinear; activations get a Q -> DQ pair with a
-static symmetric scale. The shape is what onnxruntime's CPU QDQ fusion needs to turn the layer into an
+Weights become int8 initializers behind one DequantizeLinear. Activations get, at O3, a Q -> DQ pair with
+a static symmetric scale; at O2, DynamicQuantizeLinear -> DQ (onnxruntime fuses that, with the weight's
+DQ and the MatMul, into DynamicQuantizeMatMul). O1 (per-token) has no Q/DQ spelling: a standard
+QuantizeLinear takes one scale per tensor or per axis, not per row; see insert_integer_matmul.
+
+The O3 shape is what onnxruntime's CPU QDQ fusion needs to turn the layer into an
 integer kernel (QLinearMatMul when a Q follows, MatMulIntegerToFloat when not): on x86 an int8 Q -> DQ
 pair is only fused after being rewritten to uint8, which requires explicit constant int8 zero points on
 both nodes, equal zero points, and a Q with exactly one reader. So every layer gets its own pair even
@@ -15,8 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from sqonnx.config import Level
 from sqonnx.graph import LinearLayer, add_initializer, as_linear_layer
-from sqonnx.smoothing import quantize_symmetric, symmetric_scale
+from sqonnx.smoothing import quantize_weight, symmetric_scale
 
 ACTIVATION_QMAX = 127
 
@@ -30,9 +35,13 @@ class LayerQuantization:
 
 
 class InsertQDQPass(ir.passes.InPlacePass):
-    def __init__(self, plan: list[LayerQuantization], weight_qmax: int, per_channel: bool) -> None:
+    def __init__(self, plan: list[LayerQuantization], weight_qmax: int, per_channel: bool,
+                 level: Level = Level.O3) -> None:
         super().__init__()
+        if level is Level.O1:
+            raise ValueError("O1 (per-token) has no QDQ form; use InsertIntegerMatMulPass")
         self.plan = plan
+        self.level = level
         self.weight_qmax = weight_qmax
         self.per_channel = per_channel
         # Tied weights (one initializer read by several layers) are quantized once and shared.
@@ -45,7 +54,10 @@ class InsertQDQPass(ir.passes.InPlacePass):
             if as_linear_layer(item.layer.node) is None:
                 continue
             self._quantize_weight(model.graph, item.layer)
-            self._quantize_activation(model.graph, item.layer, item.activation_max)
+            if self.level is Level.O3:
+                self._quantize_activation(model.graph, item.layer, item.activation_max)
+            else:
+                self._quantize_activation_dynamically(model.graph, item.layer)
             modified = True
         return ir.passes.PassResult(model, modified=modified)
 
@@ -63,16 +75,9 @@ class InsertQDQPass(ir.passes.InPlacePass):
         layer.node.replace_input_with(1, dequantize.outputs[0])
 
     def _weight_initializers(self, graph: ir.Graph, layer: LinearLayer) -> list[ir.Value]:
-        weight = layer.weight
         base = str(layer.weight_value.name)
-        if self.per_channel:
-            scale = symmetric_scale(np.abs(weight).max(axis=layer.in_axis), self.weight_qmax)
-            codes = quantize_symmetric(weight, np.expand_dims(scale, layer.in_axis), self.weight_qmax)
-            zero_point = np.zeros(scale.shape, dtype=np.int8)
-        else:
-            scale = symmetric_scale(np.abs(weight).max(), self.weight_qmax)
-            codes = quantize_symmetric(weight, scale, self.weight_qmax)
-            zero_point = np.zeros((), dtype=np.int8)
+        codes, scale = quantize_weight(layer.weight, layer.in_axis, self.weight_qmax, self.per_channel)
+        zero_point = np.zeros(scale.shape, dtype=np.int8)
         return [add_initializer(graph, f"{base}_quantized", codes),
                 add_initializer(graph, f"{base}_scale", scale),
                 add_initializer(graph, f"{base}_zero_point", zero_point)]
@@ -86,6 +91,22 @@ class InsertQDQPass(ir.passes.InPlacePass):
         _name_output(quantize, f"{name}/input_quantized", activation.shape, ir.DataType.INT8)
         dequantize = ir.Node("", "DequantizeLinear", [quantize.outputs[0], scale, zero_point],
                              name=f"{name}/input_DequantizeLinear")
+        _name_output(dequantize, f"{name}/input_dequantized", activation.shape)
+        graph.insert_before(layer.node, [quantize, dequantize])
+        layer.node.replace_input_with(0, dequantize.outputs[0])
+
+
+    def _quantize_activation_dynamically(self, graph: ir.Graph, layer: LinearLayer) -> None:
+        # One DynamicQuantizeLinear per layer: onnxruntime only fuses it into DynamicQuantizeMatMul
+        # when it has a single reader.
+        activation = layer.activation
+        name = layer.name
+        quantize = ir.Node("", "DynamicQuantizeLinear", [activation], num_outputs=3,
+                           name=f"{name}/input_DynamicQuantizeLinear")
+        _name_output(quantize, f"{name}/input_quantized", activation.shape, ir.DataType.UINT8)
+        quantize.outputs[1].name = f"{name}/input_scale"
+        quantize.outputs[2].name = f"{name}/input_zero_point"
+        dequantize = ir.Node("", "DequantizeLinear", list(quantize.outputs), name=f"{name}/input_DequantizeLinear")
         _name_output(dequantize, f"{name}/input_dequantized", activation.shape)
         graph.insert_before(layer.node, [quantize, dequantize])
         layer.node.replace_input_with(0, dequantize.outputs[0])

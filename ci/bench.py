@@ -1,0 +1,221 @@
+#!/usr/bin/env python
+"""Side-by-side benchmark: FP32, onnxruntime's own quantizers and sqonnx O1/O2/O3 on both real models.
+
+Every number is a ratio measured in this one run (absolute times on shared machines are noise):
+  quality   SmolLM2-135M perplexity on held-out pydoc text (16 x 512 tokens);
+            all-MiniLM-L6-v2 mean cosine of sentence embeddings to FP32 (64 held-out paragraphs)
+  prefill   FP32 latency / variant latency, batch 1, 512 tokens (median of alternating rounds)
+  decode    variant tokens/s / FP32 tokens/s, 128 new tokens with the key/value cache (SmolLM2 only)
+  size      output files in MB
+  quantize  wall time and peak RSS of the quantization, each run in its own child process
+Plus the profiler's kernel-time share per op type at 512 tokens (FP32, onnxruntime static, sqonnx O3).
+
+SmolLM2 is the with-past export (one graph for prefill and decode; its cache inputs are empty at prefill).
+Writes ci/results/bench.md and bench.json. `make bench` runs it (about 30 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS = ("FP32", "onnxruntime quantize_static", "onnxruntime quantize_dynamic", "sqonnx O1", "sqonnx O2",
+            "sqonnx O3")
+VARIANT_NOTES = {
+    "onnxruntime quantize_static": "QDQ, per-tensor int8 weights and activations, min-max, no smoothing",
+    "onnxruntime quantize_dynamic": "per-channel int8 weights, reduce_range, dynamic uint8 activations",
+    "sqonnx O1": "alpha 0.5, per-token dynamic activations",
+    "sqonnx O2": "alpha 0.5, per-tensor dynamic activations",
+    "sqonnx O3": "alpha 0.5, per-tensor static activations (defaults)",
+}
+
+
+# ---------------------------------------------------------------- quantization, in a child process
+def quantize_variant(variant: str, model: str, source: Path, output: Path, samples: int, seq_len: int) -> None:
+    """Runs inside the child process that the parent measures."""
+    import sqonnx
+    from ci.quality import BERT_RECIPE
+    from sqonnx.calibrators import calibration_feeds
+    from sqonnx.graph import load_model
+
+    calibration = sqonnx.CalibrationConfig(num_samples=samples, seq_len=seq_len)
+    if variant.startswith("sqonnx"):
+        options = dict(BERT_RECIPE) if model == "minilm" else {}
+        config = sqonnx.QuantizeConfig(level=sqonnx.Level(variant.split()[-1]), calibration=calibration,
+                                       **options)  # type: ignore[arg-type]
+        sqonnx.quantize(source, output, config)
+        return
+    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_dynamic, quantize_static
+
+    if variant == "onnxruntime quantize_dynamic":
+        quantize_dynamic(source, output, per_channel=True, reduce_range=True, weight_type=QuantType.QInt8)
+        return
+    feeds = iter(calibration_feeds(load_model(source).graph, source.parent, calibration))
+
+    class Reader(CalibrationDataReader):
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(feeds, None)
+
+    # Its calibrator keeps every intermediate output until merged: merge every few samples to bound memory
+    # (it fails with "No data is collected" when the count divides the number of samples).
+    merge_every = next(k for k in range(4, samples + 2) if samples % k)
+    quantize_static(source, output, Reader(), extra_options={"CalibMaxIntermediateOutputs": merge_every})
+
+
+def measure_quantization(variant: str, model: str, source: Path, output: Path, samples: int,
+                         seq_len: int) -> dict[str, float]:
+    args = [sys.executable, __file__, "--child", variant, model, str(source), str(output), str(samples), str(seq_len)]
+    start = time.perf_counter()
+    process = subprocess.Popen(args, cwd=Path(__file__).resolve().parent.parent)
+    _, status, usage = os.wait4(process.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"quantization failed: {variant} on {model}")
+    return {"quantize_s": time.perf_counter() - start, "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+# ---------------------------------------------------------------- measurements, in this process
+def size_mb(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.parent.glob(f"{path.name}*")) / 1e6
+
+
+def alternating_ratio(measure: Callable[[Path], float], fp32: Path, variant: Path, rounds: int) -> float:
+    """Median of measure(fp32) / measure(variant) over rounds taken in alternation (load hits both alike)."""
+    ratios = [measure(fp32) / measure(variant) for _ in range(rounds)]
+    return float(np.median(ratios))
+
+
+def bench_smollm2(work: Path, samples: int, rounds: int) -> list[dict[str, object]]:
+    from models import smollm2
+    from models.evaluate import decode_seconds, eval_windows, latency, perplexity
+
+    fp32 = smollm2.build(with_past=True)
+    windows = eval_windows(fp32.parent, 512, 16)
+    prompt = windows[0][:32]
+    rows = []
+    for variant in VARIANTS:
+        path = fp32 if variant == "FP32" else work / f"smollm2-{variant.split()[-1]}.onnx"
+        row: dict[str, object] = {"model": "SmolLM2-135M", "variant": variant}
+        if variant != "FP32":
+            row.update(measure_quantization(variant, "smollm2", fp32, path, samples, 512))
+        row["perplexity"] = perplexity(path, windows)
+        if variant != "FP32":
+            row["prefill_speedup"] = alternating_ratio(lambda p: latency(p, 512), fp32, path, rounds)
+            row["decode_speedup"] = alternating_ratio(lambda p: decode_seconds(p, prompt, 128), fp32, path, rounds)
+        row["size_mb"] = size_mb(path)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def bench_minilm(work: Path, samples: int, rounds: int) -> list[dict[str, object]]:
+    from models import minilm
+    from models.evaluate import latency, mean_cosine, sentence_embeddings, sentences
+
+    fp32 = minilm.build()
+    texts = sentences(fp32.parent, 64)
+    reference = sentence_embeddings(fp32, texts)
+    rows = []
+    for variant in VARIANTS:
+        path = fp32 if variant == "FP32" else work / f"minilm-{variant.split()[-1]}.onnx"
+        row: dict[str, object] = {"model": "all-MiniLM-L6-v2", "variant": variant}
+        if variant != "FP32":
+            row.update(measure_quantization(variant, "minilm", fp32, path, samples, 128))
+        row["cosine"] = mean_cosine(sentence_embeddings(path, texts), reference)
+        if variant != "FP32":
+            row["prefill_speedup"] = alternating_ratio(lambda p: latency(p, 512), fp32, path, rounds)
+        row["size_mb"] = size_mb(path)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def profiles(work: Path) -> dict[str, dict[str, float]]:
+    from models import smollm2
+    from models.evaluate import kernel_time_by_op
+
+    fp32 = smollm2.build(with_past=True)
+    return {name: kernel_time_by_op(path, 512) for name, path in (
+        ("FP32", fp32), ("onnxruntime quantize_static", work / "smollm2-quantize_static.onnx"),
+        ("sqonnx O3", work / "smollm2-O3.onnx"))}
+
+
+# ---------------------------------------------------------------- report
+def table(rows: list[dict[str, object]], fp32_size: dict[str, float]) -> str:
+    def fmt(value: object, spec: str, suffix: str = "") -> str:
+        return "" if value is None else f"{value:{spec}}{suffix}"
+
+    lines = ["| model | variant | quality | prefill speed-up | decode speed-up | size MB | quantize s | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        quality = (f"ppl {r['perplexity']:.2f}" if "perplexity" in r else f"cos {r['cosine']:.4f}")
+        rss = r.get("peak_rss_mb")
+        rss_text = "" if rss is None else f"{rss:.0f} ({float(rss) / fp32_size[str(r['model'])]:.1f}x)"  # type: ignore[arg-type]
+        lines.append(f"| {r['model']} | {r['variant']} | {quality} | {fmt(r.get('prefill_speedup'), '.2f', 'x')} | "
+                     f"{fmt(r.get('decode_speedup'), '.2f', 'x')} | {fmt(r.get('size_mb'), '.0f')} | "
+                     f"{fmt(r.get('quantize_s'), '.0f')} | {rss_text} |")
+    return "\n".join(lines)
+
+
+def profile_table(shares: dict[str, dict[str, float]], top: int = 8) -> str:
+    ops: list[str] = []
+    for share in shares.values():
+        ops += [op for op in list(share)[:top] if op not in ops]
+    lines = ["| op type | " + " | ".join(shares) + " |", "|---" * (len(shares) + 1) + "|"]
+    for op in ops:
+        lines.append(f"| {op} | " + " | ".join(f"{s.get(op, 0.0) * 100:.1f} %" for s in shares.values()) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        variant, model, source, output, samples, seq_len = sys.argv[2:8]
+        quantize_variant(variant, model, Path(source), Path(output), int(samples), int(seq_len))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-samples", type=int, default=128, help="calibration samples for every quantizer")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds per ratio")
+    parser.add_argument("--models", default="smollm2,minilm")
+    args = parser.parse_args()
+    from models import minilm, smollm2
+
+    work = Path(tempfile.mkdtemp(prefix="sqonnx-bench-"))
+    try:
+        rows: list[dict[str, object]] = []
+        shares: dict[str, dict[str, float]] = {}
+        if "smollm2" in args.models:
+            rows += bench_smollm2(work, args.num_samples, args.rounds)
+            shares = profiles(work)
+        if "minilm" in args.models:
+            rows += bench_minilm(work, args.num_samples, args.rounds)
+        fp32_size = {"SmolLM2-135M": size_mb(smollm2.build(with_past=True)),
+                     "all-MiniLM-L6-v2": size_mb(minilm.build())}
+        text = [f"Calibration: {args.num_samples} pydoc samples for every quantizer; "
+                f"CPU threads: onnxruntime default; rounds: {args.rounds}.", "", table(rows, fp32_size), ""]
+        text += [f"- {name}: {note}" for name, note in VARIANT_NOTES.items()]
+        if shares:
+            text += ["", "Kernel time by op type, SmolLM2 prefill of 512 tokens (onnxruntime profiler):", "",
+                     profile_table(shares)]
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "bench.json").write_text(json.dumps({"rows": rows, "profiles": shares,
+                                                        "num_samples": args.num_samples}, indent=2))
+        (RESULTS / "bench.md").write_text("\n".join(text) + "\n")
+        print("\n".join(text))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
