@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c ci/constraints.txt
 
-.PHONY: install demo test quality lint
+.PHONY: install demo test quality bench lint
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml ci/constraints.txt
@@ -26,6 +26,9 @@ test: install
 
 quality: install
 	$(PY) ci/quality.py
+
+bench: install
+	$(PY) ci/bench.py
 
 lint: install
 	$(VENV)/bin/ruff check sqonnx models tests ci

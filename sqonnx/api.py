@@ -20,6 +20,7 @@ from sqonnx.config import Level, QuantizeConfig
 from sqonnx.errors import SqonnxError
 from sqonnx.graph import find_linear_layers, load_model
 from sqonnx.kernels import KernelCheck, inspect_cpu_kernels
+from sqonnx.optimize import fuse_transformer_ops
 from sqonnx.output import check_output_path, save_atomically
 from sqonnx.passes.insert_integer_matmul import InsertIntegerMatMulPass
 from sqonnx.passes.insert_qdq import InsertQDQPass, LayerQuantization
@@ -51,7 +52,12 @@ def _quantize(model_path: Path, output_path: str | Path | None, config: Quantize
     _check_quantizable(model, config)
     input_bytes = _model_bytes(model_path, model)
     external_data = any(isinstance(v.const_value, ir.ExternalTensor) for v in graph.initializers.values())
-    if not external_data:
+    fused: dict[str, int] = {}
+    if config.optimize:
+        optimized, fused = fuse_transformer_ops(model_path, workdir)
+        model = ir.load(optimized)  # weights memory-mapped from the optimizer's external data
+        graph = model.graph
+    elif not external_data:
         model = _memory_mapped(model, workdir)
         graph = model.graph
 
@@ -95,6 +101,8 @@ def _quantize(model_path: Path, output_path: str | Path | None, config: Quantize
     if worst_pair > INT16_MAX and not full_range_is_safe(config.target):
         raise AssertionError(f"internal error: weights of a {config.target.value} model can overflow int16")
     settings = _settings(config, worst_pair)
+    if config.optimize:
+        settings["optimize"] = ", ".join(f"{n} {op}" for op, n in fused.items()) or "nothing fused"
     model.metadata_props.update(_metadata(settings, feeds.count, len(plan), sum(r.scale_min is not None
                                                                                 for r in layer_reports)))
 

@@ -78,6 +78,7 @@ class QuantizeConfig:
     unabsorbed: Unabsorbed = Unabsorbed.SKIP
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     verify_fusion: bool = True  # ask onnxruntime which kernels the saved model runs
+    optimize: bool = False  # run onnxruntime's transformer optimizer (norm/Gelu fusions) before smoothing
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:

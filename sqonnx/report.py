@@ -60,6 +60,7 @@ class QuantizeReport:
             f"  level {self.settings.get('level')} ({self.settings.get('activations')}), "
             f"{self.settings.get('format')} form, target {self.settings.get('target')}",
             f"  weights: {self.settings.get('weights')}; int16 worst case {self.settings.get('int16_worst_case')}",
+            *([f"  --optimize fused: {self.settings['optimize']}"] if "optimize" in self.settings else []),
             f"  quantized {len(quantized)} of {len(self.layers)} linear layers; smoothed {len(smoothed)}"
             + (f" ({', '.join(f'{n} via {k}' for k, n in sorted(kinds.items()))})" if kinds else ""),
             f"  worst outlier ratio (channel max / median) before -> after smoothing: "

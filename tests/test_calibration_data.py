@@ -67,3 +67,16 @@ def test_input_text_cannot_fill(tmp_path: Path) -> None:
     feeds = calibration_feeds(graph, tmp_path, CalibrationConfig(num_samples=2, seq_len=32))
     with pytest.raises(SqonnxError, match="model input 'pixel_values' cannot be filled from text"):
         next(iter(feeds))
+
+
+def test_with_past_export_gets_an_empty_cache(tmp_path: Path) -> None:
+    """A with-past decoder export is calibrated as a prefill: every past_key_values input is empty."""
+    _bert_like_tokenizer(tmp_path)
+    graph = _graph(tmp_path)
+    for kind in ("key", "value"):
+        graph.inputs.append(ir.Value(name=f"past_key_values.0.{kind}", type=ir.TensorType(ir.DataType.FLOAT),
+                                     shape=ir.Shape(["batch", 3, "past_sequence_length", 8])))
+    feed = next(iter(calibration_feeds(graph, tmp_path, CalibrationConfig(num_samples=2, seq_len=32))))
+    assert feed["past_key_values.0.key"].shape == (1, 3, 0, 8)
+    assert feed["past_key_values.0.value"].dtype == np.float32
+    assert feed["input_ids"].shape == (1, 32)

@@ -32,6 +32,20 @@ def test_quantize_command(tmp_path: Path, block: Path, feeds: Path) -> None:
     assert '"folded_into": "/mlp/up_proj/MatMul"' in (tmp_path / "r.json").read_text()
 
 
+@pytest.mark.parametrize(("flags", "level", "integer_op"), [
+    (["--dynamic"], "O2", "DynamicQuantizeLinear"), (["--dynamic", "--per-token"], "O1", "MatMulInteger"),
+    (["--level", "O3", "--format", "qoperator"], "O3", "MatMulInteger"),
+    (["--static", "--target", "gpu", "--full-range"], "O3", "QuantizeLinear")])
+def test_level_flags(tmp_path: Path, block: Path, feeds: Path, flags: list[str], level: str, integer_op: str) -> None:
+    out = tmp_path / "q.onnx"
+    result = sqonnx("quantize", block, "-o", out, "--calib-data", feeds, "--num-samples", "4", *flags)
+    assert result.returncode == 0, result.stderr
+    assert f"level {level}" in result.stdout
+    proto = onnx.load(str(out))
+    assert {p.key: p.value for p in proto.metadata_props}["sqonnx.level"] == level
+    assert integer_op in {n.op_type for n in proto.graph.node}
+
+
 def _no_input_model(path: Path) -> Path:
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="relu")], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
@@ -83,12 +97,19 @@ def _bad_cases(tmp: Path, block: Path, feeds: Path) -> dict[str, tuple[list[str 
         "output is input": ([block, "-o", block, "--calib-data", feeds], "is the input model"),
         "no such folder": ([block, "-o", tmp / "missing" / "q.onnx", "--calib-data", feeds], "does not exist"),
         "unwritable": ([block, "-o", "/proc/q.onnx", "--calib-data", feeds], "/proc"),
+        "full range on a portable target": ([block, "-o", out, "--full-range", "--calib-data", feeds],
+                                            "--full-range saturates int16"),
+        "static and dynamic": ([block, "-o", out, "--static", "--dynamic", "--calib-data", feeds],
+                               "--static contradicts --dynamic"),
+        "level contradicts flag": ([block, "-o", out, "--level", "O1", "--static", "--calib-data", feeds],
+                                   "--level O1 contradicts the O3 implied by --static"),
     }
 
 
 CASES = ["missing external data", "not onnx", "truncated onnx", "old opset", "missing model",
          "nothing to quantize", "everything excluded", "npz names", "npz shape", "npz dtype", "missing data",
-         "no tokenizer", "alpha", "output is input", "no such folder", "unwritable"]
+         "no tokenizer", "alpha", "output is input", "no such folder", "unwritable",
+         "full range on a portable target", "static and dynamic", "level contradicts flag"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -45,3 +45,34 @@ def test_smollm2_o3_perplexity(tmp_path: Path) -> None:
     base = perplexity(fp32, windows)
     quantized = perplexity(out, windows)
     assert quantized < 2.5 * base, (quantized, base)
+
+
+def test_minilm_o1_per_token(tmp_path: Path) -> None:
+    """Per-token dynamic activations need no smoothing recipe on BERT; biased layers stay exact."""
+    from models import minilm
+
+    fp32 = minilm.build()
+    out = tmp_path / "minilm-o1.onnx"
+    config = sqonnx.QuantizeConfig(level=sqonnx.Level.O1, calibration=sqonnx.CalibrationConfig(num_samples=8,
+                                                                                             seq_len=128))
+    report = sqonnx.quantize(fp32, out, config)
+    assert report.kernels is not None and report.kernels.integer_total == 36 and report.kernels.dequantize_nodes == 0
+    texts = sentences(fp32.parent, 32)
+    cosine = mean_cosine(sentence_embeddings(out, texts), sentence_embeddings(fp32, texts))
+    assert cosine >= 0.99, cosine
+
+
+def test_smollm2_o1_perplexity(tmp_path: Path) -> None:
+    from models import smollm2
+
+    fp32 = smollm2.build()
+    out = tmp_path / "smollm2-o1.onnx"
+    config = sqonnx.QuantizeConfig(level=sqonnx.Level.O1, calibration=sqonnx.CalibrationConfig(num_samples=8))
+    report = sqonnx.quantize(fp32, out, config)
+    # Every quantized layer fused into MatMulIntegerToFloat (Llama has no biases); the 62 float MatMuls
+    # are attention's activation x activation products, the LM head and the tied embedding.
+    assert report.kernels is not None and report.kernels.integer_kernels == {"MatMulIntegerToFloat": 210}
+    windows = eval_windows(fp32.parent, 512, 4)
+    base = perplexity(fp32, windows)
+    quantized = perplexity(out, windows)
+    assert quantized < 1.1 * base, (quantized, base)
