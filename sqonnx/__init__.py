@@ -1,12 +1,12 @@
 """sqonnx: SmoothQuant W8A8 INT8 quantization for ONNX transformer models."""
 
 from sqonnx.api import quantize
-from sqonnx.config import CalibrationConfig, Format, Level, QuantizeConfig, Unabsorbed
+from sqonnx.config import CalibMethod, CalibrationConfig, Format, Level, QuantizeConfig, Unabsorbed
 from sqonnx.errors import SqonnxError
 from sqonnx.report import LayerReport, QuantizeReport
 from sqonnx.target import Target
 
 __version__ = "0.1.0"
 
-__all__ = ["CalibrationConfig", "Format", "LayerReport", "Level", "QuantizeConfig", "QuantizeReport", "SqonnxError",
-           "Target", "Unabsorbed", "__version__", "quantize"]
+__all__ = ["CalibMethod", "CalibrationConfig", "Format", "LayerReport", "Level", "QuantizeConfig", "QuantizeReport",
+           "SqonnxError", "Target", "Unabsorbed", "__version__", "quantize"]

@@ -5,6 +5,7 @@ Each step is a pass or a pure function; this module only wires them and builds t
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
@@ -15,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from sqonnx.calibrators import calibration_feeds, collect_channel_max
+from sqonnx.calibrators import calibration_feeds, collect_statistics
 from sqonnx.config import Level, QuantizeConfig
 from sqonnx.errors import SqonnxError
 from sqonnx.graph import find_linear_layers, load_model
@@ -27,9 +28,14 @@ from sqonnx.passes.insert_qdq import InsertQDQPass, LayerQuantization
 from sqonnx.passes.smooth import GroupResult, SmoothPass
 from sqonnx.passes.smoothing_groups import find_smoothing_groups
 from sqonnx.report import LayerReport, QuantizeReport
+from sqonnx.search import AlphaSearch, static_range
 from sqonnx.target import INT16_MAX, Target, full_range_is_safe, resolve, worst_int16_pair_in_graph
 
 logger = logging.getLogger(__name__)
+
+# Activation rows kept from calibration for the α search and clipping (float16: 512 x 1536 x 2 bytes =
+# 1.5 MB for SmolLM2's widest activation, 110 MB over its 120 activations).
+KEPT_ROWS = 512
 
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearMatMul", "MatMulInteger",
                  "DynamicQuantizeLinear", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QGemm"}
@@ -70,11 +76,16 @@ def _quantize(model_path: Path, output_path: str | Path | None, config: Quantize
     wanted = {str(g.activation.name): g.channels for g in groups if any(ly.name in quantized for ly in g.layers)}
 
     feeds = calibration_feeds(graph, model_path.parent, config.calibration)
-    channel_max = collect_channel_max(model, wanted, feeds, feeds.count, progress=progress)
+    stats = collect_statistics(model, wanted, feeds, feeds.count, progress=progress,
+                               keep_rows=KEPT_ROWS if config.needs_rows else 0)
+    channel_max = stats.channel_max
 
     results = {id(g): GroupResult(g, None, "", "not smoothed: --no-smooth") for g in groups}
     if config.smooth:
-        smooth = SmoothPass(groups, channel_max, config.alpha, config.unabsorbed, quantized)
+        search = AlphaSearch(stats.rows, config.alpha_grid, config.level, config.weight_qmax, config.per_channel,
+                             config.calib_method) if config.alpha_auto else None
+        alpha = 0.0 if config.alpha_auto else float(config.alpha)
+        smooth = SmoothPass(groups, channel_max, alpha, config.unabsorbed, quantized, search)
         smooth(model)
         results = {id(r.group): r for r in smooth.results}
 
@@ -83,11 +94,17 @@ def _quantize(model_path: Path, output_path: str | Path | None, config: Quantize
     for group in groups:
         result = results[id(group)]
         act_max = channel_max.get(str(group.activation.name))
+        rows = stats.rows.get(str(group.activation.name))
+        static_max = 0.0
+        if act_max is not None and any(layer.name in quantized for layer in group.layers):
+            scales = result.scales if result.scales is not None else np.ones_like(act_max)
+            static_max = static_range(config.calib_method, act_max / scales,
+                                      None if rows is None else rows.astype(np.float32) / scales)
         for layer in group.layers:
             is_quantized = layer.name in quantized
-            layer_reports.append(_layer_report(layer.name, result, act_max, is_quantized))
+            layer_reports.append(_layer_report(layer.name, result, act_max, is_quantized, static_max))
             if is_quantized:
-                plan.append(LayerQuantization(layer, layer_reports[-1].activation_max_after))
+                plan.append(LayerQuantization(layer, static_max))
     opset = graph.opset_imports.get("", graph.opset_imports.get("ai.onnx", 0))
     if config.integer_form:
         InsertIntegerMatMulPass(plan, config.weight_qmax, config.per_channel, config.level, opset)(model)
@@ -105,6 +122,9 @@ def _quantize(model_path: Path, output_path: str | Path | None, config: Quantize
         settings["optimize"] = ", ".join(f"{n} {op}" for op, n in fused.items()) or "nothing fused"
     model.metadata_props.update(_metadata(settings, feeds.count, len(plan), sum(r.scale_min is not None
                                                                                 for r in layer_reports)))
+    if config.alpha_auto and config.smooth:
+        model.metadata_props["sqonnx.alpha_per_layer"] = json.dumps(
+            {r.name: r.alpha for r in layer_reports if r.quantized and r.alpha is not None}, separators=(",", ":"))
 
     kernels: list[KernelCheck] = []
 
@@ -155,7 +175,8 @@ def _check_quantizable(model: ir.Model, config: QuantizeConfig) -> None:
                           "pass the original float model")
 
 
-def _layer_report(name: str, result: GroupResult, act_max: np.ndarray | None, quantized: bool) -> LayerReport:
+def _layer_report(name: str, result: GroupResult, act_max: np.ndarray | None, quantized: bool,
+                  static_max: float) -> LayerReport:
     scales = result.scales
     before = act_max if act_max is not None else np.zeros(1, np.float32)
     after = before / scales if scales is not None else before
@@ -165,7 +186,8 @@ def _layer_report(name: str, result: GroupResult, act_max: np.ndarray | None, qu
         scale_min=float(scales.min()) if scales is not None else None,
         scale_max=float(scales.max()) if scales is not None else None,
         activation_max_before=float(before.max()), activation_max_after=float(after.max()),
-        outlier_ratio_before=_outlier_ratio(before), outlier_ratio_after=_outlier_ratio(after))
+        outlier_ratio_before=_outlier_ratio(before), outlier_ratio_after=_outlier_ratio(after),
+        alpha=result.alpha, static_range=static_max)
 
 
 def _outlier_ratio(channel_max: np.ndarray) -> float:
@@ -177,7 +199,9 @@ def _settings(config: QuantizeConfig, worst_pair: int) -> dict[str, object]:
     target = resolve(config.target)
     target_text = target.value if config.target is not Target.NATIVE else f"native ({target.value}, detected)"
     return {
-        "alpha": config.alpha if config.smooth else None,
+        "alpha": (f"auto ({config.alpha_range[0]}-{config.alpha_range[1]}, per group)" if config.alpha_auto
+                  else config.alpha) if config.smooth else None,
+        "calib_method": config.calib_method.value if config.level is Level.O3 else "none (dynamic activations)",
         "level": config.level.value,
         "format": config.format_used.value,
         "target": target_text,
@@ -198,7 +222,7 @@ def _metadata(settings: dict[str, object], samples: int, quantized: int, smoothe
         tool_version = version("sqonnx")
     except PackageNotFoundError:
         tool_version = "unknown"
-    keys = ("level", "format", "target", "weights", "weight_range", "int16_worst_case", "activations")
+    keys = ("level", "format", "target", "weights", "weight_range", "int16_worst_case", "activations", "calib_method")
     return {
         "sqonnx.version": tool_version,
         "sqonnx.alpha": "none (not smoothed)" if settings["alpha"] is None else str(settings["alpha"]),

@@ -11,7 +11,16 @@ from typing import Annotated
 import typer
 
 from sqonnx.api import quantize as quantize_model
-from sqonnx.config import DEFAULT_EXCLUDE, CalibrationConfig, Format, Level, QuantizeConfig, Unabsorbed
+from sqonnx.config import (
+    AUTO,
+    DEFAULT_EXCLUDE,
+    CalibMethod,
+    CalibrationConfig,
+    Format,
+    Level,
+    QuantizeConfig,
+    Unabsorbed,
+)
 from sqonnx.errors import SqonnxError
 from sqonnx.target import Target
 
@@ -29,7 +38,12 @@ def quantize(
     model: Annotated[Path, typer.Argument(help="FP32 .onnx model (a tokenizer.json beside it for text calibration)")],
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Output .onnx [default: <model>.int8.onnx]")] = None,
-    alpha: Annotated[float, typer.Option(help="Migration strength: s = max|X|^a / max|W|^(1-a)")] = 0.5,
+    alpha: Annotated[str, typer.Option(
+        help="Migration strength a in s = max|X|^a / max|W|^(1-a), or 'auto': searched per layer group")] = "0.5",
+    alpha_range: Annotated[str, typer.Option(help="With --alpha auto: LOW,HIGH bounds of the search")] = "0.05,0.95",
+    calib_method: Annotated[CalibMethod, typer.Option(
+        help="O3 static activation range: minmax, percentile (99.99%), mse (least squared error)")
+    ] = CalibMethod.MINMAX,
     static: Annotated[bool, typer.Option("--static", help="Static per-tensor activations (= --level O3)")] = False,
     dynamic: Annotated[bool, typer.Option(
         "--dynamic", help="Dynamic activations: per-tensor (= --level O2); per-token with --per-token (O1)")
@@ -65,7 +79,8 @@ def quantize(
     """Quantize MODEL to INT8 with SmoothQuant."""
     try:
         config = QuantizeConfig(
-            alpha=alpha, smooth=smooth, level=_level(level, static, dynamic, per_token), format=format,
+            alpha=_alpha(alpha), alpha_range=_alpha_range(alpha_range), calib_method=calib_method, smooth=smooth,
+            level=_level(level, static, dynamic, per_token), format=format,
             target=target, per_channel=per_channel, reduce_range=reduce_range,
             exclude=tuple(exclude) if exclude else DEFAULT_EXCLUDE, unabsorbed=unabsorbed,
             calibration=CalibrationConfig(data=calib_data, num_samples=num_samples, seq_len=seq_len),
@@ -80,6 +95,23 @@ def quantize(
         typer.echo("interrupted: no output written", err=True)
         raise typer.Exit(130) from None
     typer.echo(report.summary())
+
+
+def _alpha(text: str) -> float | str:
+    if text == AUTO:
+        return AUTO
+    try:
+        return float(text)
+    except ValueError:
+        raise SqonnxError(f"--alpha must be a number between 0 and 1 or 'auto', got '{text}'; try 0.5") from None
+
+
+def _alpha_range(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        raise SqonnxError(f"--alpha-range must be LOW,HIGH (two numbers), got '{text}'; try 0.05,0.95") from None
+    return low, high
 
 
 def _level(level: Level | None, static: bool, dynamic: bool, per_token: bool) -> Level:

@@ -24,6 +24,17 @@ class Level(str, enum.Enum):
                 "O3": "int8 static per-tensor (symmetric, min-max calibrated)"}[self.value]
 
 
+class CalibMethod(str, enum.Enum):
+    """How O3's static activation range is chosen from calibration data."""
+
+    MINMAX = "minmax"  # the largest |x| seen: nothing clips
+    PERCENTILE = "percentile"  # the 99.99th percentile of |x|: rare outliers clip
+    MSE = "mse"  # the clipping threshold with the least squared quantization error
+
+
+AUTO = "auto"
+
+
 class Format(str, enum.Enum):
     """How the quantized graph is written."""
 
@@ -62,7 +73,9 @@ class CalibrationConfig:
 class QuantizeConfig:
     """Options of `sqonnx.quantize`; the CLI maps its flags 1:1 onto these fields."""
 
-    alpha: float = 0.5
+    alpha: float | str = 0.5  # or "auto": searched per smoothing group within alpha_range
+    alpha_range: tuple[float, float] = (0.05, 0.95)
+    calib_method: CalibMethod = CalibMethod.MINMAX
     smooth: bool = True  # False: plain per-tensor W8A8 (the unsmoothed baseline)
     level: Level = Level.O3
     format: Format = Format.QDQ
@@ -81,8 +94,12 @@ class QuantizeConfig:
     optimize: bool = False  # run onnxruntime's transformer optimizer (norm/Gelu fusions) before smoothing
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise SqonnxError(f"--alpha must be between 0 and 1, got {self.alpha}; try 0.5")
+        if self.alpha != AUTO and not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
+            raise SqonnxError(f"--alpha must be between 0 and 1 or 'auto', got {self.alpha}; try 0.5")
+        low, high = self.alpha_range
+        if not 0.0 <= low <= high <= 1.0:
+            raise SqonnxError(f"--alpha-range must be LOW,HIGH with 0 <= LOW <= HIGH <= 1, got {low},{high}; "
+                              "try 0.05,0.95")
         if self.reduce_range is False and not full_range_is_safe(self.target):
             raise SqonnxError(
                 f"--full-range saturates int16 sums on x86 CPUs without VNNI (target {resolve(self.target).value}); "
@@ -90,6 +107,23 @@ class QuantizeConfig:
         for pattern in self.exclude:
             if not pattern:
                 raise SqonnxError("--exclude got an empty pattern; give a node-name glob like '*lm_head*'")
+
+    @property
+    def alpha_auto(self) -> bool:
+        return self.alpha == AUTO
+
+    @property
+    def alpha_grid(self) -> tuple[float, ...]:
+        """α candidates of the search: 0.05 steps within alpha_range, ends included."""
+        low, high = self.alpha_range
+        steps = int(round((high - low) / 0.05))
+        return tuple(sorted({round(low + i * (high - low) / max(steps, 1), 4) for i in range(steps + 1)}))
+
+    @property
+    def needs_rows(self) -> bool:
+        """Whether calibration must keep activation rows (searches), not only maxima."""
+        return self.smooth and self.alpha_auto or (self.calib_method is not CalibMethod.MINMAX
+                                                   and self.level is Level.O3)
 
     @property
     def integer_form(self) -> bool:

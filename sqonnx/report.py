@@ -21,6 +21,8 @@ class LayerReport:
     activation_max_after: float  # max over channels of max|X_j / s_j|: the static range that is used
     outlier_ratio_before: float  # max / median of the per-channel maxima
     outlier_ratio_after: float
+    alpha: float | None = None  # the group's α (differs per layer with --alpha auto)
+    static_range: float = 0.0  # O3: the max |x| the static scale covers (after smoothing and clipping)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from sqonnx.passes.fold_into_mul import fold_into_mul
 from sqonnx.passes.fold_into_norm import fold_into_norm
 from sqonnx.passes.insert_smoothing_mul import insert_smoothing_mul
 from sqonnx.passes.smoothing_groups import LinearAbsorber, MulAbsorber, NormAbsorber, SmoothingGroup
+from sqonnx.search import AlphaSearch
 from sqonnx.smoothing import along, input_channel_max, smoothing_scales
 
 logger = logging.getLogger(__name__)
@@ -35,14 +36,17 @@ class GroupResult:
     scales: np.ndarray | None  # None: not smoothed
     folded_into: str  # name of the node that absorbed 1/s ("" when none)
     method: str  # how: a producer kind, "explicit Mul", or "not smoothed: <why>"
+    alpha: float | None = None
 
 
 class SmoothPass(ir.passes.InPlacePass):
     """Apply SmoothQuant to every group that has at least one layer to quantize."""
 
     def __init__(self, groups: list[SmoothingGroup], channel_max: dict[str, np.ndarray], alpha: float,
-                 unabsorbed: Unabsorbed, quantized: set[str]) -> None:
+                 unabsorbed: Unabsorbed, quantized: set[str], alpha_search: AlphaSearch | None = None) -> None:
+        """`alpha_search` given: α is chosen per group (and `alpha` is unused)."""
         super().__init__()
+        self.alpha_search = alpha_search
         self.groups = groups
         self.channel_max = channel_max
         self.alpha = alpha
@@ -60,7 +64,7 @@ class SmoothPass(ir.passes.InPlacePass):
         self.results = list(reversed(results))
         modified = any(r.scales is not None for r in self.results)
         if modified:
-            model.metadata_props[SMOOTHED_KEY] = f"alpha={self.alpha}"
+            model.metadata_props[SMOOTHED_KEY] = "alpha=auto" if self.alpha_search else f"alpha={self.alpha}"
         return ir.passes.PassResult(model, modified=modified)
 
     def _smooth_group(self, graph: ir.Graph, group: SmoothingGroup) -> GroupResult:
@@ -71,21 +75,27 @@ class SmoothPass(ir.passes.InPlacePass):
             return GroupResult(group, None, "", f"not smoothed: {group.reason}")
         act_max = self.channel_max[str(group.activation.name)]
         weight_max = np.max([input_channel_max(layer.weight, layer.in_axis) for layer in group.layers], axis=0)
-        scales = smoothing_scales(act_max, weight_max, self.alpha)
+        alpha: float | None = self.alpha
+        if self.alpha_search is not None:
+            alpha = self.alpha_search.choose(str(group.activation.name), act_max,
+                                             [(layer.weight, layer.in_axis) for layer in group.layers])
+            if alpha is None:
+                return GroupResult(group, None, "", "not smoothed: no alpha beats no smoothing (alpha search)")
+        scales = smoothing_scales(act_max, weight_max, alpha)
         _warn_about_dead_channels(group, act_max, weight_max)
         _scale_weight_rows(graph, group, scales)
         if isinstance(absorber, NormAbsorber):
             fold_into_norm(graph, absorber, scales)
-            return GroupResult(group, scales, absorber.node.name or "", absorber.node.op_type)
+            return GroupResult(group, scales, absorber.node.name or "", absorber.node.op_type, alpha)
         if isinstance(absorber, MulAbsorber):
             fold_into_mul(graph, absorber, scales)
-            return GroupResult(group, scales, absorber.node.name or "", "Mul (per-channel weight)")
+            return GroupResult(group, scales, absorber.node.name or "", "Mul (per-channel weight)", alpha)
         if isinstance(absorber, LinearAbsorber):
             fold_into_linear(graph, absorber, scales)
-            return GroupResult(group, scales, absorber.layer.name, f"{absorber.node.op_type} (output columns)")
+            return GroupResult(group, scales, absorber.layer.name, f"{absorber.node.op_type} (output columns)", alpha)
         mul = insert_smoothing_mul(graph, group, scales)
         logger.info("inserted %s: %s", mul.name, group.reason)
-        return GroupResult(group, scales, mul.name or "", "explicit Mul")
+        return GroupResult(group, scales, mul.name or "", "explicit Mul", alpha)
 
 
 def _scale_weight_rows(graph: ir.Graph, group: SmoothingGroup, scales: np.ndarray) -> None:

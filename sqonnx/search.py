@@ -1,0 +1,101 @@
+"""Searches that need real activation values, not only maxima (numpy only, no graph code).
+
+- `search_alpha`: per smoothing group, the α whose INT8 output is closest to FP32 on calibration rows.
+  One global α is a compromise: on SmolLM2 0.5 suits q/k/v while down_proj wants more migration. The
+  error is measured at the chosen level (static per-tensor, dynamic per-tensor or per-token activations)
+  with the weight quantization that will really be used, summed over the group's layers.
+- `static_range`: the static activation range of O3, by min-max, percentile or MSE-optimal clipping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sqonnx.config import CalibMethod, Level
+from sqonnx.smoothing import quantize_weight, smoothing_scales
+
+ACTIVATION_QMAX = 127
+MAX_CLIP_VALUES = 1 << 16  # values used to choose a clipping threshold (a strided subsample)
+
+
+def static_range(method: CalibMethod, channel_max: np.ndarray, rows: np.ndarray | None) -> float:
+    """Static per-tensor range of an activation (already divided by s) from its per-channel maxima over
+    all calibration samples and a sample of its rows."""
+    full = float(np.max(channel_max))
+    if method is CalibMethod.MINMAX or rows is None or full == 0.0:
+        return full
+    magnitudes = np.abs(rows.astype(np.float32)).ravel()
+    magnitudes = magnitudes[:: max(1, magnitudes.size // MAX_CLIP_VALUES)]
+    if method is CalibMethod.PERCENTILE:
+        return min(full, float(np.percentile(magnitudes, 99.99)))
+    candidates = full * np.linspace(0.05, 1.0, 64)
+    errors = [float(np.sum((_fake_quant(magnitudes, c / ACTIVATION_QMAX) - magnitudes) ** 2)) for c in candidates]
+    return float(candidates[int(np.argmin(errors))])
+
+
+def _fake_quant(x: np.ndarray, scale: float | np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(x / scale), -ACTIVATION_QMAX, ACTIVATION_QMAX) * scale
+
+
+def quantize_activation_like(level: Level, x: np.ndarray, static_max: float) -> np.ndarray:
+    """x after the activation quantization of `level` (symmetric int8; O2's asymmetric uint8 over the
+    sampled rows as one tensor)."""
+    if level is Level.O3:
+        return _fake_quant(x, max(static_max, 1e-12) / ACTIVATION_QMAX)
+    if level is Level.O1:
+        scale = np.maximum(np.abs(x).max(axis=1, keepdims=True), 1e-12) / ACTIVATION_QMAX
+        return _fake_quant(x, scale)
+    low, high = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    scale = (high - low) / 255 if high > low else 1.0
+    zero = np.rint(-low / scale)
+    return (np.clip(np.rint(x / scale) + zero, 0, 255) - zero) * scale
+
+
+@dataclass(frozen=True)
+class AlphaSearch:
+    """Settings of the per-group α search; `rows` are calibration rows per activation name."""
+
+    rows: dict[str, np.ndarray]
+    grid: tuple[float, ...]
+    level: Level
+    weight_qmax: int
+    per_channel: bool
+    calib_method: CalibMethod = CalibMethod.MINMAX
+
+    def choose(self, activation: str, act_max: np.ndarray, weights: list[tuple[np.ndarray, int]]) -> float | None:
+        """The best α on the grid, or None when leaving the group unsmoothed is better than any."""
+        rows = self.rows[activation].astype(np.float32)
+        candidates: list[float | None] = [None, *self.grid]
+        errors = [group_error(rows, act_max, weights, alpha, self) for alpha in candidates]
+        return candidates[int(np.argmin(errors))]
+
+
+def group_error(rows: np.ndarray, act_max: np.ndarray, weights: list[tuple[np.ndarray, int]],
+                alpha: float | None, search: AlphaSearch) -> float:
+    """Relative squared error of the group's outputs, INT8 (after smoothing with α) against FP32.
+
+    At O3, s and the static range are fitted on the first half of the rows (samples come in order) and
+    the error is measured on the second half: fitted and scored on the same rows, a range never clips,
+    which favours the α whose range fits calibration data most tightly and then clips unseen inputs.
+    """
+    weight_max = np.max([np.abs(w).max(axis=1 - axis) for w, axis in weights], axis=0)
+    static_max = 0.0
+    if search.level is Level.O3 and len(rows) >= 2:
+        fit, rows = rows[: len(rows) // 2], rows[len(rows) // 2:]
+        fit_max = np.abs(fit).max(axis=0)
+        scales = np.ones_like(act_max) if alpha is None else smoothing_scales(fit_max, weight_max, alpha)
+        static_max = static_range(search.calib_method, fit_max / scales, fit / scales)
+    else:
+        scales = np.ones_like(act_max) if alpha is None else smoothing_scales(act_max, weight_max, alpha)
+        static_max = float(np.max(act_max / scales))
+    x_hat = quantize_activation_like(search.level, rows / scales, static_max)
+    error = total = 0.0
+    for weight, in_axis in weights:
+        w = weight if in_axis == 0 else weight.T  # [in, out]
+        reference = rows @ w
+        codes, w_scale = quantize_weight(w * scales[:, None], 0, search.weight_qmax, search.per_channel)
+        error += float(np.sum((x_hat @ (codes * w_scale) - reference) ** 2))
+        total += float(np.sum(reference ** 2))
+    return error / max(total, 1e-30)
