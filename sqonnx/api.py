@@ -26,7 +26,7 @@ from sqonnx.output import check_output_path, save_atomically
 from sqonnx.passes.insert_integer_matmul import InsertIntegerMatMulPass
 from sqonnx.passes.insert_qdq import InsertQDQPass, LayerQuantization
 from sqonnx.passes.smooth import GroupResult, SmoothPass
-from sqonnx.passes.smoothing_groups import find_smoothing_groups
+from sqonnx.passes.smoothing_groups import ValueAbsorber, find_smoothing_groups
 from sqonnx.report import LayerReport, QuantizeReport
 from sqonnx.search import AlphaSearch, static_range
 from sqonnx.target import INT16_MAX, Target, full_range_is_safe, resolve, worst_int16_pair_in_graph
@@ -72,8 +72,11 @@ def _quantize(model_path: Path, output_path: str | Path | None, config: Quantize
     if not quantized:
         raise SqonnxError(f"{model_path.name} has no MatMul/Gemm with a constant float weight to quantize"
                           + (" outside --exclude patterns" if layers else ""))
-    groups = find_smoothing_groups(graph)
+    groups = find_smoothing_groups(graph, _attention_heads(model_path))
     wanted = {str(g.activation.name): g.channels for g in groups if any(ly.name in quantized for ly in g.layers)}
+    for group in groups:  # attention outputs folded into v_proj are checked against v_proj's outputs
+        if isinstance(group.absorber, ValueAbsorber) and str(group.activation.name) in wanted:
+            wanted[str(group.absorber.values.name)] = group.absorber.value_channels
 
     feeds = calibration_feeds(graph, model_path.parent, config.calibration)
     stats = collect_statistics(model, wanted, feeds, feeds.count, progress=progress,
@@ -141,6 +144,15 @@ def _quantize(model_path: Path, output_path: str | Path | None, config: Quantize
         logger.warning("onnxruntime left %d quantized layers unfused (float MatMul after DequantizeLinear): %s",
                        len(report.kernels.unfused), ", ".join(report.kernels.unfused[:5]))
     return report
+
+
+def _attention_heads(model_path: Path) -> int | None:
+    """Query heads from the config.json optimum writes beside the model (grouped-query attention folds)."""
+    try:
+        heads = json.loads((model_path.parent / "config.json").read_text()).get("num_attention_heads")
+    except (OSError, ValueError):
+        return None
+    return heads if isinstance(heads, int) and heads > 0 else None
 
 
 def _memory_mapped(model: ir.Model, workdir: Path) -> ir.Model:

@@ -19,7 +19,7 @@ from sqonnx.passes.fold_into_linear import fold_into_linear
 from sqonnx.passes.fold_into_mul import fold_into_mul
 from sqonnx.passes.fold_into_norm import fold_into_norm
 from sqonnx.passes.insert_smoothing_mul import insert_smoothing_mul
-from sqonnx.passes.smoothing_groups import LinearAbsorber, MulAbsorber, NormAbsorber, SmoothingGroup
+from sqonnx.passes.smoothing_groups import LinearAbsorber, MulAbsorber, NormAbsorber, SmoothingGroup, ValueAbsorber
 from sqonnx.search import AlphaSearch
 from sqonnx.smoothing import along, input_channel_max, smoothing_scales
 
@@ -75,13 +75,26 @@ class SmoothPass(ir.passes.InPlacePass):
             return GroupResult(group, None, "", f"not smoothed: {group.reason}")
         act_max = self.channel_max[str(group.activation.name)]
         weight_max = np.max([input_channel_max(layer.weight, layer.in_axis) for layer in group.layers], axis=0)
+        if isinstance(absorber, ValueAbsorber):
+            problem = _value_fold_problem(absorber, act_max, self.channel_max.get(str(absorber.values.name)))
+            if problem:
+                return GroupResult(group, None, "", f"not smoothed: {problem}")
         alpha: float | None = self.alpha
         if self.alpha_search is not None:
             alpha = self.alpha_search.choose(str(group.activation.name), act_max,
                                              [(layer.weight, layer.in_axis) for layer in group.layers])
             if alpha is None:
                 return GroupResult(group, None, "", "not smoothed: no alpha beats no smoothing (alpha search)")
-        scales = smoothing_scales(act_max, weight_max, alpha)
+        if isinstance(absorber, ValueAbsorber):
+            # Query heads that read one KV head share its s: take maxima over them, per value channel.
+            shared = np.zeros(absorber.value_channels, np.float32)
+            shared_w = np.zeros(absorber.value_channels, np.float32)
+            np.maximum.at(shared, absorber.channel_map, act_max)
+            np.maximum.at(shared_w, absorber.channel_map, weight_max)
+            value_scales = smoothing_scales(shared, shared_w, alpha)
+            scales = value_scales[absorber.channel_map]
+        else:
+            scales = smoothing_scales(act_max, weight_max, alpha)
         _warn_about_dead_channels(group, act_max, weight_max)
         _scale_weight_rows(graph, group, scales)
         if isinstance(absorber, NormAbsorber):
@@ -90,6 +103,9 @@ class SmoothPass(ir.passes.InPlacePass):
         if isinstance(absorber, MulAbsorber):
             fold_into_mul(graph, absorber, scales)
             return GroupResult(group, scales, absorber.node.name or "", "Mul (per-channel weight)", alpha)
+        if isinstance(absorber, ValueAbsorber):
+            fold_into_linear(graph, LinearAbsorber(absorber.layer, absorber.bias_adds), value_scales)
+            return GroupResult(group, scales, absorber.layer.name, f"{absorber.node.op_type} (value channels)", alpha)
         if isinstance(absorber, LinearAbsorber):
             fold_into_linear(graph, absorber, scales)
             return GroupResult(group, scales, absorber.layer.name, f"{absorber.node.op_type} (output columns)", alpha)
@@ -116,6 +132,20 @@ def _scale_weight_rows(graph: ir.Graph, group: SmoothingGroup, scales: np.ndarra
             scaled_in_place.add(id(value))
         else:
             set_constant_input(graph, layer.node, 1, scaled, suffix="_smoothed")
+
+
+def _value_fold_problem(absorber: ValueAbsorber, act_max: np.ndarray, value_max: np.ndarray | None) -> str:
+    """Check the channel map against calibration: attention probabilities are >= 0 and sum to 1, so
+    |output channel c| can never exceed max |value channel map[c]|. A violated bound means the graph is
+    not the attention the map assumes (a head layout we did not expect), and the fold would be wrong."""
+    if value_max is None:
+        return "no calibration statistics for the value projection"
+    bound = value_max[absorber.channel_map] * (1 + 1e-3) + 1e-6
+    violated = int(np.count_nonzero(act_max > bound))
+    if violated:
+        return (f"{violated} channels exceed the value channels they should mix ({absorber.layer.name}); "
+                "the attention layout is not the expected one")
+    return ""
 
 
 def _warn_about_dead_channels(group: SmoothingGroup, act_max: np.ndarray, weight_max: np.ndarray) -> None:

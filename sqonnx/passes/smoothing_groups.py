@@ -7,7 +7,12 @@ computed once. The absorber is the node that produced X and can take 1/s into it
   SimplifiedLayerNormalization, SkipLayerNormalization, SkipSimplifiedLayerNormalization);
 * a Mul by a per-channel constant (RMSNorm as optimum exports it: ...Div -> Mul(weight));
 * a preceding linear layer whose output reaches X only through per-channel-linear ops (Mul by another
-  activation, Add of a constant bias), such as Llama's up_proj -> Mul(SiLU(gate)) -> down_proj.
+  activation, Add of a constant bias), such as Llama's up_proj -> Mul(SiLU(gate)) -> down_proj;
+* v_proj, for the attention output projection (o_proj, BERT's attention output dense): its input is
+  softmax(QK^T) V per head, moved around by Reshape/Transpose (and Unsqueeze/Expand for grouped-query
+  attention, Concat with the key/value cache), so each of its channels is a mix over tokens of one value
+  channel, and 1/s folds into v_proj's output columns. With grouped-query attention several query heads
+  read one KV head, so those channels share one s.
 
 Folding is only exact when every reader of X is in the group; otherwise the group has no absorber and
 the reason says why.
@@ -61,7 +66,29 @@ class LinearAbsorber:
         return self.layer.node
 
 
-Absorber = NormAbsorber | MulAbsorber | LinearAbsorber
+@dataclass(frozen=True)
+class ValueAbsorber:
+    """v_proj behind an attention output; channel_map[c] is the value channel behind input channel c."""
+
+    layer: LinearLayer
+    channel_map: np.ndarray
+    values: ir.Value  # v_proj's output (after its bias): what calibration must also measure
+    bias_adds: tuple[tuple[ir.Node, int], ...] = ()
+    kind: str = "value"
+
+    @property
+    def node(self) -> ir.Node:
+        return self.layer.node
+
+    @property
+    def value_channels(self) -> int:
+        return int(self.layer.weight.shape[1 - self.layer.in_axis])
+
+
+Absorber = NormAbsorber | MulAbsorber | LinearAbsorber | ValueAbsorber
+
+# Ops that only move, copy or repeat channels between v_proj and the attention output.
+MOVING_OPS = ("Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand")
 
 
 @dataclass
@@ -76,8 +103,9 @@ class SmoothingGroup:
         self.channels = self.layers[0].in_channels
 
 
-def find_smoothing_groups(graph: ir.Graph) -> list[SmoothingGroup]:
-    """One group per activation read by linear layers, in graph order."""
+def find_smoothing_groups(graph: ir.Graph, attention_heads: int | None = None) -> list[SmoothingGroup]:
+    """One group per activation read by linear layers, in graph order. `attention_heads` (query heads,
+    from config.json) is needed to fold attention outputs through v_proj under grouped-query attention."""
     by_activation: dict[int, list[LinearLayer]] = {}
     values: dict[int, ir.Value] = {}
     for layer in find_linear_layers(graph):
@@ -88,6 +116,9 @@ def find_smoothing_groups(graph: ir.Graph) -> list[SmoothingGroup]:
     for key, layers in by_activation.items():
         activation = values[key]
         absorber, reason = _find_absorber(activation, layers)
+        if absorber is None and activation.producer() is not None and " also read by " not in reason:
+            value_absorber, why = _find_value_absorber(activation, layers[0].in_channels, attention_heads)
+            absorber, reason = value_absorber, (why or reason) if value_absorber is None else ""
         groups.append(SmoothingGroup(activation, layers, absorber, reason))
     return groups
 
@@ -199,3 +230,66 @@ def _linear_absorber_behind(value: ir.Value, channels: int) -> LinearAbsorber | 
 def _value_uses(value: ir.Value) -> list:
     """Readers of a value's numbers; Shape and Size read only its shape, which scaling keeps."""
     return [use for use in value.uses() if use.node.op_type not in SHAPE_ONLY_OPS or use.node.domain != ""]
+
+
+def _find_value_absorber(activation: ir.Value, channels: int,
+                         attention_heads: int | None) -> tuple[ValueAbsorber | None, str]:
+    """Walk back from an attention output through channel-moving ops and the probabilities x V MatMul
+    to v_proj (see the module docstring). Every intermediate must have no other reader but the key/value
+    cache output, which then carries V/s and round-trips through past_key_values in the same space."""
+    value, crossed_attention, bias_adds = activation, False, []
+    mixed: ir.Value | None = None  # the value channels as attention mixes them (after v_proj's bias)
+    while True:
+        node = value.producer()
+        if node is None:
+            return None, ""
+        if value is not activation:
+            uses = _value_uses(value)
+            if len(uses) != 1 or (value.is_graph_output() and node.op_type != "Concat"):
+                return None, ""
+        layer = as_linear_layer(node)
+        if layer is not None:
+            break
+        inputs = list(node.inputs)
+        if node.domain != "":
+            return None, ""
+        if node.op_type in MOVING_OPS:
+            value = inputs[0]
+        elif node.op_type == "MatMul" and not crossed_attention and len(inputs) == 2 and inputs[1] is value_of(inputs):
+            crossed_attention, value = True, inputs[1]
+        elif node.op_type == "Concat" and crossed_attention:
+            live = [v for v in inputs if v is not None and not v.is_graph_input()]
+            if len(live) != 1:
+                return None, ""
+            value = live[0]
+        elif node.op_type == "Add" and crossed_attention and len(inputs) == 2:
+            const_index = next((i for i in (1, 0) if constant(inputs[i]) is not None), None)
+            if const_index is None:
+                return None, ""
+            bias_adds.append((node, const_index))
+            mixed = mixed or value
+            value = inputs[1 - const_index]
+        else:
+            return None, ""
+        if value is None:
+            return None, ""
+    if not crossed_attention:
+        return None, ""
+    out_channels = int(layer.weight.shape[1 - layer.in_axis])
+    if any(constant(add.inputs[i]).size not in (1, out_channels) for add, i in bias_adds):  # type: ignore[union-attr]
+        return None, ""
+    if channels == out_channels:  # one query head per value head: the layout is kept channel for channel
+        return ValueAbsorber(layer, np.arange(channels), mixed or value, tuple(bias_adds)), ""
+    if channels % out_channels or not attention_heads or channels % attention_heads:
+        return None, (f"its input mixes value heads of {layer.name} (grouped-query attention); the head count "
+                      "from config.json beside the model is needed to fold into it")
+    head_dim, repeats = channels // attention_heads, channels // out_channels
+    index = np.arange(channels)
+    return ValueAbsorber(layer, (index // head_dim // repeats) * head_dim + index % head_dim, mixed or value,
+                         tuple(bias_adds)), ""
+
+
+def value_of(inputs: list[ir.Value | None]) -> ir.Value | None:
+    """The right operand of probabilities x V: the one that is not a constant."""
+    right = inputs[1]
+    return right if right is not None and constant(right) is None else None
