@@ -97,6 +97,36 @@ def quantize(
     typer.echo(report.summary())
 
 
+@app.command()
+def inspect(
+    model: Annotated[Path, typer.Argument(help="FP32 .onnx model")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for index.html, report.json and PNG plots")],
+    alpha: Annotated[str, typer.Option(help="α to show, or 'auto' (searched per layer group)")] = AUTO,
+    level: Annotated[Level, typer.Option(help="Level the sensitivities are measured at")] = Level.O3,
+    calib_data: Annotated[Path | None, typer.Option(help="Calibration text or .npz [default: pydoc topics]")] = None,
+    num_samples: Annotated[int, typer.Option(help="Calibration samples")] = 32,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration sample (text data)")] = 512,
+    top: Annotated[int, typer.Option(help="Plot this many layer groups with the worst outliers")] = 8,
+) -> None:
+    """Show MODEL's activation outliers per layer, before and after smoothing (HTML + PNG report)."""
+    from sqonnx.inspection import inspect_model
+
+    try:
+        config = QuantizeConfig(alpha=_alpha(alpha), level=level, calibration=CalibrationConfig(
+            data=calib_data, num_samples=num_samples, seq_len=seq_len))
+        results = inspect_model(model, out, config, top=top, progress=sys.stderr.isatty())
+    except SqonnxError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
+    worst = max(results, key=lambda r: r.activation_ratio_before)
+    typer.echo(f"{len(results)} layer groups; worst activation outliers: {', '.join(worst.layers)} (max/median "
+               f"{worst.activation_ratio_before:.1f} -> {worst.activation_ratio_after:.1f} after smoothing)")
+    typer.echo(f"report: {out / 'index.html'}")
+
+
 def _alpha(text: str) -> float | str:
     if text == AUTO:
         return AUTO
