@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Quality of sqonnx O3 on the two real models, measured side by side in one run.
+"""Quality of sqonnx's options on the two real models, measured side by side in one run.
 
 SmolLM2-135M: perplexity on held-out pydoc text (16 windows of 512 tokens).
 all-MiniLM-L6-v2: mean cosine of sentence embeddings to FP32 (64 held-out pydoc paragraphs).
-Rows: FP32, O3 without smoothing (--no-smooth), sqonnx O3 alpha 0.5 (defaults).
+Rows: FP32, O3 without smoothing (--no-smooth), sqonnx O3 alpha 0.5 (defaults), --alpha auto, the
+static-range methods, O1; for MiniLM the BERT recipe. Speed, size and memory are ci/bench.py's job.
 Writes ci/results/quality.md and quality.json; `make quality` runs it.
 """
 
@@ -37,7 +38,7 @@ def variants(samples: int, seq_len: int, extra: dict[str, dict] | None = None) -
         "sqonnx O3, alpha 0.5 (defaults)": sqonnx.QuantizeConfig(alpha=0.5, calibration=calibration),
     }
     for name, options in (extra or {}).items():
-        configs[name] = sqonnx.QuantizeConfig(alpha=0.5, calibration=calibration, **options)
+        configs[name] = sqonnx.QuantizeConfig(**{"alpha": 0.5, **options}, calibration=calibration)
     return configs
 
 
@@ -58,7 +59,15 @@ def main() -> None:
     base = perplexity(fp32, windows)
     rows.append({"model": "SmolLM2-135M", "variant": "FP32", "metric": "perplexity", "value": base,
                  "vs_fp32": 1.0, "prefill_speedup": 1.0, "size_mb": fp32.stat().st_size / 1e6})
-    for name, config in variants(args.num_samples, 512).items():
+    smollm2_extra = {
+        "sqonnx O3, --alpha auto": {"alpha": "auto"},
+        "sqonnx O3, --alpha auto --calib-method mse": {"alpha": "auto", "calib_method": sqonnx.CalibMethod.MSE},
+        "sqonnx O3, --alpha auto --calib-method percentile": {"alpha": "auto",
+                                                               "calib_method": sqonnx.CalibMethod.PERCENTILE},
+        "sqonnx O1, alpha 0.5": {"level": sqonnx.Level.O1},
+        "sqonnx O1, --alpha auto": {"level": sqonnx.Level.O1, "alpha": "auto"},
+    }
+    for name, config in variants(args.num_samples, 512, smollm2_extra).items():
         out = fp32.with_name(f"quality-{len(rows)}.onnx")
         start = time.perf_counter()
         sqonnx.quantize(fp32, out, config)
@@ -74,7 +83,9 @@ def main() -> None:
     reference = sentence_embeddings(encoder, texts)
     rows.append({"model": "all-MiniLM-L6-v2", "variant": "FP32", "metric": "cosine to FP32", "value": 1.0,
                  "vs_fp32": 1.0, "size_mb": encoder.stat().st_size / 1e6})
-    recipe = {"sqonnx O3, alpha 0.5, --unabsorbed mul --exclude '*layer.*/output/dense*'": BERT_RECIPE}
+    recipe = {"sqonnx O3, alpha 0.5, --unabsorbed mul --exclude '*layer.*/output/dense*'": BERT_RECIPE,
+              "sqonnx O3, --alpha auto --unabsorbed mul": {"alpha": "auto", "unabsorbed": sqonnx.Unabsorbed.MUL},
+              "sqonnx O1, alpha 0.5": {"level": sqonnx.Level.O1}}
     for name, config in variants(args.num_samples, 128, recipe).items():
         out = encoder.with_name(f"quality-{len(rows)}.onnx")
         sqonnx.quantize(encoder, out, config)
