@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -75,15 +74,24 @@ def quantize_variant(variant: str, model: str, source: Path, output: Path, sampl
     quantize_static(source, output, Reader(), extra_options={"CalibMaxIntermediateOutputs": merge_every})
 
 
+def peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM). Not getrusage: on Linux a child's ru_maxrss starts from its
+    parent's RSS at fork, and this benchmark's parent holds models of its own."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def measure_quantization(variant: str, model: str, source: Path, output: Path, samples: int,
                          seq_len: int) -> dict[str, float]:
-    args = [sys.executable, __file__, "--child", variant, model, str(source), str(output), str(samples), str(seq_len)]
+    peak_file = output.with_suffix(".peak")
+    args = [sys.executable, __file__, "--child", variant, model, str(source), str(output), str(samples), str(seq_len),
+            str(peak_file)]
     start = time.perf_counter()
-    process = subprocess.Popen(args, cwd=Path(__file__).resolve().parent.parent)
-    _, status, usage = os.wait4(process.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
+    if subprocess.run(args, cwd=Path(__file__).resolve().parent.parent).returncode != 0:
         raise SystemExit(f"quantization failed: {variant} on {model}")
-    return {"quantize_s": time.perf_counter() - start, "peak_rss_mb": usage.ru_maxrss / 1024}
+    return {"quantize_s": time.perf_counter() - start, "peak_rss_mb": float(peak_file.read_text())}
 
 
 # ---------------------------------------------------------------- measurements, in this process
@@ -181,8 +189,9 @@ def profile_table(shares: dict[str, dict[str, float]], top: int = 8) -> str:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        variant, model, source, output, samples, seq_len = sys.argv[2:8]
+        variant, model, source, output, samples, seq_len, peak_file = sys.argv[2:9]
         quantize_variant(variant, model, Path(source), Path(output), int(samples), int(seq_len))
+        Path(peak_file).write_text(str(peak_rss_mb()))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-samples", type=int, default=128, help="calibration samples for every quantizer")
