@@ -9,6 +9,7 @@ import json
 import logging
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -16,10 +17,11 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from sqonnx.calibrators import calibration_feeds, collect_statistics
+from sqonnx.calibrators import ActivationStats, calibration_feeds, collect_statistics
 from sqonnx.config import Level, QuantizeConfig
 from sqonnx.errors import SqonnxError
 from sqonnx.graph import find_linear_layers, load_model
+from sqonnx.keep_float import KeepFloatTrial, choose_float_layers, rank_by_sensitivity
 from sqonnx.kernels import KernelCheck, inspect_cpu_kernels
 from sqonnx.optimize import fuse_transformer_ops
 from sqonnx.output import check_output_path, save_atomically
@@ -58,13 +60,17 @@ def _quantize(model_path: Path, output_path: str | Path | None, config: Quantize
     _check_quantizable(model, config)
     input_bytes = _model_bytes(model_path, model)
     external_data = any(isinstance(v.const_value, ir.ExternalTensor) for v in graph.initializers.values())
+    # Every build reads a memory-mapped copy: the optimizer's output, a staged copy with external data
+    # (the input has its weights inline), or the input itself.
     fused: dict[str, int] = {}
     if config.optimize:
-        optimized, fused = fuse_transformer_ops(model_path, workdir)
-        model = ir.load(optimized)  # weights memory-mapped from the optimizer's external data
-        graph = model.graph
+        source, fused = fuse_transformer_ops(model_path, workdir)
     elif not external_data:
-        model = _memory_mapped(model, workdir)
+        source = _stage_with_external_data(model, workdir)
+    else:
+        source = model_path
+    if source != model_path:
+        model = ir.load(source)
         graph = model.graph
 
     layers = find_linear_layers(graph)
@@ -72,7 +78,8 @@ def _quantize(model_path: Path, output_path: str | Path | None, config: Quantize
     if not quantized:
         raise SqonnxError(f"{model_path.name} has no MatMul/Gemm with a constant float weight to quantize"
                           + (" outside --exclude patterns" if layers else ""))
-    groups = find_smoothing_groups(graph, _attention_heads(model_path))
+    heads = _attention_heads(model_path)
+    groups = find_smoothing_groups(graph, heads)
     wanted = {str(g.activation.name): g.channels for g in groups if any(ly.name in quantized for ly in g.layers)}
     for group in groups:  # attention outputs folded into v_proj are checked against v_proj's outputs
         if isinstance(group.absorber, ValueAbsorber) and str(group.activation.name) in wanted:
@@ -81,8 +88,67 @@ def _quantize(model_path: Path, output_path: str | Path | None, config: Quantize
     feeds = calibration_feeds(graph, model_path.parent, config.calibration)
     stats = collect_statistics(model, wanted, feeds, feeds.count, progress=progress,
                                keep_rows=KEPT_ROWS if config.needs_rows else 0)
-    channel_max = stats.channel_max
+    del model, graph, groups  # each build below starts from a fresh, memory-mapped copy
 
+    def build(float_layers: frozenset[str]) -> Built:
+        return _build(ir.load(source), config, stats, quantized - float_layers, heads)
+
+    built = build(frozenset())
+    trials: list[KeepFloatTrial] = []
+    if config.keep_float_budget is not None:
+        ranking = rank_by_sensitivity(ir.load(source), built.layer_reports, stats, config, heads)
+        chosen, trials = choose_float_layers(build, source, feeds, ranking, config.keep_float_budget, workdir)
+        if chosen:
+            built = build(chosen)
+    model, graph, layer_reports, plan = built.model, built.model.graph, built.layer_reports, built.plan
+    worst_pair = worst_int16_pair_in_graph(graph)
+    if worst_pair > INT16_MAX and not full_range_is_safe(config.target):
+        raise AssertionError(f"internal error: weights of a {config.target.value} model can overflow int16")
+    settings = _settings(config, worst_pair)
+    if config.optimize:
+        settings["optimize"] = ", ".join(f"{n} {op}" for op, n in fused.items()) or "nothing fused"
+    if trials:
+        settings["keep_float"] = [asdict(t) for t in trials]
+    model.metadata_props.update(_metadata(settings, feeds.count, len(plan), sum(r.scale_min is not None
+                                                                                for r in layer_reports)))
+    if trials:
+        model.metadata_props["sqonnx.float_layers"] = json.dumps(trials[-1].float_layers)
+    if config.alpha_auto and config.smooth:
+        model.metadata_props["sqonnx.alpha_per_layer"] = json.dumps(
+            {r.name: r.alpha for r in layer_reports if r.quantized and r.alpha is not None}, separators=(",", ":"))
+
+    kernels: list[KernelCheck] = []
+
+    def validate(staged: Path) -> None:
+        if config.verify_fusion:
+            kernels.append(inspect_cpu_kernels(staged))
+
+    written = save_atomically(model, output_path, validate, external_data=external_data)
+    report = QuantizeReport(
+        input_path=str(model_path), output_path=str(output_path), settings=settings,
+        calibration=feeds.description, layers=layer_reports, kernels=kernels[0] if kernels else None,
+        input_bytes=input_bytes, output_bytes=written, seconds=time.perf_counter() - started)
+    if report.kernels is not None and report.kernels.unfused:
+        logger.warning("onnxruntime left %d quantized layers unfused (float MatMul after DequantizeLinear): %s",
+                       len(report.kernels.unfused), ", ".join(report.kernels.unfused[:5]))
+    return report
+
+
+@dataclass
+class Built:
+    """A smoothed and quantized model in memory, before it is saved."""
+
+    model: ir.Model
+    layer_reports: list[LayerReport]
+    plan: list[LayerQuantization]
+
+
+def _build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quantized: set[str],
+           attention_heads: int | None) -> Built:
+    """Smooth and quantize `model` (a fresh copy) with calibration statistics already collected."""
+    graph = model.graph
+    groups = find_smoothing_groups(graph, attention_heads)
+    channel_max = stats.channel_max
     results = {id(g): GroupResult(g, None, "", "not smoothed: --no-smooth") for g in groups}
     if config.smooth:
         search = AlphaSearch(stats.rows, config.alpha_grid, config.level, config.weight_qmax, config.per_channel,
@@ -117,33 +183,7 @@ def _quantize(model_path: Path, output_path: str | Path | None, config: Quantize
         common_passes.RemoveUnusedNodesPass(),
         common_passes.TopologicalSortPass(),
     )(model)
-    worst_pair = worst_int16_pair_in_graph(graph)
-    if worst_pair > INT16_MAX and not full_range_is_safe(config.target):
-        raise AssertionError(f"internal error: weights of a {config.target.value} model can overflow int16")
-    settings = _settings(config, worst_pair)
-    if config.optimize:
-        settings["optimize"] = ", ".join(f"{n} {op}" for op, n in fused.items()) or "nothing fused"
-    model.metadata_props.update(_metadata(settings, feeds.count, len(plan), sum(r.scale_min is not None
-                                                                                for r in layer_reports)))
-    if config.alpha_auto and config.smooth:
-        model.metadata_props["sqonnx.alpha_per_layer"] = json.dumps(
-            {r.name: r.alpha for r in layer_reports if r.quantized and r.alpha is not None}, separators=(",", ":"))
-
-    kernels: list[KernelCheck] = []
-
-    def validate(staged: Path) -> None:
-        if config.verify_fusion:
-            kernels.append(inspect_cpu_kernels(staged))
-
-    written = save_atomically(model, output_path, validate, external_data=external_data)
-    report = QuantizeReport(
-        input_path=str(model_path), output_path=str(output_path), settings=settings,
-        calibration=feeds.description, layers=layer_reports, kernels=kernels[0] if kernels else None,
-        input_bytes=input_bytes, output_bytes=written, seconds=time.perf_counter() - started)
-    if report.kernels is not None and report.kernels.unfused:
-        logger.warning("onnxruntime left %d quantized layers unfused (float MatMul after DequantizeLinear): %s",
-                       len(report.kernels.unfused), ", ".join(report.kernels.unfused[:5]))
-    return report
+    return Built(model, layer_reports, plan)
 
 
 def _attention_heads(model_path: Path) -> int | None:
@@ -155,8 +195,8 @@ def _attention_heads(model_path: Path) -> int | None:
     return heads if isinstance(heads, int) and heads > 0 else None
 
 
-def _memory_mapped(model: ir.Model, workdir: Path) -> ir.Model:
-    """The same model with its weights in a memory-mapped file instead of the heap.
+def _stage_with_external_data(model: ir.Model, workdir: Path) -> Path:
+    """A copy of the model whose weights are read memory-mapped instead of living on the heap.
 
     A model with inline weights is parsed into memory whole; during calibration onnxruntime holds its
     own copy plus activations. Re-reading it from external data lets the weights be paged in only when
@@ -168,7 +208,7 @@ def _memory_mapped(model: ir.Model, workdir: Path) -> ir.Model:
     except OSError as exc:
         raise SqonnxError(f"cannot stage the model in {workdir.parent}: {exc.strerror}; "
                           "free some space or point TMPDIR elsewhere") from None
-    return ir.load(staged)
+    return staged
 
 
 def _check_quantizable(model: ir.Model, config: QuantizeConfig) -> None:

@@ -70,6 +70,9 @@ def quantize(
     num_samples: Annotated[int, typer.Option(help="Calibration samples")] = 128,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration sample (text data)")] = 512,
     report_json: Annotated[Path | None, typer.Option(help="Also write the per-layer report as JSON")] = None,
+    keep_float_budget: Annotated[float | None, typer.Option(
+        help="Leave the fewest most sensitive layers in float until the quality loss on calibration samples "
+             "(perplexity ratio - 1, or 1 - cosine) is at most this, e.g. 0.05")] = None,
     optimize: Annotated[bool, typer.Option(
         "--optimize", help="Fuse norms/Gelu with onnxruntime's transformer optimizer first (needs config.json)")
     ] = False,
@@ -84,7 +87,7 @@ def quantize(
             target=target, per_channel=per_channel, reduce_range=reduce_range,
             exclude=tuple(exclude) if exclude else DEFAULT_EXCLUDE, unabsorbed=unabsorbed,
             calibration=CalibrationConfig(data=calib_data, num_samples=num_samples, seq_len=seq_len),
-            verify_fusion=verify, optimize=optimize)
+            verify_fusion=verify, optimize=optimize, keep_float_budget=keep_float_budget)
         report = quantize_model(model, output, config, progress=sys.stderr.isatty())
         if report_json is not None:
             report_json.write_text(json.dumps(report.to_dict(), indent=2, default=str))

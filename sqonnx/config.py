@@ -92,10 +92,15 @@ class QuantizeConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     verify_fusion: bool = True  # ask onnxruntime which kernels the saved model runs
     optimize: bool = False  # run onnxruntime's transformer optimizer (norm/Gelu fusions) before smoothing
+    # Leave the fewest most sensitive layers in float until the quality loss (perplexity ratio - 1, or
+    # 1 - cosine) on calibration samples is at most this; None: quantize every layer not excluded.
+    keep_float_budget: float | None = None
 
     def __post_init__(self) -> None:
         if self.alpha != AUTO and not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
             raise SqonnxError(f"--alpha must be between 0 and 1 or 'auto', got {self.alpha}; try 0.5")
+        if self.keep_float_budget is not None and self.keep_float_budget < 0:
+            raise SqonnxError(f"--keep-float-budget must be >= 0, got {self.keep_float_budget}; try 0.05")
         low, high = self.alpha_range
         if not 0.0 <= low <= high <= 1.0:
             raise SqonnxError(f"--alpha-range must be LOW,HIGH with 0 <= LOW <= HIGH <= 1, got {low},{high}; "
@@ -122,8 +127,8 @@ class QuantizeConfig:
     @property
     def needs_rows(self) -> bool:
         """Whether calibration must keep activation rows (searches), not only maxima."""
-        return self.smooth and self.alpha_auto or (self.calib_method is not CalibMethod.MINMAX
-                                                   and self.level is Level.O3)
+        return (self.smooth and self.alpha_auto or self.keep_float_budget is not None
+                or (self.calib_method is not CalibMethod.MINMAX and self.level is Level.O3))
 
     @property
     def integer_form(self) -> bool:

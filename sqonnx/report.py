@@ -63,6 +63,8 @@ class QuantizeReport:
             f"{self.settings.get('format')} form, target {self.settings.get('target')}",
             f"  weights: {self.settings.get('weights')}; int16 worst case {self.settings.get('int16_worst_case')}",
             *([f"  --optimize fused: {self.settings['optimize']}"] if "optimize" in self.settings else []),
+            *[f"  keep-float trial: {len(t['float_layers'])} layers in float -> quality loss {t['quality_loss']:.4f}, "
+              f"{t['speedup']:.2f}x FP32 speed" for t in self.settings.get("keep_float", [])],
             f"  quantized {len(quantized)} of {len(self.layers)} linear layers; smoothed {len(smoothed)}"
             + (f" ({', '.join(f'{n} via {k}' for k, n in sorted(kinds.items()))})" if kinds else ""),
             f"  worst outlier ratio (channel max / median) before -> after smoothing: "

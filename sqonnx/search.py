@@ -73,8 +73,9 @@ class AlphaSearch:
 
 
 def group_error(rows: np.ndarray, act_max: np.ndarray, weights: list[tuple[np.ndarray, int]],
-                alpha: float | None, search: AlphaSearch) -> float:
-    """Relative squared error of the group's outputs, INT8 (after smoothing with α) against FP32.
+                alpha: float | None, search: AlphaSearch, relative: bool = True) -> float:
+    """Relative squared error of the group's outputs, INT8 (after smoothing with α) against FP32
+    (`relative=False`: the mean squared error per row, in the output's own units).
 
     At O3, s and the static range are fitted on the first half of the rows (samples come in order) and
     the error is measured on the second half: fitted and scored on the same rows, a range never clips,
@@ -98,4 +99,4 @@ def group_error(rows: np.ndarray, act_max: np.ndarray, weights: list[tuple[np.nd
         codes, w_scale = quantize_weight(w * scales[:, None], 0, search.weight_qmax, search.per_channel)
         error += float(np.sum((x_hat @ (codes * w_scale) - reference) ** 2))
         total += float(np.sum(reference ** 2))
-    return error / max(total, 1e-30)
+    return error / max(total, 1e-30) if relative else error / max(len(rows), 1)

@@ -40,7 +40,10 @@ def test_smollm2_o3_perplexity(tmp_path: Path) -> None:
     report = sqonnx.quantize(fp32, out, config)
     assert report.kernels is not None and report.kernels.integer_total == 210 and not report.kernels.unfused
     kinds = {layer.smoothing for layer in report.smoothed_layers}
-    assert kinds == {"Mul (per-channel weight)", "MatMul (output columns)"}
+    assert kinds == {"Mul (per-channel weight)", "MatMul (output columns)", "MatMul (value channels)"}
+    # every o_proj (30 layers, 9 query heads over 3 KV heads) folds its factor into v_proj
+    o_proj = [layer for layer in report.layers if layer.name.endswith("o_proj/MatMul")]
+    assert len(o_proj) == 30 and all(layer.smoothing == "MatMul (value channels)" for layer in o_proj)
     windows = eval_windows(fp32.parent, 512, 4)
     base = perplexity(fp32, windows)
     quantized = perplexity(out, windows)
