@@ -157,7 +157,7 @@ def profiles(work: Path) -> dict[str, dict[str, float]]:
     fp32 = smollm2.build(with_past=True)
     return {name: kernel_time_by_op(path, 512) for name, path in (
         ("FP32", fp32), ("onnxruntime quantize_static", work / "smollm2-quantize_static.onnx"),
-        ("sqonnx O3", work / "smollm2-O3.onnx"))}
+        ("sqonnx O1", work / "smollm2-O1.onnx"), ("sqonnx O3", work / "smollm2-O3.onnx"))}
 
 
 # ---------------------------------------------------------------- report

@@ -4,7 +4,7 @@
 SmolLM2-135M: perplexity on held-out pydoc text (16 windows of 512 tokens).
 all-MiniLM-L6-v2: mean cosine of sentence embeddings to FP32 (64 held-out pydoc paragraphs).
 Rows: FP32, O3 without smoothing (--no-smooth), sqonnx O3 alpha 0.5 (defaults), --alpha auto, the
-static-range methods, O1; for MiniLM the BERT recipe. Speed, size and memory are ci/bench.py's job.
+static-range methods, --keep-float-budget, O1; for MiniLM the BERT recipe. Speed, size and memory are ci/bench.py's job.
 Writes ci/results/quality.md and quality.json; `make quality` runs it.
 """
 
@@ -64,18 +64,20 @@ def main() -> None:
         "sqonnx O3, --alpha auto --calib-method mse": {"alpha": "auto", "calib_method": sqonnx.CalibMethod.MSE},
         "sqonnx O3, --alpha auto --calib-method percentile": {"alpha": "auto",
                                                                "calib_method": sqonnx.CalibMethod.PERCENTILE},
+        "sqonnx O3, --alpha auto --keep-float-budget 0.05": {"alpha": "auto", "keep_float_budget": 0.05},
         "sqonnx O1, alpha 0.5": {"level": sqonnx.Level.O1},
         "sqonnx O1, --alpha auto": {"level": sqonnx.Level.O1, "alpha": "auto"},
     }
     for name, config in variants(args.num_samples, 512, smollm2_extra).items():
         out = fp32.with_name(f"quality-{len(rows)}.onnx")
         start = time.perf_counter()
-        sqonnx.quantize(fp32, out, config)
+        report = sqonnx.quantize(fp32, out, config)
         seconds = time.perf_counter() - start
         value = perplexity(out, windows)
         rows.append({"model": "SmolLM2-135M", "variant": name, "metric": "perplexity", "value": value,
                      "vs_fp32": value / base, "prefill_speedup": prefill_speedup(fp32, out),
-                     "size_mb": out.stat().st_size / 1e6, "quantize_s": seconds})
+                     "size_mb": out.stat().st_size / 1e6, "quantize_s": seconds,
+                     **({"keep_float": report.settings["keep_float"]} if "keep_float" in report.settings else {})})
         print(rows[-1], flush=True)
 
     encoder = minilm.build()
