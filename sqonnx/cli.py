@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -80,7 +82,7 @@ def quantize(
                                          help="Ask onnxruntime which CPU kernels the output runs")] = True,
 ) -> None:
     """Quantize MODEL to INT8 with SmoothQuant."""
-    try:
+    with _user_errors("interrupted: no output written"):
         config = QuantizeConfig(
             alpha=_alpha(alpha), alpha_range=_alpha_range(alpha_range), calib_method=calib_method, smooth=smooth,
             level=_level(level, static, dynamic, per_token), format=format,
@@ -91,12 +93,6 @@ def quantize(
         report = quantize_model(model, output, config, progress=sys.stderr.isatty())
         if report_json is not None:
             report_json.write_text(json.dumps(report.to_dict(), indent=2, default=str))
-    except SqonnxError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        typer.echo("interrupted: no output written", err=True)
-        raise typer.Exit(130) from None
     typer.echo(report.summary())
 
 
@@ -114,20 +110,27 @@ def inspect(
     """Show MODEL's activation outliers per layer, before and after smoothing (HTML + PNG report)."""
     from sqonnx.inspection import inspect_model
 
-    try:
+    with _user_errors("interrupted"):
         config = QuantizeConfig(alpha=_alpha(alpha), level=level, calibration=CalibrationConfig(
             data=calib_data, num_samples=num_samples, seq_len=seq_len))
         results = inspect_model(model, out, config, top=top, progress=sys.stderr.isatty())
-    except SqonnxError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        raise typer.Exit(130) from None
     worst = max(results, key=lambda r: r.activation_ratio_before)
     typer.echo(f"{len(results)} layer groups; worst activation outliers: {', '.join(worst.layers)} (max/median "
                f"{worst.activation_ratio_before:.1f} -> {worst.activation_ratio_after:.1f} after smoothing)")
     typer.echo(f"report: {out / 'index.html'}")
+
+
+@contextmanager
+def _user_errors(interrupted: str) -> Iterator[None]:
+    """A user mistake is one line on stderr and exit 2, never a traceback; Ctrl-C exits 130."""
+    try:
+        yield
+    except SqonnxError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo(interrupted, err=True)
+        raise typer.Exit(130) from None
 
 
 def _alpha(text: str) -> float | str:

@@ -103,13 +103,16 @@ def _bad_cases(tmp: Path, block: Path, feeds: Path) -> dict[str, tuple[list[str 
                                "--static contradicts --dynamic"),
         "level contradicts flag": ([block, "-o", out, "--level", "O1", "--static", "--calib-data", feeds],
                                    "--level O1 contradicts the O3 implied by --static"),
+        "negative keep-float budget": ([block, "-o", out, "--keep-float-budget", "-1", "--calib-data", feeds],
+                                       "--keep-float-budget must be >= 0"),
     }
 
 
 CASES = ["missing external data", "not onnx", "truncated onnx", "old opset", "missing model",
          "nothing to quantize", "everything excluded", "npz names", "npz shape", "npz dtype", "missing data",
          "no tokenizer", "alpha", "output is input", "no such folder", "unwritable",
-         "full range on a portable target", "static and dynamic", "level contradicts flag"]
+         "full range on a portable target", "static and dynamic", "level contradicts flag",
+         "negative keep-float budget"]
 
 
 @pytest.mark.parametrize("case", CASES)
