@@ -29,9 +29,10 @@ def package_dir(package: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def export_into(target: Path, model: object, tokenizer: object, task: str) -> Path:
-    """Export a transformers model with optimum into `target` (with its tokenizer), all or nothing:
-    a half-written export never looks like a cached model."""
+def export_into(target: Path, model: object, tokenizer: object | None, task: str) -> Path:
+    """Export a transformers model with optimum into `target` (with its tokenizer, if any), all or nothing:
+    a half-written export never looks like a cached model. Models built from a bare config (tests/zoo.py)
+    have no tokenizer; their feeds are random token ids."""
     import shutil
     import tempfile
 
@@ -40,7 +41,8 @@ def export_into(target: Path, model: object, tokenizer: object, task: str) -> Pa
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         onnx_export_from_model(model, staging, task=task, do_validation=False)
-        tokenizer.save_pretrained(staging)  # type: ignore[attr-defined]
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)  # type: ignore[attr-defined]
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)

@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from sqonnx.calibrators import ActivationStats, calibration_feeds, collect_statistics
+from sqonnx.calibrators import ActivationStats, calibration_feeds
 from sqonnx.config import Level, QuantizeConfig
 from sqonnx.errors import SqonnxError
 from sqonnx.graph import find_linear_layers, load_model
@@ -27,8 +27,9 @@ from sqonnx.optimize import fuse_transformer_ops
 from sqonnx.output import check_output_path, save_atomically
 from sqonnx.passes.insert_integer_matmul import InsertIntegerMatMulPass
 from sqonnx.passes.insert_qdq import InsertQDQPass, LayerQuantization
-from sqonnx.passes.smooth import GroupResult, SmoothPass
-from sqonnx.passes.smoothing_groups import ValueAbsorber, find_smoothing_groups
+from sqonnx.passes.prepare import load_prepared, prepare
+from sqonnx.passes.smooth import GroupResult, SmoothPass, smoothing_statistics
+from sqonnx.passes.smoothing_groups import find_smoothing_groups
 from sqonnx.report import LayerReport, QuantizeReport
 from sqonnx.search import AlphaSearch, static_range
 from sqonnx.target import INT16_MAX, Target, full_range_is_safe, resolve, worst_int16_pair_in_graph
@@ -69,34 +70,25 @@ def _quantize(model_path: Path, output_path: str | Path | None, config: Quantize
         source = _stage_with_external_data(model, workdir)
     else:
         source = model_path
-    if source != model_path:
-        model = ir.load(source)
-        graph = model.graph
+    model = load_prepared(source) if source != model_path else prepare(model)
+    graph = model.graph
 
     layers = find_linear_layers(graph)
     quantized = {layer.name for layer in layers if not config.is_excluded(layer.name)}
     if not quantized:
         raise SqonnxError(f"{model_path.name} has no MatMul/Gemm with a constant float weight to quantize"
                           + (" outside --exclude patterns" if layers else ""))
-    heads = _attention_heads(model_path)
-    groups = find_smoothing_groups(graph, heads)
-    wanted = {str(g.activation.name): g.channels for g in groups if any(ly.name in quantized for ly in g.layers)}
-    for group in groups:  # attention outputs folded into v_proj are checked against v_proj's outputs
-        if isinstance(group.absorber, ValueAbsorber) and str(group.activation.name) in wanted:
-            wanted[str(group.absorber.values.name)] = group.absorber.value_channels
-
     feeds = calibration_feeds(graph, model_path.parent, config.calibration)
-    stats = collect_statistics(model, wanted, feeds, feeds.count, progress=progress,
-                               keep_rows=KEPT_ROWS if config.needs_rows else 0)
-    del model, graph, groups  # each build below starts from a fresh, memory-mapped copy
+    stats = smoothing_statistics(model, feeds, feeds.count, quantized, KEPT_ROWS if config.needs_rows else 0, progress)
+    del model, graph  # each build below starts from a fresh, memory-mapped copy
 
     def build(float_layers: frozenset[str]) -> Built:
-        return _build(ir.load(source), config, stats, quantized - float_layers, heads)
+        return _build(load_prepared(source), config, stats, quantized - float_layers)
 
     built = build(frozenset())
     trials: list[KeepFloatTrial] = []
     if config.keep_float_budget is not None:
-        ranking = rank_by_sensitivity(ir.load(source), built.layer_reports, stats, config, heads)
+        ranking = rank_by_sensitivity(load_prepared(source), built.layer_reports, stats, config)
         chosen, trials = choose_float_layers(build, source, feeds, ranking, config.keep_float_budget, workdir)
         if chosen:
             built = build(chosen)
@@ -143,25 +135,24 @@ class Built:
     plan: list[LayerQuantization]
 
 
-def _build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quantized: set[str],
-           attention_heads: int | None) -> Built:
-    """Smooth and quantize `model` (a fresh copy) with calibration statistics already collected."""
+def _build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quantized: set[str]) -> Built:
+    """Smooth and quantize `model` (a fresh, prepared copy) with calibration statistics already collected."""
     graph = model.graph
-    groups = find_smoothing_groups(graph, attention_heads)
     channel_max = stats.channel_max
-    results = {id(g): GroupResult(g, None, "", "not smoothed: --no-smooth") for g in groups}
     if config.smooth:
         search = AlphaSearch(stats.rows, config.alpha_grid, config.level, config.weight_qmax, config.per_channel,
                              config.calib_method) if config.alpha_auto else None
         alpha = 0.0 if config.alpha_auto else float(config.alpha)
-        smooth = SmoothPass(groups, channel_max, alpha, config.unabsorbed, quantized, search)
+        smooth = SmoothPass(stats, quantized, alpha, config.unabsorbed, search)
         smooth(model)
-        results = {id(r.group): r for r in smooth.results}
+        results = smooth.results
+    else:
+        results = [GroupResult(g, None, "", "not smoothed: --no-smooth") for g in find_smoothing_groups(graph)]
 
     plan: list[LayerQuantization] = []
     layer_reports: list[LayerReport] = []
-    for group in groups:
-        result = results[id(group)]
+    for result in results:
+        group = result.group
         act_max = channel_max.get(str(group.activation.name))
         rows = stats.rows.get(str(group.activation.name))
         static_max = 0.0
@@ -184,15 +175,6 @@ def _build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quan
         common_passes.TopologicalSortPass(),
     )(model)
     return Built(model, layer_reports, plan)
-
-
-def _attention_heads(model_path: Path) -> int | None:
-    """Query heads from the config.json optimum writes beside the model (grouped-query attention folds)."""
-    try:
-        heads = json.loads((model_path.parent / "config.json").read_text()).get("num_attention_heads")
-    except (OSError, ValueError):
-        return None
-    return heads if isinstance(heads, int) and heads > 0 else None
 
 
 def _stage_with_external_data(model: ir.Model, workdir: Path) -> Path:

@@ -21,7 +21,7 @@ from sqonnx.calibrators import calibration_feeds, collect_statistics
 from sqonnx.config import QuantizeConfig
 from sqonnx.errors import SqonnxError
 from sqonnx.graph import load_model
-from sqonnx.passes.smoothing_groups import SmoothingGroup, ValueAbsorber, find_smoothing_groups
+from sqonnx.passes.smoothing_groups import SmoothingGroup, find_smoothing_groups
 from sqonnx.search import AlphaSearch, group_error
 from sqonnx.smoothing import input_channel_max, smoothing_scales
 
@@ -60,9 +60,7 @@ def inspect_model(model_path: Path, out_dir: Path, config: QuantizeConfig, top: 
     model = load_model(model_path)
     if out_dir.exists() and not out_dir.is_dir():
         raise SqonnxError(f"--out {out_dir} is a file; give a folder for the report")
-    from sqonnx.api import _attention_heads  # the same head count quantize uses
-
-    groups = [g for g in find_smoothing_groups(model.graph, _attention_heads(model_path))
+    groups = [g for g in find_smoothing_groups(model.graph)
               if not any(config.is_excluded(layer.name) for layer in g.layers)]
     if not groups:
         raise SqonnxError(f"{model_path.name} has no MatMul/Gemm with a constant float weight to inspect")
@@ -102,10 +100,8 @@ def _inspect_group(group: SmoothingGroup, act_max: np.ndarray, rows: np.ndarray,
     absorber = group.absorber
     if absorber is None:
         where = f"nothing can absorb 1/s: {group.reason}"
-    elif isinstance(absorber, ValueAbsorber):
-        where = f"{absorber.layer.name} (value channels)"
     else:
-        where = f"{absorber.node.name} ({absorber.node.op_type})"
+        where = f"{absorber.node.name} ({absorber.describe()})"
     return GroupInspection(
         activation=str(group.activation.name), layers=[layer.name for layer in group.layers], absorber=where,
         alpha=alpha, activation_ratio_before=ratio(act_max), activation_ratio_after=ratio(act_max / scales),

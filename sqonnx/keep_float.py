@@ -44,12 +44,12 @@ class KeepFloatTrial:
 
 
 def rank_by_sensitivity(model: ir.Model, layer_reports: list[LayerReport], stats: ActivationStats,
-                        config: QuantizeConfig, attention_heads: int | None) -> list[str]:
+                        config: QuantizeConfig) -> list[str]:
     """Quantized layers, most sensitive first. `model` is a fresh (unsmoothed) copy."""
     alphas = {r.name: r.alpha for r in layer_reports if r.quantized}
     search = AlphaSearch(stats.rows, (), config.level, config.weight_qmax, config.per_channel, config.calib_method)
     scores: dict[str, float] = {}
-    for group in find_smoothing_groups(model.graph, attention_heads):
+    for group in find_smoothing_groups(model.graph):
         name = str(group.activation.name)
         rows, act_max = stats.rows.get(name), stats.channel_max.get(name)
         for layer in group.layers:

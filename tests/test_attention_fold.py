@@ -4,7 +4,6 @@ exports Llama and BERT."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +14,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 import sqonnx
 from sqonnx import CalibrationConfig, QuantizeConfig
-from sqonnx.calibrators import collect_channel_max
 from sqonnx.config import Unabsorbed
 from sqonnx.graph import find_linear_layers
-from sqonnx.passes.smooth import SmoothPass
-from sqonnx.passes.smoothing_groups import ValueAbsorber, find_smoothing_groups
+from sqonnx.passes.absorbers import ValueAbsorber
+from sqonnx.passes.smooth import SmoothPass, smoothing_statistics
+from sqonnx.passes.smoothing_groups import find_smoothing_groups
 from tests.synthetic import run
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, SEQ = 32, 4, 2, 8, 12
@@ -96,32 +95,32 @@ def inputs(samples: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((samples, 1, SEQ, HIDDEN)).astype(np.float32)
 
 
-def o_proj_group(path: Path, heads: int | None):  # noqa: ANN201
+def o_proj_group(path: Path):  # noqa: ANN201
     model = ir.load(path)
-    groups = find_smoothing_groups(model.graph, heads)
+    groups = find_smoothing_groups(model.graph)
     return model, groups, next(g for g in groups if g.layers[0].name == "/attn/o_proj/MatMul")
 
 
-def test_finds_v_proj_and_the_gqa_channel_map(tmp_path: Path) -> None:
+def test_finds_v_proj_and_measures_the_gqa_channel_map(tmp_path: Path) -> None:
+    """The walk finds v_proj; the labelled replay during calibration gives the grouped-query map without
+    any head count (no config.json here)."""
     path = build_attention(tmp_path / "m.onnx")
-    _, _, group = o_proj_group(path, HEADS)
+    model, _, group = o_proj_group(path)
     assert isinstance(group.absorber, ValueAbsorber)
-    assert group.absorber.layer.name == "/attn/v_proj/MatMul"
-    np.testing.assert_array_equal(group.absorber.channel_map, expected_channel_map())
-    assert str(group.absorber.values.name) == "v"  # after the bias: what attention mixes
-    _, _, unknown = o_proj_group(path, None)
-    assert unknown.absorber is None and "config.json" in unknown.reason
+    assert group.absorber.layer_name == "/attn/v_proj/MatMul"
+    assert str(group.absorber.path.values.name) == "v"  # after the bias: what attention mixes
+    stats = smoothing_statistics(model, ({"x": s} for s in inputs(2, 1)), 2)
+    np.testing.assert_array_equal(stats.maps[str(group.activation.name)], expected_channel_map())
 
 
-def smooth(path: Path, out: Path, heads: int) -> SmoothPass:
-    model, groups, _ = o_proj_group(path, heads)
-    wanted = {str(g.activation.name): g.channels for g in groups}
-    for g in groups:
-        if isinstance(g.absorber, ValueAbsorber):
-            wanted[str(g.absorber.values.name)] = g.absorber.value_channels
-    stats = collect_channel_max(model, wanted, ({"x": s} for s in inputs(4, 1)), 4, progress=False)
+def smooth(path: Path, out: Path, wrong_map: bool = False) -> SmoothPass:
+    model, _, group = o_proj_group(path)
+    stats = smoothing_statistics(model, ({"x": s} for s in inputs(4, 1)), 4)
+    if wrong_map:  # as if 2 heads were assumed: pairs output channels with the wrong value channels
+        index = np.arange(HIDDEN)
+        stats.maps[str(group.activation.name)] = (index // (HIDDEN // 2) // 2) * HEAD_DIM + index % HEAD_DIM
     layers = {layer.name for layer in find_linear_layers(model.graph)}
-    result = SmoothPass(groups, stats, 0.5, Unabsorbed.SKIP, layers)
+    result = SmoothPass(stats, layers, 0.5, Unabsorbed.SKIP)
     result(model)
     ir.save(model, out)
     return result
@@ -129,9 +128,9 @@ def smooth(path: Path, out: Path, heads: int) -> SmoothPass:
 
 def test_fold_is_exact_and_shares_s_across_query_heads(tmp_path: Path) -> None:
     path = build_attention(tmp_path / "m.onnx")
-    result = smooth(path, tmp_path / "s.onnx", HEADS)
+    result = smooth(path, tmp_path / "s.onnx")
     o_proj = next(r for r in result.results if r.group.layers[0].name == "/attn/o_proj/MatMul")
-    assert o_proj.method == "MatMul (value channels)" and o_proj.scales is not None
+    assert o_proj.method == "MatMul (value columns)" and o_proj.scales is not None
     channel_map = expected_channel_map()
     for value_channel in range(KV_HEADS * HEAD_DIM):  # query heads of one KV head share its s
         assert len(set(o_proj.scales[channel_map == value_channel].tolist())) == 1
@@ -140,31 +139,27 @@ def test_fold_is_exact_and_shares_s_across_query_heads(tmp_path: Path) -> None:
     np.testing.assert_allclose(run(tmp_path / "s.onnx", x), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
-def test_wrong_head_count_is_caught_by_calibration(tmp_path: Path) -> None:
-    """With 2 heads assumed, the map pairs output channels with the wrong value channels; the bound
-    |attention output| <= max |mixed value channel| fails on calibration data and nothing is folded."""
+def test_wrong_channel_map_is_caught_by_calibration(tmp_path: Path) -> None:
+    """A wrong map breaks the bound |attention output| <= max |mixed value channel| on calibration data,
+    and nothing is folded."""
     path = build_attention(tmp_path / "m.onnx")
-    result = smooth(path, tmp_path / "s.onnx", 2)
+    result = smooth(path, tmp_path / "s.onnx", wrong_map=True)
     o_proj = next(r for r in result.results if r.group.layers[0].name == "/attn/o_proj/MatMul")
     assert o_proj.scales is None and "exceed the value channels" in o_proj.method
 
 
-@pytest.mark.parametrize("heads", [HEADS, None])
-def test_quantized_o_proj_end_to_end(tmp_path: Path, heads: int | None) -> None:
-    folder = tmp_path / "m"
-    folder.mkdir()
-    path = build_attention(folder / "model.onnx")
-    if heads:
-        (folder / "config.json").write_text(json.dumps({"num_attention_heads": heads}))
+@pytest.mark.parametrize("smooth_it", [True, False])
+def test_quantized_o_proj_end_to_end(tmp_path: Path, smooth_it: bool) -> None:
+    path = build_attention(tmp_path / "model.onnx")
     np.savez(tmp_path / "f.npz", x=inputs(8, 1))
     report = sqonnx.quantize(path, tmp_path / "q.onnx", QuantizeConfig(
-        calibration=CalibrationConfig(data=tmp_path / "f.npz", num_samples=8)))
+        smooth=smooth_it, calibration=CalibrationConfig(data=tmp_path / "f.npz", num_samples=8)))
     o_proj = next(layer for layer in report.layers if layer.name == "/attn/o_proj/MatMul")
     x = inputs(4, seed=9)
     expected = run(path, x)
     error = float(np.linalg.norm(run(tmp_path / "q.onnx", x) - expected) / np.linalg.norm(expected))
-    if heads:
-        assert o_proj.smoothing == "MatMul (value channels)" and o_proj.folded_into == "/attn/v_proj/MatMul"
+    if smooth_it:
+        assert o_proj.smoothing == "MatMul (value columns)" and o_proj.folded_into == "/attn/v_proj/MatMul"
         assert o_proj.outlier_ratio_after < o_proj.outlier_ratio_before / 3
         assert error < 0.05, error
     else:

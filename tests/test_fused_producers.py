@@ -11,10 +11,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from sqonnx.calibrators import collect_channel_max
 from sqonnx.config import Unabsorbed
 from sqonnx.graph import find_linear_layers
-from sqonnx.passes.smooth import SmoothPass
+from sqonnx.passes.smooth import SmoothPass, smoothing_statistics
 from sqonnx.passes.smoothing_groups import find_smoothing_groups
 
 C, N = 16, 24
@@ -72,8 +71,8 @@ def test_fold_into_fused_norm(tmp_path: Path, norm: str, linear: str) -> None:
     model = ir.load(path)
     groups = find_smoothing_groups(model.graph)
     assert len(groups) == 1 and groups[0].absorber is not None, groups[0].reason
-    stats = collect_channel_max(model, {"h": C}, iter(feeds), len(feeds), progress=False)
-    smooth = SmoothPass(groups, stats, 0.5, Unabsorbed.SKIP, {layer.name for layer in find_linear_layers(model.graph)})
+    stats = smoothing_statistics(model, iter(feeds), len(feeds))
+    smooth = SmoothPass(stats, {layer.name for layer in find_linear_layers(model.graph)}, 0.5, Unabsorbed.SKIP)
     assert smooth(model).modified
     assert smooth.results[0].method == norm
     ir.save(model, tmp_path / "s.onnx")

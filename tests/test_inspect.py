@@ -18,7 +18,7 @@ def test_inspect_report(tmp_path: Path, block: Path, feeds: Path) -> None:
     groups = {tuple(g["layers"]): g for g in json.loads((out / "report.json").read_text())}
     qkv = groups[("/attn/q_proj/MatMul", "/attn/k_proj/MatMul", "/attn/v_proj/MatMul")]
     assert qkv["activation_ratio_before"] > 50 and qkv["activation_ratio_after"] < qkv["activation_ratio_before"] / 10
-    assert qkv["alpha"] is not None and qkv["absorber"].endswith("(Mul)")
+    assert qkv["alpha"] is not None and qkv["absorber"].endswith("(Mul (per-channel weight))")
     for layer in qkv["layers"]:  # smoothing makes each layer less sensitive to quantization
         assert qkv["sensitivity"][layer] < qkv["sensitivity_unsmoothed"][layer] / 5
     o_proj = groups[("/attn/o_proj/MatMul",)]

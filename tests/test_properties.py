@@ -14,11 +14,9 @@ from hypothesis import strategies as st
 from onnx import numpy_helper
 
 import sqonnx
-from sqonnx.calibrators import collect_channel_max
 from sqonnx.config import Unabsorbed
 from sqonnx.graph import find_linear_layers
-from sqonnx.passes.smooth import SmoothPass
-from sqonnx.passes.smoothing_groups import find_smoothing_groups
+from sqonnx.passes.smooth import SmoothPass, smoothing_statistics
 from tests.synthetic import build_block, run, save_feeds
 
 
@@ -60,11 +58,9 @@ def test_fold_is_exact(case: dict) -> None:
         path = build_block(Path(tmp) / "m.onnx", bias=case["bias"], shared_weight=case["shared"], seed=case["seed"])
         x = _inputs(case["seed"], 3, case["outliers"], case["magnitude"])
         model = ir.load(path)
-        groups = find_smoothing_groups(model.graph)
-        stats = collect_channel_max(model, {str(g.activation.name): g.channels for g in groups},
-                                    ({"x": s} for s in x), len(x), progress=False)
-        SmoothPass(groups, stats, case["alpha"], Unabsorbed.MUL,
-                   {layer.name for layer in find_linear_layers(model.graph)})(model)
+        stats = smoothing_statistics(model, ({"x": s} for s in x), len(x))
+        layers = {layer.name for layer in find_linear_layers(model.graph)}
+        SmoothPass(stats, layers, case["alpha"], Unabsorbed.MUL)(model)
         ir.save(model, Path(tmp) / "s.onnx")
         # The fold's constants were computed in float32; evaluated in float64 the smoothed graph must
         # still equal the original up to float32 rounding of those constants, whatever the outliers.

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from sqonnx.passes.smoothing_groups import LinearAbsorber, MulAbsorber, NormAbsorber, find_smoothing_groups
+from sqonnx.passes.absorbers import LinearAbsorber, MulAbsorber, NormAbsorber
+from sqonnx.passes.smoothing_groups import find_smoothing_groups
 from tests.synthetic import build_block
 
 
@@ -19,7 +20,8 @@ def test_groups_and_absorbers(block: Path) -> None:
     assert isinstance(norm, NormAbsorber) and norm.bias_index == 2
     down = groups["down_proj"].absorber
     assert isinstance(down, LinearAbsorber)
-    assert down.layer.name == "/mlp/up_proj/MatMul" and [n.name for n, _ in down.bias_adds] == ["/mlp/up_proj/Add"]
+    assert down.layer_name == "/mlp/up_proj/MatMul"
+    assert [n.name for n, _ in down.path.channel_adds] == ["/mlp/up_proj/Add"]
     assert groups["o_proj"].absorber is None and "Add" in groups["o_proj"].reason
 
 

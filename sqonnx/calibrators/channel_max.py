@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +18,10 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+from sqonnx.calibrators.probes import Probe, add_probe, read_map
 from sqonnx.errors import SqonnxError
 from sqonnx.graph import add_initializer
+from sqonnx.pause import pause_point
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,7 @@ class ActivationStats:
 
     channel_max: dict[str, np.ndarray]
     rows: dict[str, np.ndarray] = field(default_factory=dict)
+    maps: dict[str, np.ndarray] = field(default_factory=dict)  # probe name -> column per channel (see probes)
 
 
 def collect_channel_max(model: ir.Model, activations: dict[str, int], feeds: Iterable[dict[str, np.ndarray]],
@@ -43,9 +46,11 @@ def collect_channel_max(model: ir.Model, activations: dict[str, int], feeds: Ite
 
 
 def collect_statistics(model: ir.Model, activations: dict[str, int], feeds: Iterable[dict[str, np.ndarray]],
-                       total: int, progress: bool = True, keep_rows: int = 0) -> ActivationStats:
+                       total: int, progress: bool = True, keep_rows: int = 0,
+                       probes: Sequence[Probe] = ()) -> ActivationStats:
     """Channel maxima over all samples, plus `keep_rows` rows per activation taken evenly from the
-    first ROW_SAMPLES samples (memory: keep_rows x channels x 2 bytes per activation)."""
+    first ROW_SAMPLES samples (memory: keep_rows x channels x 2 bytes per activation), plus the channel
+    map of each probe, read on the first sample."""
     graph = model.graph
     # ReduceMax takes its axes as an input from opset 18 on, as an attribute before.
     axes_as_input = graph.opset_imports.get("", 0) >= 18
@@ -53,19 +58,17 @@ def collect_statistics(model: ir.Model, activations: dict[str, int], feeds: Iter
     values.update({str(v.name): v for v in graph.inputs})
     added_nodes: list[ir.Node] = []
     added_outputs: list[ir.Value] = []
-    added_initializers: list[str] = []
+    initializers_before = set(graph.initializers)
     output_names: dict[str, str] = {}
     for index, (name, channels) in enumerate(activations.items()):
         value = values[name]
         shape = add_initializer(graph, f"sqonnx_calib_shape_{index}", np.array([-1, channels], np.int64))
-        added_initializers.append(str(shape.name))
         absolute = ir.Node("", "Abs", [value], name=f"sqonnx_calib_abs_{index}")
         flat = ir.Node("", "Reshape", [absolute.outputs[0], shape], name=f"sqonnx_calib_reshape_{index}")
         attributes: dict[str, ir.Attr] = {"keepdims": ir.AttrInt64("keepdims", 0)}
         reduce_inputs = [flat.outputs[0]]
         if axes_as_input:
             axes = add_initializer(graph, f"sqonnx_calib_axes_{index}", np.array([0], np.int64))
-            added_initializers.append(str(axes.name))
             reduce_inputs.append(axes)
         else:
             attributes["axes"] = ir.AttrInt64s("axes", [0])
@@ -79,6 +82,13 @@ def collect_statistics(model: ir.Model, activations: dict[str, int], feeds: Iter
         added_nodes += [absolute, flat, reduce]
         added_outputs.append(out)
         output_names[name] = str(out.name)
+    probe_outputs: dict[str, list[str]] = {}
+    for index, probe in enumerate(probes):
+        nodes, outputs = add_probe(graph, probe, index, axes_as_input)
+        added_nodes += nodes
+        graph.outputs.extend(outputs)
+        added_outputs += outputs
+        probe_outputs[probe.name] = [str(v.name) for v in outputs]
     row_outputs: list[ir.Value] = []
     if keep_rows:
         for name in activations:
@@ -94,18 +104,27 @@ def collect_statistics(model: ir.Model, activations: dict[str, int], feeds: Iter
                 raise SqonnxError(f"cannot write the calibration copy of the model in {tmp}: {exc.strerror}; "
                                   "free some space or point TMPDIR elsewhere") from None
             session = _session(path)
-            return _run(session, output_names, feeds, total, progress, keep_rows)
+            stats, probed = _run(session, output_names, feeds, total, progress, keep_rows, probe_outputs)
     finally:
         for out in row_outputs + added_outputs:
             graph.outputs.remove(out)
         graph.remove(added_nodes, safe=True)
-        for name in added_initializers:
+        for name in [name for name in graph.initializers if name not in initializers_before]:
             graph.initializers.pop(name)
+    for probe in probes:
+        found = read_map(probe, *probed[probe.name]) if probe.name in probed else None
+        if found is None:
+            logger.info("no clean channel map for %s", probe.name)
+        else:
+            stats.maps[probe.name] = found
+    return stats
 
 
 def _session(path: Path) -> ort.InferenceSession:
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    # Fatal only: a sample that does not fit the model is reported as one error line (below), not also as
+    # onnxruntime's own log line on stderr.
+    options.log_severity_level = 4
     # Pre-packed copies of the weights cost memory (~200 MB on SmolLM2) and calibration is not latency-bound.
     options.add_session_config_entry("session.disable_prepacking", "1")
     try:
@@ -115,9 +134,13 @@ def _session(path: Path) -> ort.InferenceSession:
 
 
 def _run(session: ort.InferenceSession, output_names: dict[str, str], feeds: Iterable[dict[str, np.ndarray]],
-         total: int, progress: bool, keep_rows: int = 0) -> ActivationStats:
+         total: int, progress: bool, keep_rows: int = 0, probe_outputs: dict[str, list[str]] | None = None,
+         ) -> tuple[ActivationStats, dict[str, list[np.ndarray]]]:
     names = list(output_names)
     fetch = [output_names[n] for n in names]
+    probe_outputs = probe_outputs or {}
+    probe_fetch = [name for outputs in probe_outputs.values() for name in outputs]
+    probed: dict[str, list[np.ndarray]] = {}
     maxima: dict[str, np.ndarray] = {}
     rows: dict[str, list[np.ndarray]] = {name: [] for name in names} if keep_rows else {}
     row_samples = min(ROW_SAMPLES, total)
@@ -129,11 +152,18 @@ def _run(session: ort.InferenceSession, output_names: dict[str, str], feeds: Ite
         for sample, feed in enumerate(feeds):
             keep = sample < row_samples and per_sample > 0
             from_graph = [name for name in names if name not in feed] if keep else []
+            # Probes read the first sample only: later ones may be decode-shaped (a non-empty cache
+            # joins the labels with unlabelled past tokens).
+            extra = probe_fetch if sample == 0 else []
             try:
-                results = session.run(fetch + from_graph, feed)
+                results = session.run(fetch + from_graph + extra, feed)
             except Exception as exc:
                 raise SqonnxError(f"calibration sample {sample} does not fit the model: "
                                   f"{str(exc).splitlines()[0]}") from None
+            if extra:
+                values = iter(results[len(results) - len(extra):])
+                probed = {name: [next(values) for _ in outputs] for name, outputs in probe_outputs.items()}
+                results = results[:len(results) - len(extra)]
             if keep:
                 fetched = dict(zip(from_graph, results[len(names):], strict=True))
                 for name in names:
@@ -149,4 +179,7 @@ def _run(session: ort.InferenceSession, output_names: dict[str, str], feeds: Ite
                 previous = maxima.get(name)
                 maxima[name] = result if previous is None else np.maximum(previous, result)
             bar.advance(task)
-    return ActivationStats(maxima, {name: np.concatenate(parts)[:keep_rows] for name, parts in rows.items() if parts})
+            if sample == 0:
+                pause_point("calibration")
+    kept = {name: np.concatenate(parts)[:keep_rows] for name, parts in rows.items() if parts}
+    return ActivationStats(maxima, kept), probed

@@ -49,15 +49,19 @@ class InsertQDQPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
+        opset = model.graph.opset_imports.get("", model.graph.opset_imports.get("ai.onnx", 0))
         for item in self.plan:
             # A layer already quantized has a DequantizeLinear, not a constant, as its weight.
             if as_linear_layer(item.layer.node) is None:
                 continue
-            self._quantize_weight(model.graph, item.layer)
+            layer = item.layer
+            if layer.node.op_type == "Gemm":
+                layer = gemm_as_batched_matmul(model.graph, layer, opset)
+            self._quantize_weight(model.graph, layer)
             if self.level is Level.O3:
-                self._quantize_activation(model.graph, item.layer, item.activation_max)
+                self._quantize_activation(model.graph, layer, item.activation_max)
             else:
-                self._quantize_activation_dynamically(model.graph, item.layer)
+                self._quantize_activation_dynamically(model.graph, layer)
             modified = True
         return ir.passes.PassResult(model, modified=modified)
 
@@ -110,6 +114,40 @@ class InsertQDQPass(ir.passes.InPlacePass):
         _name_output(dequantize, f"{name}/input_dequantized", activation.shape)
         graph.insert_before(layer.node, [quantize, dequantize])
         layer.node.replace_input_with(0, dequantize.outputs[0])
+
+
+def gemm_as_batched_matmul(graph: ir.Graph, layer: LinearLayer, opset: int) -> LinearLayer:
+    """Rewrite Gemm(x, W[, b]) on 2-D x as Squeeze(MatMul(Unsqueeze(x), W) [+ b]), named like the Gemm.
+
+    onnxruntime's CPU optimizer turns MatMul + Add on 2-D inputs back into Gemm before its QDQ fusion runs,
+    and DequantizeLinear -> Gemm is never fused: GPT-2's Conv1D and OPT's fc layers ran as a float Gemm
+    behind a weight DequantizeLinear. On a 3-D input MatMul + Add stays, and MatMul becomes
+    MatMulIntegerToFloat; Unsqueeze/Squeeze of axis 0 only relabel the buffer.
+    """
+    node, name = layer.node, layer.name
+    x = layer.activation
+    weight = layer.weight_value
+    if layer.in_axis == 1:  # transB: MatMul wants [in, out]
+        weight = add_initializer(graph, f"{weight.name}_transposed", layer.weight.T)
+    axes = [add_initializer(graph, f"{name}/axis0", np.array([0], np.int64))] if opset >= 13 else []
+    attrs = {} if opset >= 13 else {"axes": ir.AttrInt64s("axes", [0])}
+    unsqueeze = ir.Node("", "Unsqueeze", [x, *axes], attrs, name=f"{name}/Unsqueeze")
+    _name_output(unsqueeze, f"{name}/input_batched", None)
+    matmul = ir.Node("", "MatMul", [unsqueeze.outputs[0], weight], name=name)
+    _name_output(matmul, f"{name}/output_batched", None)
+    nodes = [unsqueeze, matmul]
+    if layer.bias_value is not None:
+        nodes.append(ir.Node("", "Add", [matmul.outputs[0], layer.bias_value], name=f"{name}/bias_Add"))
+        _name_output(nodes[-1], f"{name}/output_biased", None)
+    nodes.append(ir.Node("", "Squeeze", [nodes[-1].outputs[0], *axes], dict(attrs), name=f"{name}/Squeeze"))
+    old_output = node.outputs[0]
+    new_output = nodes[-1].outputs[0]
+    new_output.name = f"{name}/output"
+    new_output.dtype, new_output.shape = ir.DataType.FLOAT, old_output.shape
+    ir.convenience.replace_nodes_and_values(graph, node, [node], nodes, [old_output], [new_output])
+    converted = as_linear_layer(matmul)
+    assert converted is not None
+    return converted
 
 
 def _name_output(node: ir.Node, name: str, shape: object, dtype: ir.DataType = ir.DataType.FLOAT) -> None:

@@ -1,25 +1,26 @@
 """The smoothing pass: per group, compute s, scale the readers' weight rows by s, fold 1/s upstream.
 
-Groups are processed in reverse graph order. A group's fold may divide the output columns of a layer
-that belongs to an earlier group (down_proj's s goes into up_proj), and that earlier group must then see
-the weight as it will really be quantized when it takes its per-row maxima.
+The pass finds its groups on the model it is given (`find_smoothing_groups`) and needs only the
+calibration statistics, keyed by value name. Groups are processed in reverse graph order: a group's
+fold may divide the output columns of a layer that belongs to an earlier group (down_proj's s goes into
+up_proj), and that earlier group must then see the weight as it will really be quantized when it takes
+its per-row maxima.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
+from sqonnx.calibrators import ActivationStats, collect_statistics
 from sqonnx.config import Unabsorbed
-from sqonnx.graph import set_constant_input
-from sqonnx.passes.fold_into_linear import fold_into_linear
-from sqonnx.passes.fold_into_mul import fold_into_mul
-from sqonnx.passes.fold_into_norm import fold_into_norm
+from sqonnx.graph import find_linear_layers, set_constant_input
 from sqonnx.passes.insert_smoothing_mul import insert_smoothing_mul
-from sqonnx.passes.smoothing_groups import LinearAbsorber, MulAbsorber, NormAbsorber, SmoothingGroup, ValueAbsorber
+from sqonnx.passes.smoothing_groups import SmoothingGroup, find_smoothing_groups, statistics_needed
 from sqonnx.search import AlphaSearch
 from sqonnx.smoothing import along, input_channel_max, smoothing_scales
 
@@ -35,48 +36,51 @@ class GroupResult:
     group: SmoothingGroup
     scales: np.ndarray | None  # None: not smoothed
     folded_into: str  # name of the node that absorbed 1/s ("" when none)
-    method: str  # how: a producer kind, "explicit Mul", or "not smoothed: <why>"
+    method: str  # how: an absorber's description, "explicit Mul", or "not smoothed: <why>"
     alpha: float | None = None
 
 
 class SmoothPass(ir.passes.InPlacePass):
     """Apply SmoothQuant to every group that has at least one layer to quantize."""
 
-    def __init__(self, groups: list[SmoothingGroup], channel_max: dict[str, np.ndarray], alpha: float,
-                 unabsorbed: Unabsorbed, quantized: set[str], alpha_search: AlphaSearch | None = None) -> None:
+    def __init__(self, stats: ActivationStats, quantized: set[str], alpha: float,
+                 unabsorbed: Unabsorbed = Unabsorbed.SKIP, alpha_search: AlphaSearch | None = None) -> None:
         """`alpha_search` given: α is chosen per group (and `alpha` is unused)."""
         super().__init__()
-        self.alpha_search = alpha_search
-        self.groups = groups
-        self.channel_max = channel_max
+        self.stats = stats
+        self.quantized = quantized
         self.alpha = alpha
         self.unabsorbed = unabsorbed
-        self.quantized = quantized
+        self.alpha_search = alpha_search
         self.results: list[GroupResult] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        groups = find_smoothing_groups(model.graph)
         if SMOOTHED_KEY in model.metadata_props:
+            self.results = [GroupResult(g, None, "", "not smoothed: the model is already smoothed") for g in groups]
             return ir.passes.PassResult(model, modified=False)
-        graph = model.graph
-        results = []
-        for group in reversed(self.groups):
-            results.append(self._smooth_group(graph, group))
+        dead: list[tuple[str, int, int]] = []
+        results = [self._smooth_group(model.graph, group, dead) for group in reversed(groups)]
         self.results = list(reversed(results))
+        _summarize_dead_channels(dead[::-1])  # in graph order
         modified = any(r.scales is not None for r in self.results)
         if modified:
             model.metadata_props[SMOOTHED_KEY] = "alpha=auto" if self.alpha_search else f"alpha={self.alpha}"
         return ir.passes.PassResult(model, modified=modified)
 
-    def _smooth_group(self, graph: ir.Graph, group: SmoothingGroup) -> GroupResult:
+    def _smooth_group(self, graph: ir.Graph, group: SmoothingGroup, dead: list[tuple[str, int, int]]) -> GroupResult:
         if not any(layer.name in self.quantized for layer in group.layers):
             return GroupResult(group, None, "", "not smoothed: no layer of the group is quantized")
         absorber = group.absorber
         if absorber is None and self.unabsorbed is Unabsorbed.SKIP:
             return GroupResult(group, None, "", f"not smoothed: {group.reason}")
-        act_max = self.channel_max[str(group.activation.name)]
+        act_max = self.stats.channel_max[str(group.activation.name)]
         weight_max = np.max([input_channel_max(layer.weight, layer.in_axis) for layer in group.layers], axis=0)
-        if isinstance(absorber, ValueAbsorber):
-            problem = _value_fold_problem(absorber, act_max, self.channel_max.get(str(absorber.values.name)))
+        if group.source is not None and not np.array_equal(self.stats.channel_max[str(group.source.name)], act_max):
+            return GroupResult(group, None, "", f"not smoothed: the Reshape before it moves channels "
+                                                f"({group.source.name} and the layer input differ per channel)")
+        if absorber is not None:
+            problem = absorber.check(act_max, self.stats)
             if problem:
                 return GroupResult(group, None, "", f"not smoothed: {problem}")
         alpha: float | None = self.alpha
@@ -85,33 +89,43 @@ class SmoothPass(ir.passes.InPlacePass):
                                              [(layer.weight, layer.in_axis) for layer in group.layers])
             if alpha is None:
                 return GroupResult(group, None, "", "not smoothed: no alpha beats no smoothing (alpha search)")
-        if isinstance(absorber, ValueAbsorber):
-            # Query heads that read one KV head share its s: take maxima over them, per value channel.
-            shared = np.zeros(absorber.value_channels, np.float32)
-            shared_w = np.zeros(absorber.value_channels, np.float32)
-            np.maximum.at(shared, absorber.channel_map, act_max)
-            np.maximum.at(shared_w, absorber.channel_map, weight_max)
-            value_scales = smoothing_scales(shared, shared_w, alpha)
-            scales = value_scales[absorber.channel_map]
-        else:
-            scales = smoothing_scales(act_max, weight_max, alpha)
-        _warn_about_dead_channels(group, act_max, weight_max)
+        shared = absorber.factor_map(self.stats) if absorber is not None else None
+        scales = _shared_scales(act_max, weight_max, alpha, shared)
+        dead_inputs, dead_rows = int(np.count_nonzero(act_max == 0)), int(np.count_nonzero(weight_max == 0))
+        if dead_inputs or dead_rows:
+            dead.append((group.layers[0].name, dead_inputs, dead_rows))
         _scale_weight_rows(graph, group, scales)
-        if isinstance(absorber, NormAbsorber):
-            fold_into_norm(graph, absorber, scales)
-            return GroupResult(group, scales, absorber.node.name or "", absorber.node.op_type, alpha)
-        if isinstance(absorber, MulAbsorber):
-            fold_into_mul(graph, absorber, scales)
-            return GroupResult(group, scales, absorber.node.name or "", "Mul (per-channel weight)", alpha)
-        if isinstance(absorber, ValueAbsorber):
-            fold_into_linear(graph, LinearAbsorber(absorber.layer, absorber.bias_adds), value_scales)
-            return GroupResult(group, scales, absorber.layer.name, f"{absorber.node.op_type} (value channels)", alpha)
-        if isinstance(absorber, LinearAbsorber):
-            fold_into_linear(graph, absorber, scales)
-            return GroupResult(group, scales, absorber.layer.name, f"{absorber.node.op_type} (output columns)", alpha)
+        if absorber is not None:
+            absorber.fold(graph, scales, self.stats)
+            return GroupResult(group, scales, absorber.node.name or "", absorber.describe(), alpha)
         mul = insert_smoothing_mul(graph, group, scales)
         logger.info("inserted %s: %s", mul.name, group.reason)
         return GroupResult(group, scales, mul.name or "", "explicit Mul", alpha)
+
+
+def smoothing_statistics(model: ir.Model, feeds: Iterable[dict[str, np.ndarray]], total: int,
+                         quantized: set[str] | None = None, keep_rows: int = 0,
+                         progress: bool = False) -> ActivationStats:
+    """Calibrate `model` for SmoothPass: every statistic its groups' absorbers ask for (all layers quantized
+    unless `quantized` names them)."""
+    if quantized is None:
+        quantized = {layer.name for layer in find_linear_layers(model.graph)}
+    request = statistics_needed(find_smoothing_groups(model.graph), quantized)
+    return collect_statistics(model, request.channel_max, feeds, total, progress=progress, keep_rows=keep_rows,
+                              probes=request.probes)
+
+
+def _shared_scales(act_max: np.ndarray, weight_max: np.ndarray, alpha: float, shared: np.ndarray | None) -> np.ndarray:
+    """s per channel; channels with the same `shared` label (query heads reading one value head) get the
+    factor of their pooled maxima, since one value column divides them all."""
+    if shared is None:
+        return smoothing_scales(act_max, weight_max, alpha)
+    labels, inverse = np.unique(shared, return_inverse=True)
+    pooled_act = np.zeros(len(labels), np.float32)
+    pooled_weight = np.zeros(len(labels), np.float32)
+    np.maximum.at(pooled_act, inverse, act_max)
+    np.maximum.at(pooled_weight, inverse, weight_max)
+    return smoothing_scales(pooled_act, pooled_weight, alpha)[inverse]
 
 
 def _scale_weight_rows(graph: ir.Graph, group: SmoothingGroup, scales: np.ndarray) -> None:
@@ -134,24 +148,12 @@ def _scale_weight_rows(graph: ir.Graph, group: SmoothingGroup, scales: np.ndarra
             set_constant_input(graph, layer.node, 1, scaled, suffix="_smoothed")
 
 
-def _value_fold_problem(absorber: ValueAbsorber, act_max: np.ndarray, value_max: np.ndarray | None) -> str:
-    """Check the channel map against calibration: attention probabilities are >= 0 and sum to 1, so
-    |output channel c| can never exceed max |value channel map[c]|. A violated bound means the graph is
-    not the attention the map assumes (a head layout we did not expect), and the fold would be wrong."""
-    if value_max is None:
-        return "no calibration statistics for the value projection"
-    bound = value_max[absorber.channel_map] * (1 + 1e-3) + 1e-6
-    violated = int(np.count_nonzero(act_max > bound))
-    if violated:
-        return (f"{violated} channels exceed the value channels they should mix ({absorber.layer.name}); "
-                "the attention layout is not the expected one")
-    return ""
-
-
-def _warn_about_dead_channels(group: SmoothingGroup, act_max: np.ndarray, weight_max: np.ndarray) -> None:
-    dead_inputs = int(np.count_nonzero(act_max == 0))
-    dead_rows = int(np.count_nonzero(weight_max == 0))
-    if dead_inputs or dead_rows:
-        logger.warning("%s: %d input channels were zero on every calibration sample and %d weight rows are all "
-                       "zero; their smoothing factors were clamped (the fold stays exact)",
-                       group.layers[0].name, dead_inputs, dead_rows)
+def _summarize_dead_channels(dead: list[tuple[str, int, int]]) -> None:
+    """One warning for all groups with channels that never fired (Gemma-3 had 18 near-identical lines)."""
+    if not dead:
+        return
+    inputs, rows = sum(d[1] for d in dead), sum(d[2] for d in dead)
+    names = ", ".join(d[0] for d in dead[:3]) + (f" and {len(dead) - 3} more" if len(dead) > 3 else "")
+    logger.warning("%d layer groups (%s) have %d input channels that were zero on every calibration sample and "
+                   "%d all-zero weight rows; their smoothing factors were clamped (the folds stay exact)",
+                   len(dead), names, inputs, rows)

@@ -1,0 +1,49 @@
+"""Fold 1/s into a Mul by a per-channel constant.
+
+optimum exports Llama's RMSNorm as Pow -> ReduceMean -> Add -> Sqrt -> Div -> Mul(weight); the last Mul
+is the only place the norm's weight lives, so (x * w) / s = x * (w / s). A scalar constant becomes a
+per-channel vector, which broadcasts to the same output shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import onnx_ir as ir
+
+from sqonnx.calibrators import ActivationStats
+from sqonnx.graph import constant, set_constant_input
+from sqonnx.passes.absorbers.base import Absorber, Site, is_channel_vector
+
+
+@dataclass(frozen=True)
+class MulAbsorber(Absorber):
+    mul: ir.Node
+    const_index: int
+    kind: ClassVar[str] = "mul"
+
+    @classmethod
+    def match(cls, site: Site) -> MulAbsorber | str:
+        producer = site.producer
+        if producer is None or producer.op_type != "Mul" or producer.domain != "":
+            return ""
+        for index in (1, 0):
+            if is_channel_vector(producer, index, site.channels, allow_scalar=True):
+                return cls(producer, index)
+        return ""
+
+    @property
+    def node(self) -> ir.Node:
+        return self.mul
+
+    def fold(self, graph: ir.Graph, scales: np.ndarray, stats: ActivationStats) -> None:
+        array = constant(self.mul.inputs[self.const_index])
+        assert array is not None
+        shape = (*array.shape[:-1], scales.shape[0]) if array.ndim else scales.shape
+        set_constant_input(graph, self.mul, self.const_index, np.broadcast_to(array, shape) / scales,
+                           suffix="_smoothed")
+
+    def describe(self) -> str:
+        return "Mul (per-channel weight)"

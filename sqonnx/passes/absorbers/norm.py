@@ -1,0 +1,67 @@
+"""Fold 1/s into a normalization's affine parameters.
+
+LayerNorm(x) = n(x) * gamma + beta, so LayerNorm(x) / s = n(x) * (gamma / s) + (beta / s): both the
+scale and the bias divide (forgetting beta breaks BERT, OPT, BLOOM, Falcon, NeoX, Phi). The same holds
+for RMSNorm-style SimplifiedLayerNormalization and the Skip* variants onnxruntime's optimizer fuses,
+whose first output is the normalized value (their residual-sum output does not depend on gamma).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import onnx_ir as ir
+
+from sqonnx.calibrators import ActivationStats
+from sqonnx.graph import constant, set_constant_input
+from sqonnx.passes.absorbers.base import Absorber, Site, is_channel_vector
+
+# op_type -> (index of the scale, index of the bias or None); output 0 is the normalized value.
+NORM_PARAMETERS: dict[str, tuple[int, int | None]] = {
+    "LayerNormalization": (1, 2),
+    "SimplifiedLayerNormalization": (1, None),
+    "SkipLayerNormalization": (2, 3),
+    "SkipSimplifiedLayerNormalization": (2, None),
+}
+
+
+@dataclass(frozen=True)
+class NormAbsorber(Absorber):
+    norm: ir.Node
+    scale_index: int
+    bias_index: int | None
+    kind: ClassVar[str] = "norm"
+
+    @classmethod
+    def match(cls, site: Site) -> NormAbsorber | str:
+        producer = site.producer
+        if producer is None or producer.op_type not in NORM_PARAMETERS or site.source is not producer.outputs[0]:
+            return ""
+        scale_index, bias_index = NORM_PARAMETERS[producer.op_type]
+        axis = producer.attributes.get_int("axis", -1)
+        shape = site.source.shape
+        if axis != -1 and (shape is None or axis != len(shape) - 1):
+            return f"{producer.name} normalizes over axis {axis}, not the channel axis"
+        if not is_channel_vector(producer, scale_index, site.channels):
+            return f"{producer.name} has no constant per-channel scale"
+        if bias_index is not None and (bias_index >= len(producer.inputs) or producer.inputs[bias_index] is None):
+            bias_index = None
+        if bias_index is not None and not is_channel_vector(producer, bias_index, site.channels):
+            return f"{producer.name} has a bias that is not a constant per-channel vector"
+        return cls(producer, scale_index, bias_index)
+
+    @property
+    def node(self) -> ir.Node:
+        return self.norm
+
+    def fold(self, graph: ir.Graph, scales: np.ndarray, stats: ActivationStats) -> None:
+        for index in (self.scale_index, self.bias_index):
+            if index is not None:
+                array = constant(self.norm.inputs[index])
+                assert array is not None
+                set_constant_input(graph, self.norm, index, array / scales, suffix="_smoothed")
+
+    def describe(self) -> str:
+        return self.norm.op_type
