@@ -112,7 +112,7 @@ def _quantize(model_path: Path, output_path: str | Path | None, config: Quantize
     kernels: list[KernelCheck] = []
 
     def validate(staged: Path) -> None:
-        if config.verify_fusion:
+        if config.verify_fusion and not config.smooth_only:
             kernels.append(inspect_cpu_kernels(staged))
 
     written = save_atomically(model, output_path, validate, external_data=external_data)
@@ -161,7 +161,7 @@ def _build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quan
             static_max = static_range(config.calib_method, act_max / scales,
                                       None if rows is None else rows.astype(np.float32) / scales)
         for layer in group.layers:
-            is_quantized = layer.name in quantized
+            is_quantized = layer.name in quantized and not config.smooth_only
             layer_reports.append(_layer_report(layer.name, result, act_max, is_quantized, static_max))
             if is_quantized:
                 plan.append(LayerQuantization(layer, static_max))
@@ -198,7 +198,7 @@ def _check_quantizable(model: ir.Model, config: QuantizeConfig) -> None:
     # Per-axis DequantizeLinear came in opset 13; DynamicQuantizeLinear and Round in 11.
     per_axis_dq = config.per_channel and not config.integer_form
     needed = max(13 if per_axis_dq else 10, 10 if config.level is Level.O3 else 11)
-    if opset < needed:
+    if opset < needed and not config.smooth_only:
         hint = " (or --per-tensor, which needs 10)" if per_axis_dq and opset >= 10 and config.level is Level.O3 else ""
         raise SqonnxError(f"the model uses opset {opset}; {config.level.value} {config.format_used.value} "
                           f"quantization needs opset {needed} or newer: convert it with "
@@ -248,7 +248,11 @@ def _settings(config: QuantizeConfig, worst_pair: int) -> dict[str, object]:
         "activations": config.level.activations,
         "exclude": list(config.exclude),
         "unabsorbed": config.unabsorbed.value,
-    }
+    } | ({key: "float (--smooth-only)" for key in FLOAT_SETTINGS} if config.smooth_only else {})
+
+
+# What --smooth-only leaves in float: the metadata says so instead of describing a quantization.
+FLOAT_SETTINGS = ("calib_method", "level", "format", "weights", "weight_range", "activations")
 
 
 def _metadata(settings: dict[str, object], samples: int, quantized: int, smoothed: int) -> dict[str, str]:
@@ -264,6 +268,7 @@ def _metadata(settings: dict[str, object], samples: int, quantized: int, smoothe
         "sqonnx.calibration_samples": str(samples),
         "sqonnx.quantized_layers": str(quantized),
         "sqonnx.smoothed_layers": str(smoothed),
+        **({"sqonnx.smooth_only": "true"} if settings["level"] == "float (--smooth-only)" else {}),
     }
 
 

@@ -77,6 +77,9 @@ class QuantizeConfig:
     alpha_range: tuple[float, float] = (0.05, 0.95)
     calib_method: CalibMethod = CalibMethod.MINMAX
     smooth: bool = True  # False: plain per-tensor W8A8 (the unsmoothed baseline)
+    # Fold the smoothing factors and stop: a float model (same outputs as the input, up to rounding) for
+    # TensorRT or another quantizer to take over.
+    smooth_only: bool = False
     level: Level = Level.O3
     format: Format = Format.QDQ
     # Weight scales per output channel. The paper uses per-tensor weights, but with the 7-bit range
@@ -109,6 +112,10 @@ class QuantizeConfig:
             raise SqonnxError(
                 f"--full-range saturates int16 sums on x86 CPUs without VNNI (target {resolve(self.target).value}); "
                 "pass --target x86-vnni, arm64 or gpu if the model only runs there")
+        if self.smooth_only and not self.smooth:
+            raise SqonnxError("--smooth-only contradicts --no-smooth; drop one")
+        if self.smooth_only and self.keep_float_budget is not None:
+            raise SqonnxError("--smooth-only writes a float model; --keep-float-budget has nothing to keep, drop it")
         for pattern in self.exclude:
             if not pattern:
                 raise SqonnxError("--exclude got an empty pattern; give a node-name glob like '*lm_head*'")

@@ -43,7 +43,7 @@ class QuantizeReport:
 
     @property
     def smoothed_layers(self) -> list[LayerReport]:
-        return [layer for layer in self.layers if layer.quantized and layer.scale_min is not None]
+        return [layer for layer in self.layers if layer.scale_min is not None]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -316,6 +316,27 @@ def logits(model_path: Path, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
     return np.concatenate([session.run([first], feed)[0] for feed in feeds], axis=0)
 
 
+def constant_weight_layers(path: Path) -> int:
+    """MatMul/Gemm nodes whose second input is a 2-D float constant, seen through Identity/Constant."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    constants = {init.name: list(init.dims) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = list(node.attribute[0].t.dims)
+    changed = True
+    while changed:
+        changed = False
+        for node in graph.node:
+            if node.op_type == "Identity" and node.input[0] in constants and node.output[0] not in constants:
+                constants[node.output[0]] = constants[node.input[0]]
+                changed = True
+    return sum(1 for node in graph.node if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1
+               and len(constants.get(node.input[1], [])) == 2)
+
+
+
 def main() -> None:
     """Build every family (or those named on the command line) and print how long each export took."""
     import sys
