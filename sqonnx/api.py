@@ -140,10 +140,12 @@ def _build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quan
     graph = model.graph
     channel_max = stats.channel_max
     if config.smooth:
-        search = AlphaSearch(stats.rows, config.alpha_grid, config.level, config.weight_qmax, config.per_channel,
-                             config.calib_method) if config.alpha_auto else None
+        scheme = AlphaSearch(stats.rows, config.alpha_grid, config.level, config.weight_qmax, config.per_channel,
+                             config.calib_method)
         alpha = 0.0 if config.alpha_auto else float(config.alpha)
-        smooth = SmoothPass(stats, quantized, alpha, config.unabsorbed, search)
+        # --smooth-only: the quantizer that takes over is not ours to judge; every exact fold is made.
+        smooth = SmoothPass(stats, quantized, alpha, config.unabsorbed, scheme if config.alpha_auto else None,
+                            None if config.smooth_only else scheme)
         smooth(model)
         results = smooth.results
     else:

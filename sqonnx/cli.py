@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -58,6 +59,9 @@ def quantize(
     target: Annotated[Target, typer.Option(
         help="Where the model runs; decides the weight range. native: detect this CPU")] = Target.PORTABLE,
     smooth: Annotated[bool, typer.Option("--smooth/--no-smooth", help="Apply SmoothQuant before quantizing")] = True,
+    smooth_only: Annotated[bool, typer.Option(
+        "--smooth-only", help="Only fold the smoothing factors: a float model for TensorRT or another quantizer")
+    ] = False,
     per_channel: Annotated[bool, typer.Option(
         "--per-channel/--per-tensor", help="Weight scale per output channel, or per tensor (paper)")] = True,
     reduce_range: Annotated[bool | None, typer.Option(
@@ -66,7 +70,8 @@ def quantize(
     exclude: Annotated[list[str] | None, typer.Option(
         help=f"Node-name glob to keep in float; repeatable [default: {', '.join(DEFAULT_EXCLUDE)}]")] = None,
     unabsorbed: Annotated[Unabsorbed, typer.Option(
-        help="Groups whose producer cannot absorb 1/s: skip them, or insert an explicit Mul")] = Unabsorbed.SKIP,
+        help="auto: smooth a group only where calibration shows it pays (an explicit Mul where nothing absorbs "
+             "1/s only if it cuts the error by a fifth); skip: never insert a Mul; mul: always")] = Unabsorbed.AUTO,
     calib_data: Annotated[Path | None, typer.Option(
         help="Calibration text file or .npz of input feeds [default: Python's pydoc topics]")] = None,
     num_samples: Annotated[int, typer.Option(help="Calibration samples")] = 128,
@@ -85,14 +90,21 @@ def quantize(
     with _user_errors("interrupted: no output written"):
         config = QuantizeConfig(
             alpha=_alpha(alpha), alpha_range=_alpha_range(alpha_range), calib_method=calib_method, smooth=smooth,
+            smooth_only=smooth_only,
             level=_level(level, static, dynamic, per_token), format=format,
             target=target, per_channel=per_channel, reduce_range=reduce_range,
             exclude=tuple(exclude) if exclude else DEFAULT_EXCLUDE, unabsorbed=unabsorbed,
             calibration=CalibrationConfig(data=calib_data, num_samples=num_samples, seq_len=seq_len),
             verify_fusion=verify, optimize=optimize, keep_float_budget=keep_float_budget)
+        if report_json is not None:
+            _check_writable_file(report_json, "--report-json")
         report = quantize_model(model, output, config, progress=sys.stderr.isatty())
         if report_json is not None:
-            report_json.write_text(json.dumps(report.to_dict(), indent=2, default=str))
+            try:
+                report_json.write_text(json.dumps(report.to_dict(), indent=2, default=str))
+            except OSError as exc:
+                raise SqonnxError(f"the model is written, but not --report-json {report_json}: "
+                                  f"{exc.strerror}") from None
     typer.echo(report.summary())
 
 
@@ -120,17 +132,40 @@ def inspect(
     typer.echo(f"report: {out / 'index.html'}")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so the same clean-up runs (temporary folders removed, no output written).
+
+    Without a handler SIGTERM kills the interpreter at once: no `finally` runs, and the calibration copy of
+    the model and the staging folder beside the output stay behind.
+    """
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 @contextmanager
 def _user_errors(interrupted: str) -> Iterator[None]:
-    """A user mistake is one line on stderr and exit 2, never a traceback; Ctrl-C exits 130."""
+    """A user mistake is one line on stderr and exit 2, never a traceback; Ctrl-C exits 130, SIGTERM 143."""
     try:
         yield
     except SqonnxError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    except Terminated:
+        typer.echo(interrupted.replace("interrupted", "terminated"), err=True)
+        raise typer.Exit(128 + signal.SIGTERM) from None
     except KeyboardInterrupt:
         typer.echo(interrupted, err=True)
         raise typer.Exit(130) from None
+
+
+def _check_writable_file(path: Path, option: str) -> None:
+    """Checked before hours of work, not after: a report that cannot be written is found at once."""
+    if path.is_dir():
+        raise SqonnxError(f"{option} {path} is a folder; give a file name such as report.json")
+    if not path.parent.is_dir():
+        raise SqonnxError(f"{option} {path}: folder {path.parent} does not exist; create it first")
 
 
 def _alpha(text: str) -> float | str:
@@ -163,6 +198,24 @@ def _level(level: Level | None, static: bool, dynamic: bool, per_token: bool) ->
     return level or implied or Level.O3
 
 
+# typer's usage errors (unknown option, bad enum value, missing argument). typer vendors click from 0.2x on
+# and re-exports none of its exception classes but BadParameter, whose base is the class wanted.
+_USAGE_ERROR: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
 def main() -> None:
+    """Entry point: like `app()`, but a usage error is one line too (typer draws a multi-line box)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    app()
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        code = app(standalone_mode=False)
+    except _USAGE_ERROR as exc:
+        context = getattr(exc, "ctx", None)
+        command = context.command_path if context is not None else "sqonnx"
+        message = " ".join(str(exc.format_message()).split())  # type: ignore[attr-defined]
+        typer.echo(f"error: {message} (see '{command} --help')", err=True)
+        sys.exit(2)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

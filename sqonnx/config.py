@@ -45,6 +45,10 @@ class Format(str, enum.Enum):
 class Unabsorbed(str, enum.Enum):
     """What to do with a smoothing group whose producer cannot absorb 1/s exactly."""
 
+    # Decide per group from calibration rows: smooth a group only where it lowers the group's INT8 output
+    # error, and pay for an explicit Mul only where it lowers it by a fifth or more (MiniLM: the GELU
+    # output's outlier channel is also in the weight, where smoothing makes INT8 worse).
+    AUTO = "auto"
     SKIP = "skip"  # leave the group unsmoothed: the graph stays unchanged but for Q/DQ
     MUL = "mul"  # insert an explicit Mul by 1/s in front of the group (costs one elementwise op)
 
@@ -91,7 +95,7 @@ class QuantizeConfig:
     target: Target = Target.PORTABLE
     reduce_range: bool | None = None
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
-    unabsorbed: Unabsorbed = Unabsorbed.SKIP
+    unabsorbed: Unabsorbed = Unabsorbed.AUTO
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     verify_fusion: bool = True  # ask onnxruntime which kernels the saved model runs
     optimize: bool = False  # run onnxruntime's transformer optimizer (norm/Gelu fusions) before smoothing
@@ -134,7 +138,8 @@ class QuantizeConfig:
     @property
     def needs_rows(self) -> bool:
         """Whether calibration must keep activation rows (searches), not only maxima."""
-        return (self.smooth and self.alpha_auto or self.keep_float_budget is not None
+        return (self.smooth and (self.alpha_auto or self.unabsorbed is Unabsorbed.AUTO)
+                or self.keep_float_budget is not None
                 or (self.calib_method is not CalibMethod.MINMAX and self.level is Level.O3))
 
     @property

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import html
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,9 @@ class GroupInspection:
     weight_ratio_after: float
     sensitivity: dict[str, float]  # layer -> relative output error when only it is quantized (smoothed)
     sensitivity_unsmoothed: dict[str, float]
+    # The TOP_CHANNELS largest activation channels before smoothing: channel, activation before/after, weight
+    # before/after (the numbers the plot annotates).
+    top_channels: list[dict[str, float]] = field(default_factory=list)
     plot: str = ""
 
 
@@ -102,7 +105,12 @@ def _inspect_group(group: SmoothingGroup, act_max: np.ndarray, rows: np.ndarray,
         where = f"nothing can absorb 1/s: {group.reason}"
     else:
         where = f"{absorber.node.name} ({absorber.describe()})"
+    after, weight_after = act_max / scales, weight_max * scales
+    top = [{"channel": j, "activation_before": float(act_max[j]), "activation_after": float(after[j]),
+            "weight_before": float(weight_max[j]), "weight_after": float(weight_after[j])}
+           for j in top_channels(act_max, TOP_CHANNELS)]
     return GroupInspection(
+        top_channels=top,
         activation=str(group.activation.name), layers=[layer.name for layer in group.layers], absorber=where,
         alpha=alpha, activation_ratio_before=ratio(act_max), activation_ratio_after=ratio(act_max / scales),
         weight_ratio_before=ratio(weight_max), weight_ratio_after=ratio(weight_max * scales),
@@ -112,23 +120,60 @@ def _inspect_group(group: SmoothingGroup, act_max: np.ndarray, rows: np.ndarray,
                                 for layer, w in zip(group.layers, weights, strict=True)})
 
 
+TOP_CHANNELS = 5  # channels listed per group in report.json; the first 3 are annotated in the plots
+ANNOTATED = 3
+
+
+def top_channels(values: np.ndarray, count: int) -> list[int]:
+    """Indices of the `count` largest values, largest first (the lower index first on ties)."""
+    order = np.lexsort((np.arange(len(values)), -np.asarray(values, dtype=np.float64)))
+    return [int(i) for i in order[:count]]
+
+
 def _plot(plt, group: SmoothingGroup, act_max: np.ndarray, result: GroupInspection, path: Path) -> None:  # noqa: ANN001
     scales = _scales(group, act_max, result.alpha)
     weight_max = np.max([input_channel_max(layer.weight, layer.in_axis) for layer in group.layers], axis=0)
-    channels = np.arange(len(act_max))
-    figure, axes = plt.subplots(2, 2, figsize=(11, 5.5), sharex=True)
-    alpha_text = "no smoothing" if result.alpha is None else f"α = {result.alpha}"
-    panels = ((axes[0, 0], act_max, "activation max|X_j| before"),
-              (axes[0, 1], act_max / scales, f"activation after ({alpha_text})"),
-              (axes[1, 0], weight_max, "weight max|W_j| before"), (axes[1, 1], weight_max * scales, "weight after"))
-    for axis, values, title in panels:
-        axis.bar(channels, values, width=1.0, color="#c0392b" if title.startswith("activation") else "#2471a3")
-        axis.set_title(f"{title}  (max/median {ratio(values):.1f})", fontsize=9)
-        axis.set_xlabel("input channel j", fontsize=8)
-    figure.suptitle(", ".join(result.layers), fontsize=9)
-    figure.tight_layout()
+    figure = draw_group(plt, act_max, scales, weight_max, result)
     figure.savefig(path, dpi=90)
     plt.close(figure)
+
+
+def draw_group(plt, act_max: np.ndarray, scales: np.ndarray, weight_max: np.ndarray,  # noqa: ANN001
+               result: GroupInspection):  # -> matplotlib Figure
+    """Four panels stacked on one channel axis (activation before/after, weight before/after), so a channel
+    sits at the same x in all four.
+
+    Each channel is a vertical line at least a pixel wide: with 1536 channels in ~900 pixels, bars of width 1
+    came out thinner than a pixel and the renderer dropped some, the largest (SmolLM2's down_proj channel with
+    max|x| ~3000) among them. The panel's top channels get a marker and "#index value"; dotted lines mark
+    the activation's top channels through every panel, so one can follow them from before to after.
+    """
+    channels = np.arange(len(act_max))
+    figure, axes = plt.subplots(4, 1, figsize=(12, 9), sharex=True)
+    alpha_text = "no smoothing" if result.alpha is None else f"α = {result.alpha}"
+    panels = ((act_max, "activation max|X_j| before", "#c0392b"),
+              (act_max / scales, f"activation max|X_j / s_j| after ({alpha_text})", "#c0392b"),
+              (weight_max, "weight max|W_j| before", "#2471a3"),
+              (weight_max * scales, "weight max|s_j W_j| after", "#2471a3"))
+    guides = top_channels(act_max, ANNOTATED)
+    for axis, (values, title, color) in zip(axes, panels, strict=True):
+        axis.vlines(channels, 0, values, colors=color, linewidth=0.9)
+        for channel in guides:
+            axis.axvline(channel, color="#7f8c8d", linestyle=":", linewidth=0.8, zorder=0)
+        top = top_channels(values, ANNOTATED)
+        axis.plot(top, values[top], "o", color="black", markersize=3)
+        peak = float(values.max())
+        for channel in top:  # beside the point: below the top of a tall line, above a short one
+            tall = values[channel] > 0.5 * peak
+            axis.annotate(f"#{channel}  {values[channel]:.4g}", (channel, values[channel]), fontsize=7,
+                          xytext=(4, -2 if tall else 2), textcoords="offset points", va="top" if tall else "bottom")
+        axis.set_ylim(0, peak * 1.15 or 1.0)
+        axis.set_xlim(-0.5, len(values) - 0.5)
+        axis.set_title(f"{title}  (max/median {ratio(values):.1f})", fontsize=9, loc="left")
+    axes[-1].set_xlabel("input channel j", fontsize=8)
+    figure.suptitle(", ".join(result.layers), fontsize=9)
+    figure.tight_layout()
+    return figure
 
 
 def _html(model_path: Path, results: list[GroupInspection], worst: list[GroupInspection],

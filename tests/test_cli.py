@@ -11,6 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from tests.paused import ours, start_paused
 from tests.synthetic import activations, save_feeds
 
 
@@ -167,33 +168,26 @@ def test_disk_full_leaves_nothing(tmp_path: Path, block: Path, feeds: Path, monk
     assert list(out.iterdir()) == []
 
 
-def test_ctrl_c_during_calibration_leaves_nothing(tmp_path: Path, block: Path) -> None:
-    """SIGINT while onnxruntime calibrates: exit 130, no output, no temporary folders anywhere."""
-    import os
+@pytest.mark.parametrize(("point", "signal_name", "code", "message"), [
+    ("calibration", "SIGINT", 130, "interrupted: no output written"),
+    ("staged", "SIGINT", 130, "interrupted: no output written"),
+    ("calibration", "SIGTERM", 143, "terminated: no output written"),
+    ("staged", "SIGTERM", 143, "terminated: no output written"),
+])
+def test_signal_leaves_nothing(tmp_path: Path, block: Path, feeds: Path, point: str, signal_name: str, code: int,
+                               message: str) -> None:
+    """Ctrl-C or SIGTERM while onnxruntime calibrates, or with the output staged but not yet moved: one line,
+    exit 130 / 143, no output, no staging folder beside it, no temporary folder in TMPDIR."""
     import signal
-    import time
 
-    feeds = save_feeds(tmp_path / "many.npz", activations(60000, seq=4))  # 60000 runs: seconds of calibration
     out = tmp_path / "out"
     out.mkdir()
-    temp = tmp_path / "tmp"
-    temp.mkdir()
-    process = subprocess.Popen([sys.executable, "-m", "sqonnx", "quantize", str(block), "-o", str(out / "q.onnx"),
-                                "--calib-data", str(feeds), "--num-samples", "60000"],
-                               env={**os.environ, "TMPDIR": str(temp)}, stderr=subprocess.PIPE, text=True)
-    def ours() -> list[Path]:  # onnxruntime's import leaves a .ses file of its own in TMPDIR
-        return [p for p in temp.iterdir() if p.name.startswith("sqonnx-")]
-
-    deadline = time.monotonic() + 60
-    while not ours() and time.monotonic() < deadline:  # the calibration copy of the model is being written
-        time.sleep(0.05)
-    assert ours(), "calibration never started"
-    time.sleep(0.3)
-    process.send_signal(signal.SIGINT)
+    process, temp = start_paused(["quantize", block, "-o", out / "q.onnx", "--calib-data", feeds], point, tmp_path)
+    process.send_signal(getattr(signal, signal_name))
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr
-    assert stderr.strip() == "interrupted: no output written"
-    assert list(out.iterdir()) == [] and ours() == []
+    assert process.returncode == code, stderr
+    assert stderr.strip() == message
+    assert list(out.iterdir()) == [] and ours(temp) == []
 
 
 def test_ctrl_c_while_saving_leaves_nothing(tmp_path: Path, block: Path, feeds: Path,

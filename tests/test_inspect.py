@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
+from tests.synthetic import OUTLIERS
+
 
 def test_inspect_report(tmp_path: Path, block: Path, feeds: Path) -> None:
     out = tmp_path / "report"
@@ -21,6 +25,9 @@ def test_inspect_report(tmp_path: Path, block: Path, feeds: Path) -> None:
     assert qkv["alpha"] is not None and qkv["absorber"].endswith("(Mul (per-channel weight))")
     for layer in qkv["layers"]:  # smoothing makes each layer less sensitive to quantization
         assert qkv["sensitivity"][layer] < qkv["sensitivity_unsmoothed"][layer] / 5
+    top = qkv["top_channels"]  # the planted outliers, largest first, as the plot annotates them
+    assert {top[0]["channel"], top[1]["channel"]} == set(OUTLIERS)
+    assert [t["activation_before"] for t in top] == sorted((t["activation_before"] for t in top), reverse=True)
     o_proj = groups[("/attn/o_proj/MatMul",)]
     assert o_proj["absorber"].startswith("nothing can absorb")
     plots = sorted(p.name for p in out.glob("*.png"))
@@ -37,3 +44,37 @@ def test_inspect_bad_model(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_plot_shows_every_channel() -> None:
+    """SmolLM2's layer-11 down_proj case: 1536 channels, one at ~3000 against a median of ~2. The largest
+    channel is drawn (pixels at 90 % of its height are coloured), annotated with its index and value, and
+    every panel puts a channel at the same x, so before and after line up."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sqonnx.inspection import GroupInspection, draw_group, top_channels
+
+    rng = np.random.default_rng(0)
+    act = np.abs(rng.normal(2.0, 0.5, 1536)).astype(np.float32)
+    act[1387], act[200] = 3000.0, 500.0
+    weight = np.abs(rng.normal(0.1, 0.02, 1536)).astype(np.float32)
+    scales = np.sqrt(act / weight) / 30
+    assert top_channels(act, 2) == [1387, 200] == [int(np.argmax(act)), 200]
+    result = GroupInspection("x", ["down_proj"], "up_proj", 0.5, 0, 0, 0, 0, {}, {})
+    figure = draw_group(plt, act, scales, weight, result)
+    figure.set_dpi(90)
+    figure.canvas.draw()
+    pixels = np.asarray(figure.canvas.buffer_rgba())[..., :3].astype(int)
+    height = pixels.shape[0]
+    axes = figure.axes
+    x, y = axes[0].transData.transform((1387, 0.9 * 3000))
+    column = pixels[int(round(height - y)) - 1:int(round(height - y)) + 2, int(x) - 1:int(x) + 2]
+    assert (column.sum(axis=-1) < 3 * 230).any(), "the largest channel is not drawn"
+    texts = [t.get_text() for t in axes[0].texts]
+    assert texts[0] == "#1387  3000" and texts[1] == "#200  500"
+    xs = {round(float(axis.transData.transform((1387, 0))[0]), 3) for axis in axes}
+    assert len(xs) == 1, "channel 1387 is not at the same x in every panel"
+    plt.close(figure)

@@ -128,6 +128,8 @@ def calibration_feeds(graph: ir.Graph, model_dir: Path, config: CalibrationConfi
     data = config.data
     if data is not None and not data.exists():
         raise SqonnxError(f"calibration data not found: {data}")
+    if data is not None and data.is_dir():
+        raise SqonnxError(f"--calib-data {data} is a folder; give a text file or an .npz")
     if data is not None and data.suffix == ".npz":
         return _npz_feeds(inputs, data, config.num_samples)
     if data is not None:
@@ -135,6 +137,8 @@ def calibration_feeds(graph: ir.Graph, model_dir: Path, config: CalibrationConfi
             text = data.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise SqonnxError(f"{data} is neither UTF-8 text nor an .npz of input feeds") from None
+        except OSError as exc:
+            raise SqonnxError(f"cannot read --calib-data {data}: {exc.strerror}") from None
         description = f"{data.name}"
     else:
         text = pydoc_text("calibration")
@@ -150,19 +154,29 @@ def calibration_feeds(graph: ir.Graph, model_dir: Path, config: CalibrationConfi
 
 
 def _npz_feeds(inputs: list[ir.Value], path: Path, num_samples: int) -> CalibrationFeeds:
-    """An .npz holds one array per model input, samples along the first axis."""
+    """An .npz holds one array per model input, samples along the first axis.
+
+    Every array is read (and its CRC checked) here, before calibration starts, so a damaged file is one error
+    line instead of a failure halfway through; only the first `num_samples` samples are kept.
+    """
     try:
         archive = np.load(path, allow_pickle=False)
     except Exception:
-        raise SqonnxError(f"{path} is not a readable .npz file") from None
-    names = {str(v.name) for v in inputs}
-    if set(archive.files) != names:
-        raise SqonnxError(f"{path.name} holds arrays {sorted(archive.files)} but the model's inputs are "
-                          f"{sorted(names)}; save one array per input under its name")
+        raise SqonnxError(f"{path} is not a readable .npz file; save one array per model input with "
+                          "numpy.savez") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):  # np.load also reads a bare .npy, whatever its suffix
+        raise SqonnxError(f"{path} is a single .npy array, not an .npz; save one array per model input with "
+                          "numpy.savez")
+    with archive:
+        names = {str(v.name) for v in inputs}
+        if set(archive.files) != names:
+            raise SqonnxError(f"{path.name} holds arrays {sorted(archive.files)} but the model's inputs are "
+                              f"{sorted(names)}; save one array per input under its name")
+        arrays = {name: _read_array(archive, name, path) for name in sorted(names)}
     count = None
     for value in inputs:
-        array = archive[str(value.name)]
-        rank = len(value.shape) if value.shape is not None else array.ndim - 1
+        array = arrays[str(value.name)]
+        rank = len(value.shape) if value.shape is not None else max(array.ndim - 1, 0)
         if array.ndim != rank + 1:
             raise SqonnxError(f"array '{value.name}' in {path.name} has shape {array.shape}; expected "
                               f"[samples, ...] with {rank} dims after the sample axis")
@@ -170,6 +184,9 @@ def _npz_feeds(inputs: list[ir.Value], path: Path, num_samples: int) -> Calibrat
             if isinstance(dim, int) and array.shape[axis + 1] != dim:
                 raise SqonnxError(f"array '{value.name}' in {path.name} has shape {array.shape[1:]} per "
                                   f"sample but the model needs {list(value.shape)}")
+        if 0 in array.shape[1:]:
+            raise SqonnxError(f"array '{value.name}' in {path.name} has shape {array.shape}: a sample with no "
+                              "elements; give each sample at least one token")
         expected = _NUMPY_OF.get(value.dtype) if value.dtype is not None else None
         if expected is not None and array.dtype != expected:
             raise SqonnxError(f"array '{value.name}' in {path.name} is {array.dtype}; the model needs "
@@ -184,10 +201,22 @@ def _npz_feeds(inputs: list[ir.Value], path: Path, num_samples: int) -> Calibrat
     total = min(int(count or 0), num_samples)
     if total == 0:
         raise SqonnxError(f"{path.name} holds no samples")
-
-    arrays = {str(v.name): archive[str(v.name)][:total] for v in inputs}
+    arrays = {name: array[:total] for name, array in arrays.items()}
 
     def make() -> Iterator[dict[str, np.ndarray]]:
         return ({name: array[i] for name, array in arrays.items()} for i in range(total))
 
     return CalibrationFeeds(total, make, f"{path.name}, {total} samples")
+
+
+def _read_array(archive: np.lib.npyio.NpzFile, name: str, path: Path) -> np.ndarray:
+    """One array of an .npz; a damaged member (bad CRC, cut short, not .npy, pickled objects) is one error line."""
+    try:
+        array = archive[name]
+    except Exception as exc:  # zipfile.BadZipFile, zlib.error, EOFError, ValueError (pickled objects), ...
+        reason = " ".join(str(exc).split())[:100] or type(exc).__name__
+        raise SqonnxError(f"array '{name}' in {path.name} cannot be read ({reason}); the file is damaged or "
+                          "holds Python objects: save it again with numpy.savez and numeric arrays") from None
+    if not isinstance(array, np.ndarray):  # a member without the .npy header comes back as raw bytes
+        raise SqonnxError(f"'{name}' in {path.name} is not a numpy array; save it again with numpy.savez")
+    return array

@@ -21,12 +21,14 @@ from sqonnx.config import Unabsorbed
 from sqonnx.graph import find_linear_layers, set_constant_input
 from sqonnx.passes.insert_smoothing_mul import insert_smoothing_mul
 from sqonnx.passes.smoothing_groups import SmoothingGroup, find_smoothing_groups, statistics_needed
-from sqonnx.search import AlphaSearch
+from sqonnx.search import AlphaSearch, group_error
 from sqonnx.smoothing import along, input_channel_max, smoothing_scales
 
 logger = logging.getLogger(__name__)
 
 SMOOTHED_KEY = "sqonnx.smoothed"
+# Under Unabsorbed.AUTO an explicit Mul (one more op at run time) must cut the group's error by this much.
+MUL_MUST_CUT = 0.8
 
 
 @dataclass
@@ -44,9 +46,13 @@ class SmoothPass(ir.passes.InPlacePass):
     """Apply SmoothQuant to every group that has at least one layer to quantize."""
 
     def __init__(self, stats: ActivationStats, quantized: set[str], alpha: float,
-                 unabsorbed: Unabsorbed = Unabsorbed.SKIP, alpha_search: AlphaSearch | None = None) -> None:
-        """`alpha_search` given: α is chosen per group (and `alpha` is unused)."""
+                 unabsorbed: Unabsorbed = Unabsorbed.SKIP, alpha_search: AlphaSearch | None = None,
+                 scheme: AlphaSearch | None = None) -> None:
+        """`alpha_search` given: α is chosen per group (and `alpha` is unused). `scheme`: how layers will be
+        quantized, for `Unabsorbed.AUTO` to judge a group's error with and without smoothing on
+        calibration rows (groups without rows are smoothed where an absorber takes 1/s)."""
         super().__init__()
+        self.scheme = scheme
         self.stats = stats
         self.quantized = quantized
         self.alpha = alpha
@@ -72,7 +78,10 @@ class SmoothPass(ir.passes.InPlacePass):
         if not any(layer.name in self.quantized for layer in group.layers):
             return GroupResult(group, None, "", "not smoothed: no layer of the group is quantized")
         absorber = group.absorber
-        if absorber is None and self.unabsorbed is Unabsorbed.SKIP:
+        rows = self.stats.rows.get(str(group.activation.name))
+        judged = self.unabsorbed is Unabsorbed.AUTO and self.scheme is not None and rows is not None
+        if absorber is None and (self.unabsorbed is Unabsorbed.SKIP or (self.unabsorbed is Unabsorbed.AUTO
+                                                                          and not judged)):
             return GroupResult(group, None, "", f"not smoothed: {group.reason}")
         act_max = self.stats.channel_max[str(group.activation.name)]
         weight_max = np.max([input_channel_max(layer.weight, layer.in_axis) for layer in group.layers], axis=0)
@@ -89,6 +98,17 @@ class SmoothPass(ir.passes.InPlacePass):
                                              [(layer.weight, layer.in_axis) for layer in group.layers])
             if alpha is None:
                 return GroupResult(group, None, "", "not smoothed: no alpha beats no smoothing (alpha search)")
+        if judged and alpha is not None:
+            assert rows is not None and self.scheme is not None
+            weights = [(layer.weight, layer.in_axis) for layer in group.layers]
+            rows32 = rows.astype(np.float32)
+            with_s = group_error(rows32, act_max, weights, alpha, self.scheme)
+            without = group_error(rows32, act_max, weights, None, self.scheme)
+            needed = without * (1.0 if absorber is not None else MUL_MUST_CUT)
+            if with_s >= needed:
+                why = group.reason if absorber is None else "smoothing would raise its INT8 error"
+                return GroupResult(group, None, "", f"not smoothed: {why} (calibration rows: relative error "
+                                                    f"{with_s:.2g} smoothed vs {without:.2g} not)")
         shared = absorber.factor_map(self.stats) if absorber is not None else None
         scales = _shared_scales(act_max, weight_max, alpha, shared)
         dead_inputs, dead_rows = int(np.count_nonzero(act_max == 0)), int(np.count_nonzero(weight_max == 0))
