@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c ci/constraints.txt
 
-.PHONY: install demo test quality bench lint
+.PHONY: install demo test quality bench lint genai-smollm2
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml ci/constraints.txt
@@ -32,3 +32,8 @@ bench: install
 
 lint: install
 	$(VENV)/bin/ruff check sqonnx models tests ci
+
+# SmolLM2 as onnxruntime-genai's model builder writes it (.cache/models/smollm2-135m-genai); the builder runs in
+# its own venv (.cache/genai-venv, made on first use) so its transformers stays out of sqonnx's pins.
+genai-smollm2: install
+	$(PY) -m models.genai_smollm2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import signal
@@ -26,6 +27,16 @@ from sqonnx.config import (
 )
 from sqonnx.errors import SqonnxError
 from sqonnx.target import Target
+
+
+class LevelChoice(str, enum.Enum):
+    """--level: a Level, or auto (O3 with per-token O1 where needed)."""
+
+    O1 = "O1"
+    O2 = "O2"
+    O3 = "O3"
+    AUTO = "auto"
+
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="SmoothQuant W8A8 INT8 quantization for ONNX transformer models.")
@@ -52,13 +63,18 @@ def quantize(
         "--dynamic", help="Dynamic activations: per-tensor (= --level O2); per-token with --per-token (O1)")
     ] = False,
     per_token: Annotated[bool, typer.Option("--per-token", help="With --dynamic: one scale per token (O1)")] = False,
-    level: Annotated[Level | None, typer.Option(
-        help="O1 per-token dynamic, O2 per-tensor dynamic, O3 per-tensor static (fastest) [default: O3]")] = None,
+    level: Annotated[LevelChoice | None, typer.Option(
+        help="O1 per-token dynamic, O2 per-tensor dynamic, O3 per-tensor static (fastest), auto: O3 and O1 "
+             "for the layers one static range cannot hold [default: O3]")] = None,
     format: Annotated[Format, typer.Option(
         "--format", help="qdq: Q/DQ around float ops (portable); qoperator: explicit MatMulInteger")] = Format.QDQ,
     target: Annotated[Target, typer.Option(
         help="Where the model runs; decides the weight range. native: detect this CPU")] = Target.PORTABLE,
     smooth: Annotated[bool, typer.Option("--smooth/--no-smooth", help="Apply SmoothQuant before quantizing")] = True,
+    rotate: Annotated[bool | None, typer.Option(
+        "--rotate/--no-rotate", show_default=False,
+        help="Rotate the residual stream first (exact; spreads outlier channels) [default: where the graph "
+             "allows it offline: RMSNorm decoders]")] = None,
     smooth_only: Annotated[bool, typer.Option(
         "--smooth-only", help="Only fold the smoothing factors: a float model for TensorRT or another quantizer")
     ] = False,
@@ -70,8 +86,8 @@ def quantize(
     exclude: Annotated[list[str] | None, typer.Option(
         help=f"Node-name glob to keep in float; repeatable [default: {', '.join(DEFAULT_EXCLUDE)}]")] = None,
     unabsorbed: Annotated[Unabsorbed, typer.Option(
-        help="auto: smooth a group only where calibration shows it pays (an explicit Mul where nothing absorbs "
-             "1/s only if it cuts the error by a fifth); skip: never insert a Mul; mul: always")] = Unabsorbed.AUTO,
+        help="Groups whose producer cannot absorb 1/s. auto: an explicit Mul only where calibration shows it cuts "
+             "the group's INT8 error by a fifth; skip: never; mul: always")] = Unabsorbed.AUTO,
     calib_data: Annotated[Path | None, typer.Option(
         help="Calibration text file or .npz of input feeds [default: Python's pydoc topics]")] = None,
     num_samples: Annotated[int, typer.Option(help="Calibration samples")] = 128,
@@ -90,8 +106,10 @@ def quantize(
     with _user_errors("interrupted: no output written"):
         config = QuantizeConfig(
             alpha=_alpha(alpha), alpha_range=_alpha_range(alpha_range), calib_method=calib_method, smooth=smooth,
-            smooth_only=smooth_only,
-            level=_level(level, static, dynamic, per_token), format=format,
+            smooth_only=smooth_only, rotate=rotate,
+            level=_level(None if level in (None, LevelChoice.AUTO) else Level(level.value), static, dynamic,
+                         per_token),
+            per_token_where_needed=level is LevelChoice.AUTO, format=format,
             target=target, per_channel=per_channel, reduce_range=reduce_range,
             exclude=tuple(exclude) if exclude else DEFAULT_EXCLUDE, unabsorbed=unabsorbed,
             calibration=CalibrationConfig(data=calib_data, num_samples=num_samples, seq_len=seq_len),

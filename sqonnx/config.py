@@ -45,8 +45,8 @@ class Format(str, enum.Enum):
 class Unabsorbed(str, enum.Enum):
     """What to do with a smoothing group whose producer cannot absorb 1/s exactly."""
 
-    # Decide per group from calibration rows: smooth a group only where it lowers the group's INT8 output
-    # error, and pay for an explicit Mul only where it lowers it by a fifth or more (MiniLM: the GELU
+    # Decide per group from calibration rows: pay for an explicit Mul only where it lowers the group's INT8
+    # output error by a fifth or more (MiniLM: the post-LN q/k/v and intermediate groups gain; the GELU
     # output's outlier channel is also in the weight, where smoothing makes INT8 worse).
     AUTO = "auto"
     SKIP = "skip"  # leave the group unsmoothed: the graph stays unchanged but for Q/DQ
@@ -85,6 +85,14 @@ class QuantizeConfig:
     # TensorRT or another quantizer to take over.
     smooth_only: bool = False
     level: Level = Level.O3
+    # --level auto: O3 everywhere but where one static range cannot hold a group's activations (massive-
+    # activation tokens: its O3 error on calibration rows is LEVEL_AUTO_RATIO times its per-token error or
+    # more); those groups get O1, per-token dynamic INT8, instead of staying in float.
+    per_token_where_needed: bool = False
+    # Rotate the residual stream by an orthogonal matrix first (QuaRot's R1 and R2, exact in FP32):
+    # None: wherever the graph allows it offline (RMSNorm decoders); True: also where run-time rotations
+    # are needed (Gemma 3's post-norms); False: never.
+    rotate: bool | None = None
     format: Format = Format.QDQ
     # Weight scales per output channel. The paper uses per-tensor weights, but with the 7-bit range
     # below it costs SmolLM2 perplexity 24.2 instead of 16.9 (FP32 11.8); per-channel scales cost no
@@ -116,6 +124,8 @@ class QuantizeConfig:
             raise SqonnxError(
                 f"--full-range saturates int16 sums on x86 CPUs without VNNI (target {resolve(self.target).value}); "
                 "pass --target x86-vnni, arm64 or gpu if the model only runs there")
+        if self.per_token_where_needed and self.level is not Level.O3:
+            raise SqonnxError(f"--level auto starts from O3 static activations; it contradicts {self.level.value}")
         if self.smooth_only and not self.smooth:
             raise SqonnxError("--smooth-only contradicts --no-smooth; drop one")
         if self.smooth_only and self.keep_float_budget is not None:
@@ -139,12 +149,13 @@ class QuantizeConfig:
     def needs_rows(self) -> bool:
         """Whether calibration must keep activation rows (searches), not only maxima."""
         return (self.smooth and (self.alpha_auto or self.unabsorbed is Unabsorbed.AUTO)
-                or self.keep_float_budget is not None
+                or self.keep_float_budget is not None or self.per_token_where_needed
                 or (self.calib_method is not CalibMethod.MINMAX and self.level is Level.O3))
 
     @property
     def integer_form(self) -> bool:
-        """Explicit integer ops: asked for, or O1, whose per-token scales have no Q/DQ spelling."""
+        """Explicit integer ops: asked for, or O1, whose per-token scales have no Q/DQ spelling. (With
+        --level auto the O1 layers are written with integer ops and the rest in this form.)"""
         return self.format is Format.QOPERATOR or self.level is Level.O1
 
     @property

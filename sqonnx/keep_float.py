@@ -85,6 +85,24 @@ def choose_float_layers(build: Callable[[frozenset[str]], Any], fp32: Path, feed
     return chosen, trials
 
 
+def least_loss(candidates: dict[str, Callable[[], Any]], fp32: Path, feeds: Iterable[dict[str, np.ndarray]],
+               workdir: Path) -> tuple[str, dict[str, float]]:
+    """The candidate build whose first output is nearest FP32 (relative L2 error) on `feeds` (samples the
+    statistics have not seen), and every candidate's error. Used by --alpha auto, which keeps its per-group choice
+    only where it beats every single α tried at the level of the whole model (a sum of per-group optima
+    can lose to one α). The output error, unlike a perplexity, needs no meaningful next-token labels."""
+    samples = list(feeds)
+    reference, _ = _run(fp32, samples)
+    losses: dict[str, float] = {}
+    for key, build in candidates.items():
+        trial = workdir / "alpha-trial.onnx"
+        ir.save(build().model, trial, external_data="alpha-trial.onnx.data")
+        outputs, _ = _run(trial, samples)
+        losses[key] = output_error(reference, outputs)
+        logger.info("alpha %s -> output error %.4f", key, losses[key])
+    return min(losses, key=lambda k: losses[k]), losses
+
+
 def _run(path: Path, samples: list[dict[str, np.ndarray]]) -> tuple[list[dict[str, np.ndarray]], float]:
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -94,6 +112,14 @@ def _run(path: Path, samples: list[dict[str, np.ndarray]]) -> tuple[list[dict[st
     start = time.perf_counter()
     session.run(None, samples[0])
     return outputs, time.perf_counter() - start
+
+
+def output_error(reference: list[dict[str, np.ndarray]], outputs: list[dict[str, np.ndarray]]) -> float:
+    first = next(iter(reference[0]))
+    num = sum(float(np.sum((out[first].astype(np.float64) - ref[first]) ** 2)) for ref, out in zip(
+        reference, outputs, strict=True))
+    den = sum(float(np.sum(ref[first].astype(np.float64) ** 2)) for ref in reference)
+    return float(np.sqrt(num / max(den, 1e-30)))
 
 
 def quality_loss(reference: list[dict[str, np.ndarray]], outputs: list[dict[str, np.ndarray]],

@@ -23,6 +23,8 @@ class LayerReport:
     outlier_ratio_after: float
     alpha: float | None = None  # the group's α (differs per layer with --alpha auto)
     static_range: float = 0.0  # O3: the max |x| the static scale covers (after smoothing and clipping)
+    level: str = ""  # the layer's activation quantization (differs per layer with --level auto)
+    level_reason: str = ""  # why --level auto chose it
 
 
 @dataclass
@@ -63,6 +65,7 @@ class QuantizeReport:
             f"{self.settings.get('format')} form, target {self.settings.get('target')}",
             f"  weights: {self.settings.get('weights')}; int16 worst case {self.settings.get('int16_worst_case')}",
             *([f"  --optimize fused: {self.settings['optimize']}"] if "optimize" in self.settings else []),
+            *([f"  {self.settings['rotation']}"] if "rotation" in self.settings else []),
             *[f"  keep-float trial: {len(t['float_layers'])} layers in float -> quality loss {t['quality_loss']:.4f}, "
               f"{t['speedup']:.2f}x FP32 speed" for t in self.settings.get("keep_float", [])],
             f"  quantized {len(quantized)} of {len(self.layers)} linear layers; smoothed {len(smoothed)}"

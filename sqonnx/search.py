@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -17,6 +17,8 @@ from sqonnx.config import CalibMethod, Level
 from sqonnx.smoothing import quantize_weight, smoothing_scales
 
 ACTIVATION_QMAX = 127
+# --level auto: a group goes per-token when its static (O3) error is this many times its per-token error.
+LEVEL_AUTO_RATIO = 4.0
 MAX_CLIP_VALUES = 1 << 16  # values used to choose a clipping threshold (a strided subsample)
 
 
@@ -100,3 +102,13 @@ def group_error(rows: np.ndarray, act_max: np.ndarray, weights: list[tuple[np.nd
         error += float(np.sum((x_hat @ (codes * w_scale) - reference) ** 2))
         total += float(np.sum(reference ** 2))
     return error / max(total, 1e-30) if relative else error / max(len(rows), 1)
+
+
+def choose_level(rows: np.ndarray, act_max: np.ndarray, weights: list[tuple[np.ndarray, int]],
+                 search: AlphaSearch) -> tuple[Level, float, float]:
+    """O3, or O1 where one static range cannot hold the activation (a few massive tokens set the range and
+    every other token loses its precision), judged on calibration rows already divided by s with the
+    weights already multiplied by it. Returns the level and the O3 and O1 relative errors."""
+    static = group_error(rows, act_max, weights, None, replace(search, level=Level.O3))
+    per_token = group_error(rows, act_max, weights, None, replace(search, level=Level.O1))
+    return (Level.O1 if static > LEVEL_AUTO_RATIO * per_token else Level.O3), static, per_token

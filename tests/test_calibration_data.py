@@ -80,3 +80,62 @@ def test_with_past_export_gets_an_empty_cache(tmp_path: Path) -> None:
     assert feed["past_key_values.0.key"].shape == (1, 3, 0, 8)
     assert feed["past_key_values.0.value"].dtype == np.float32
     assert feed["input_ids"].shape == (1, 32)
+
+
+def _genai_graph(folder: Path) -> ir.Graph:
+    """The inputs onnxruntime-genai's model builder writes: no position_ids, a mask over past + new tokens,
+    and a cache whose head size is symbolic (`kv_cache_dim`)."""
+    _bert_like_tokenizer(folder)
+    inputs = [ir.Value(name="input_ids", type=ir.TensorType(ir.DataType.INT64),
+                       shape=ir.Shape(["batch_size", "sequence_length"])),
+              ir.Value(name="attention_mask", type=ir.TensorType(ir.DataType.INT64),
+                       shape=ir.Shape(["batch_size", "total_sequence_length"]))]
+    for layer in range(2):
+        for kind in ("key", "value"):
+            inputs.append(ir.Value(name=f"past_key_values.{layer}.{kind}", type=ir.TensorType(ir.DataType.FLOAT),
+                                   shape=ir.Shape(["batch_size", 3, "past_sequence_length", "kv_cache_dim"])))
+    return ir.Graph(inputs, [], nodes=[], name="g")
+
+
+@pytest.mark.parametrize("config", [
+    ("genai_config.json", {"model": {"decoder": {"num_key_value_heads": 3, "head_size": 16, "hidden_size": 96}}}),
+    ("config.json", {"num_attention_heads": 6, "num_key_value_heads": 3, "head_dim": 16, "hidden_size": 64}),
+    ("config.json", {"num_attention_heads": 6, "num_key_value_heads": 3, "hidden_size": 96}),  # 96 / 6
+])
+def test_symbolic_cache_dims_come_from_the_config(tmp_path: Path, config: tuple[str, dict]) -> None:
+    """genai's cache inputs leave the head size symbolic; genai_config.json or config.json states it."""
+    import json
+
+    graph = _genai_graph(tmp_path)
+    (tmp_path / config[0]).write_text(json.dumps(config[1]))
+    feed = next(iter(calibration_feeds(graph, tmp_path, CalibrationConfig(num_samples=2, seq_len=32))))
+    assert sorted(feed) == sorted(str(v.name) for v in graph.inputs)
+    for layer in range(2):
+        for kind in ("key", "value"):
+            cache = feed[f"past_key_values.{layer}.{kind}"]
+            assert cache.shape == (1, 3, 0, 16) and cache.dtype == np.float32
+    assert feed["input_ids"].shape == feed["attention_mask"].shape == (1, 32)  # total length = new tokens
+    assert np.all(feed["attention_mask"] == 1)
+
+
+def test_fixed_cache_dims_win_over_the_config(tmp_path: Path) -> None:
+    """The graph's own fixed dimensions are the truth; the config only fills symbolic ones."""
+    import json
+
+    graph = _genai_graph(tmp_path)
+    (tmp_path / "genai_config.json").write_text(json.dumps({"model": {"decoder": {"num_key_value_heads": 9,
+                                                                                    "head_size": 16}}}))
+    feed = next(iter(calibration_feeds(graph, tmp_path, CalibrationConfig(num_samples=2, seq_len=32))))
+    assert feed["past_key_values.0.key"].shape == (1, 3, 0, 16)  # 3 heads from the graph, not the config's 9
+
+
+@pytest.mark.parametrize("config", [None, "{not json", '{"model": {"decoder": {"head_size": "64"}}}'])
+def test_symbolic_cache_dims_without_a_config(tmp_path: Path, config: str | None) -> None:
+    """No (usable) config beside the model: the error names the input and says why."""
+    graph = _genai_graph(tmp_path)
+    if config is not None:
+        (tmp_path / "genai_config.json").write_text(config)
+    feeds = calibration_feeds(graph, tmp_path, CalibrationConfig(num_samples=2, seq_len=32))
+    with pytest.raises(SqonnxError, match="model input 'past_key_values.0.key' cannot be filled from text; its "
+                                          "heads or head size are symbolic"):
+        next(iter(feeds))

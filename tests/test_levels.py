@@ -108,3 +108,21 @@ def test_per_token_rows_are_independent(tmp_path: Path, block: Path, feeds: Path
         assert changed <= 1e-5
     else:
         assert changed > 1e-2
+
+
+def test_level_auto_mixes_static_and_per_token(tmp_path: Path, block: Path, feeds: Path) -> None:
+    """--level auto: the groups whose outlier rows a static range cannot hold (q/k/v, down_proj of the block)
+    go per-token; the others stay static; both kinds fuse into integer kernels and the error drops."""
+    x = activations(4, seed=5)
+    expected = run(block, x)
+    errors = {}
+    for auto in (False, True):
+        out = tmp_path / f"auto{auto}.onnx"
+        report = sqonnx.quantize(block, out, QuantizeConfig(per_token_where_needed=auto, calibration=CalibrationConfig(
+            data=feeds, num_samples=8)))
+        assert report.kernels is not None and report.kernels.integer_total == 7 and not report.kernels.unfused
+        errors[auto] = float(np.linalg.norm(run(out, x) - expected) / np.linalg.norm(expected))
+    levels = {layer.name.split("/")[2]: layer.level for layer in report.layers}
+    assert levels == {"q_proj": "O1", "k_proj": "O1", "v_proj": "O1", "o_proj": "O3", "gate_proj": "O3",
+                      "up_proj": "O3", "down_proj": "O1"}, levels
+    assert errors[True] < errors[False], errors

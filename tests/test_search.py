@@ -85,15 +85,13 @@ def test_alpha_auto_end_to_end(tmp_path: Path, block: Path, feeds: Path) -> None
     assert grid[0] == 0.05 and grid[-1] == 0.95 and len(grid) == 19
     assert all(a is None or a in grid for a in chosen.values())
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
-    assert json.loads(meta["sqonnx.alpha_per_layer"]) == {k: v for k, v in chosen.items() if v is not None}
-    assert meta["sqonnx.alpha"].startswith("auto")
-    # Never worse than one global alpha picked from the same grid (a coarse sample of it here).
-    single = []
-    for alpha in (0.25, 0.5, 0.75, 0.95):
-        path = tmp_path / f"a{alpha}.onnx"
-        sqonnx.quantize(block, path, QuantizeConfig(alpha=alpha, calibration=calibration))
-        single.append(update_error(path, block))
-    assert update_error(out, block) <= 1.02 * min(single), (update_error(out, block), single)
+    assert meta["sqonnx.alpha"].startswith("auto") and "chose" in meta["sqonnx.alpha"]
+    if "chose per group" in meta["sqonnx.alpha"]:
+        assert json.loads(meta["sqonnx.alpha_per_layer"]) == {k: v for k, v in chosen.items() if v is not None}
+    else:  # a single α beat the per-group choice on the whole model
+        assert "sqonnx.alpha_per_layer" not in meta and len(set(chosen.values()) - {None}) == 1
+    # Whether the per-group choice or one α is kept is judged on held-out calibration samples; that it
+    # never loses to a single α there is tests/test_families.py::test_alpha_auto_never_loses_to_a_single_alpha.
 
 
 def test_alpha_range_bounds_the_search(tmp_path: Path, block: Path, feeds: Path) -> None:

@@ -3,10 +3,17 @@
 Text is tokenized with the tokenizer.json that optimum saves beside the model. The built-in text is
 `pydoc_data.topics`, which every CPython ships: topics are split deterministically into a calibration
 part and a held-out evaluation part, so quality is never measured on the calibration text.
+
+A decoder with a key/value cache (an optimum with-past export, an onnxruntime-genai model) is calibrated as
+a prefill: its past_key_values inputs are empty, [1, kv_heads, 0, head_size]. When the graph leaves a size
+symbolic (genai writes [batch_size, 3, past_sequence_length, kv_cache_dim]), it comes from the configuration
+beside the model: genai_config.json (`model.decoder.num_key_value_heads`, `head_size`), else config.json
+(`num_key_value_heads`, `head_dim` or hidden_size / num_attention_heads).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +26,9 @@ from sqonnx.errors import SqonnxError
 
 EVAL_EVERY = 5  # every 5th pydoc topic (sorted by name) is held out for evaluation
 
-_NUMPY_OF = {ir.DataType.INT64: np.int64, ir.DataType.INT32: np.int32, ir.DataType.FLOAT: np.float32}
+_NUMPY_OF = {ir.DataType.INT64: np.int64, ir.DataType.INT32: np.int32, ir.DataType.FLOAT: np.float32,
+             ir.DataType.FLOAT16: np.float16}
+CACHE_PREFIXES = ("past_key_values", "past_key", "past_value")
 
 
 def pydoc_text(split: str) -> str:
@@ -74,8 +83,10 @@ def token_windows(token_ids: list[int], num_samples: int, seq_len: int,
     return np.stack([np.concatenate([prefix, ids[o:o + body], suffix]).astype(np.int64) for o in offsets])
 
 
-def feeds_for_tokens(inputs: list[ir.Value], tokens: np.ndarray) -> dict[str, np.ndarray]:
-    """Feeds for one [seq] window, for the inputs a transformer export has."""
+def feeds_for_tokens(inputs: list[ir.Value], tokens: np.ndarray,
+                     cache_dims: CacheDims | None = None) -> dict[str, np.ndarray]:
+    """Feeds for one [seq] window, for the inputs a transformer export has; `cache_dims`: the key/value
+    cache's heads and head size where the graph leaves them symbolic (see `cache_dims`)."""
     seq = tokens.shape[0]
     feeds: dict[str, np.ndarray] = {}
     for value in inputs:
@@ -89,26 +100,72 @@ def feeds_for_tokens(inputs: list[ir.Value], tokens: np.ndarray) -> dict[str, np
             array = np.arange(seq, dtype=np.int64)
         elif name == "token_type_ids":
             array = np.zeros(seq, dtype=np.int64)
-        elif name.startswith(("past_key_values", "past_key", "past_value")) and _empty_cache_shape(value):
+        elif name.startswith(CACHE_PREFIXES) and (shape := _empty_cache_shape(value, cache_dims)) is not None:
             # A with-past export run as a prefill: the key/value cache is empty (length 0).
-            feeds[name] = np.zeros(_empty_cache_shape(value), dtype=dtype)  # type: ignore[arg-type]
+            feeds[name] = np.zeros(shape, dtype=dtype)
             continue
         else:
-            raise SqonnxError(f"model input '{name}' cannot be filled from text; "
+            hint = ("; its heads or head size are symbolic and no genai_config.json or config.json beside the "
+                    "model states them" if name.startswith(CACHE_PREFIXES) else "")
+            raise SqonnxError(f"model input '{name}' cannot be filled from text{hint}; "
                               "pass --calib-data as an .npz with one array per model input")
         feeds[name] = array[None, :].astype(dtype)
     return feeds
 
 
-def _empty_cache_shape(value: ir.Value) -> tuple[int, ...] | None:
-    """[1, kv_heads, 0, head_dim] for a cache input whose other dimensions are fixed in the model."""
+def _empty_cache_shape(value: ir.Value, fallback: CacheDims | None) -> tuple[int, int, int, int] | None:
+    """[1, kv_heads, 0, head_size] for a cache input: the model's fixed dimensions, else `fallback`'s."""
     shape = value.shape
     if shape is None or len(shape) != 4:
         return None
-    heads, head_dim = shape[1], shape[3]
-    if not isinstance(heads, int) or not isinstance(head_dim, int):
+    fixed_heads, fixed_size = shape[1], shape[3]
+    heads = fixed_heads if isinstance(fixed_heads, int) else fallback.kv_heads if fallback is not None else None
+    head_size = fixed_size if isinstance(fixed_size, int) else fallback.head_size if fallback is not None else None
+    if heads is None or head_size is None:
         return None
-    return (1, heads, 0, head_dim)
+    return (1, heads, 0, head_size)
+
+
+@dataclass(frozen=True)
+class CacheDims:
+    """The key/value cache's heads and head size, as the configuration beside a model states them."""
+
+    kv_heads: int
+    head_size: int
+
+
+def cache_dims(model_dir: Path) -> CacheDims | None:
+    """From genai_config.json (onnxruntime-genai's model builder writes it), else config.json (transformers,
+    optimum); None when neither states them. A file that cannot be read counts as absent: the model's own
+    fixed dimensions may still do, and an input left unfilled is an error that names it."""
+    genai = _read_json(model_dir / "genai_config.json")
+    decoder = genai.get("model", {}).get("decoder", {}) if isinstance(genai.get("model"), dict) else {}
+    if isinstance(decoder, dict):
+        found = _dims(decoder.get("num_key_value_heads") or decoder.get("num_attention_heads"),
+                      decoder.get("head_size"))
+        if found is not None:
+            return found
+    config = _read_json(model_dir / "config.json")
+    config = config.get("text_config", config) if isinstance(config.get("text_config"), dict) else config
+    heads = config.get("num_attention_heads")
+    head_dim = config.get("head_dim")
+    if not head_dim and isinstance(heads, int) and heads > 0 and isinstance(config.get("hidden_size"), int):
+        head_dim = config["hidden_size"] // heads
+    return _dims(config.get("num_key_value_heads") or heads, head_dim)
+
+
+def _dims(kv_heads: object, head_size: object) -> CacheDims | None:
+    if isinstance(kv_heads, int) and isinstance(head_size, int) and kv_heads > 0 and head_size > 0:
+        return CacheDims(kv_heads, head_size)
+    return None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 @dataclass
@@ -147,8 +204,10 @@ def calibration_feeds(graph: ir.Graph, model_dir: Path, config: CalibrationConfi
     ids = tokenizer.encode(text, add_special_tokens=False).ids
     windows = token_windows(ids, config.num_samples, config.seq_len, *special_tokens(tokenizer))
 
+    dims = cache_dims(model_dir) if any(str(v.name).startswith(CACHE_PREFIXES) for v in inputs) else None
+
     def make() -> Iterator[dict[str, np.ndarray]]:
-        return (feeds_for_tokens(inputs, w) for w in windows)
+        return (feeds_for_tokens(inputs, w, dims) for w in windows)
 
     return CalibrationFeeds(len(windows), make, f"{description}, {len(windows)} x {config.seq_len} tokens")
 

@@ -49,13 +49,13 @@ class InsertIntegerMatMulPass(ir.passes.InPlacePass):
             layer = as_linear_layer(item.layer.node)
             if layer is None or item.layer.node.graph is None:
                 continue  # already replaced
-            self._replace(model.graph, layer, item.activation_max)
+            self._replace(model.graph, layer, item.activation_max, item.level or self.level)
             modified = True
         return ir.passes.PassResult(model, modified=modified)
 
-    def _replace(self, graph: ir.Graph, layer: LinearLayer, activation_max: float) -> None:
+    def _replace(self, graph: ir.Graph, layer: LinearLayer, activation_max: float, level: Level) -> None:
         name = layer.name
-        x_q, x_scale, x_zero_point = self._quantized_activation(graph, layer, activation_max)
+        x_q, x_scale, x_zero_point = self._quantized_activation(graph, layer, activation_max, level)
         w_q, w_scale = self._quantized_weight(graph, layer)
         nodes = [ir.node("MatMulInteger", [x_q, w_q, x_zero_point], name=f"{name}/MatMulInteger",
                          outputs=[ir.Value(name=f"{name}/output_int32")])]
@@ -68,7 +68,7 @@ class InsertIntegerMatMulPass(ir.passes.InPlacePass):
                                     (x_scale.const_value.numpy() * w_scale).astype(np.float32))
             nodes.append(ir.node("Mul", [cast, scale], name=f"{name}/rescale_Mul",
                                  outputs=[ir.Value(name=output_name)]))
-        elif self.level is Level.O1 and (layer.bias_value is not None or _feeds_constant_add(layer.node.outputs[0])):
+        elif level is Level.O1 and (layer.bias_value is not None or _feeds_constant_add(layer.node.outputs[0])):
             nodes += _rescale_without_fusion(graph, name, cast, x_scale, w_scale, output_name)
         else:
             w_scale_value = add_initializer(graph, f"{name}/weight_scale", w_scale)
@@ -95,20 +95,20 @@ class InsertIntegerMatMulPass(ir.passes.InPlacePass):
             self._weights[layer.weight_value] = cached
         return cached
 
-    def _quantized_activation(self, graph: ir.Graph, layer: LinearLayer,
-                              activation_max: float) -> tuple[ir.Value, ir.Value, ir.Value]:
+    def _quantized_activation(self, graph: ir.Graph, layer: LinearLayer, activation_max: float,
+                              level: Level) -> tuple[ir.Value, ir.Value, ir.Value]:
         x = layer.activation
         cached = self._activations.get(x)
         if cached is not None:
             return cached
         base = f"{layer.name}/input"
         nodes: list[ir.Node]
-        if self.level is Level.O2:
+        if level is Level.O2:
             node = ir.node("DynamicQuantizeLinear", [x], name=f"{base}_DynamicQuantizeLinear",
                            outputs=[ir.Value(name=f"{base}_quantized"), ir.Value(name=f"{base}_scale"),
                                     ir.Value(name=f"{base}_zero_point")])
             nodes, cached = [node], (node.outputs[0], node.outputs[1], node.outputs[2])
-        elif self.level is Level.O3:
+        elif level is Level.O3:
             scale = add_initializer(graph, f"{base}_scale", symmetric_scale(activation_max, ACTIVATION_QMAX))
             zero_point = add_initializer(graph, f"{base}_zero_point", np.array(UINT8_ZERO, dtype=np.uint8))
             node = ir.node("QuantizeLinear", [x, scale, zero_point], name=f"{base}_QuantizeLinear",

@@ -28,10 +28,12 @@ ACTIVATION_QMAX = 127
 
 @dataclass(frozen=True)
 class LayerQuantization:
-    """Static quantization of one layer: the activation's max |x| after smoothing."""
+    """How one layer is quantized: its level (None: the pass's own) and, for O3, the activation's static
+    max |x| after smoothing."""
 
     layer: LinearLayer
     activation_max: float
+    level: Level | None = None
 
 
 class InsertQDQPass(ir.passes.InPlacePass):
@@ -58,7 +60,10 @@ class InsertQDQPass(ir.passes.InPlacePass):
             if layer.node.op_type == "Gemm":
                 layer = gemm_as_batched_matmul(model.graph, layer, opset)
             self._quantize_weight(model.graph, layer)
-            if self.level is Level.O3:
+            level = item.level or self.level
+            if level is Level.O1:
+                raise ValueError(f"{layer.name}: O1 (per-token) has no QDQ form; use InsertIntegerMatMulPass")
+            if level is Level.O3:
                 self._quantize_activation(model.graph, layer, item.activation_max)
             else:
                 self._quantize_activation_dynamically(model.graph, layer)

@@ -1,0 +1,746 @@
+"""Rotate the residual stream of a pre-norm RMSNorm decoder by an orthogonal Q (QuaRot's R1), and each
+value head by an orthogonal H (R2), exactly in FP32, before smoothing and quantization.
+
+Why: a few hidden channels of an LLM's residual stream are 10-100x larger than the rest in every layer,
+and a per-tensor INT8 scale is set by them. x Q spreads each outlier over all channels (a randomized
+Hadamard Q gives every channel the same share), so what the norms hand to q/k/v, gate/up and the LM
+head has no outlier channel left for smoothing to chase.
+
+Why it is exact: RMSNorm without its weight commutes with an orthogonal Q, because ||x Q|| = ||x||:
+x Q / rms(x Q) = (x / rms(x)) Q. So once each norm's weight w is folded into the linear layers that read
+the norm (W' = diag(w) W, the norm keeps a weight of ones), the whole stream can live in the rotated
+basis: the embedding table becomes E Q, every reader of a norm W' = Q^T diag(w) W (rows, the input
+channels), every writer into the stream (o_proj, down_proj, MoE experts' w2) W' = W Q and b' = b Q
+(output columns), and the residual Adds add rotated to rotated. The norms keep their weight Mul (of
+ones), so SmoothQuant can still fold 1/s into it afterwards.
+
+R2: the attention output of each head is a mix over tokens of its value head, so v_proj's columns of one
+head can be rotated by H when o_proj's rows of every query head reading it are rotated by H^T. One H is
+used for every head (block-diagonal over heads), which also covers grouped-query attention, where
+several query heads read one value head: they all get the same H^T. For a fused qkv_proj only the value
+columns turn. Head counts come from config.json beside the model (num_attention_heads,
+num_key_value_heads, head_dim) and are checked against the graph (the Reshape into heads, the widths of
+v and o); without a config the head size is read off that Reshape.
+
+Found from the graph, no per-family config: the embedding `Gather` starts the stream; every reader of a
+stream value must be a residual Add, an RMSNorm as optimum exports it (Cast? Pow ReduceMean Add Sqrt,
+then Div(1, .) or Reciprocal and Mul, or Div(x, .), then Cast? and Mul(weight)), a Cast to float, a
+Mul by a scalar (Gemma's sqrt(hidden) embedding scale) or Shape; anything else is refused with the node
+named. What a residual Add adds must come from linear layers through bias Adds, Reshape, sums of several
+branches, and per-token factors (Mixtral's router weights, last axis 1). Gemma 3's post-norms (a norm
+between o_proj or down_proj and the residual Add) have no linear layer after them to take Q: their weight
+Mul becomes a MatMul by diag(w) Q at run time (`online` in the result; keep those float).
+
+Not handled, refused with a reason: LayerNorm (and its unfused ReduceMean/Sub form) subtracts the mean
+over channels, and mean(x Q) is not mean(x) Q: the mean direction would first have to be projected out
+of every writer and the embedding (SliceGPT / QuaRot's LayerNorm conversion), which this pass does not
+do. Norms fused by onnxruntime's optimizer (Simplified/SkipSimplifiedLayerNormalization): rotate the
+exported graph before `--optimize`. A residual stream that is itself a model output.
+
+A tied LM head (MatMul reading Transpose(embedding)) gets its own constant Q^T diag(w) E^T, because the
+table is now E Q: one more vocab x hidden float32 copy in the file (SmolLM2: 49152 x 576 x 4 B = 113 MB).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from sqonnx.graph import LinearLayer, add_initializer, as_linear_layer, constant, find_linear_layers, set_constant_input
+from sqonnx.passes.absorbers._columns import ColumnPath, walk_to_linear
+from sqonnx.passes.absorbers.base import is_channel_vector, value_uses
+from sqonnx.rotation import block_diagonal, orthogonal, rotate_columns, rotate_rows, scaled_rotation
+
+logger = logging.getLogger(__name__)
+
+ROTATED_KEY = "sqonnx.rotated"
+_FLOAT = ir.DataType.FLOAT.value
+_ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Cast", "Softmax", "Sigmoid", "Relu", "Neg", "Exp", "Sqrt", "Pow",
+                "Where", "Equal", "Less", "Greater", "GreaterOrEqual", "LessOrEqual", "And", "Or", "Not", "Tanh")
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Attention heads as config.json states them."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_config(cls, model_dir: Path | None) -> HeadLayout | str | None:
+        """The layout from `model_dir/config.json`; None without one, a reason when it is unclear."""
+        path = model_dir / "config.json" if model_dir is not None else None
+        if path is None or not path.is_file():
+            return None
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            return f"{path} cannot be read ({exc})"
+        config = config.get("text_config", config) if isinstance(config, dict) else {}
+        heads = config.get("num_attention_heads")
+        if not isinstance(heads, int) or heads <= 0:
+            return f"{path} has no num_attention_heads"
+        kv_heads = config.get("num_key_value_heads") or heads
+        head_dim = config.get("head_dim") or (config.get("hidden_size", 0) // heads)
+        if not isinstance(kv_heads, int) or not isinstance(head_dim, int) or head_dim <= 0 or heads % kv_heads:
+            return f"{path} states no usable head layout (heads {heads}, kv heads {kv_heads}, head_dim {head_dim})"
+        return cls(heads, kv_heads, head_dim)
+
+
+@dataclass(frozen=True)
+class RotationResult:
+    """What `RotatePass` rotated, or why it left the model alone (`reason`)."""
+
+    rotated: bool
+    reason: str = ""
+    hidden: int = 0
+    kind: str = ""  # "randomized Hadamard" or "random orthogonal"
+    seed: int = 0
+    tables: tuple[str, ...] = ()  # embedding tables turned into E Q
+    norms: tuple[str, ...] = ()  # values the folded norms hand to their readers
+    readers: tuple[str, ...] = ()  # linear layers reading a norm: Q^T diag(w) W
+    writers: tuple[str, ...] = ()  # linear layers writing into the stream: W Q
+    online: tuple[str, ...] = ()  # MatMul nodes by diag(w) Q added after post-norms (run time, keep float)
+    head_dim: int = 0  # R2's H size; 0 when R2 was not applied
+    heads: tuple[str, ...] = ()  # o_proj layers whose value heads were rotated by H
+    head_reason: str = ""  # why R2 was not applied
+
+    def summary(self) -> str:
+        if not self.rotated:
+            return f"not rotated: {self.reason}"
+        r2 = f"; R2 {self.head_dim}x{self.head_dim} on {len(self.heads)} attention layers" if self.head_dim else (
+            f"; no R2: {self.head_reason}")
+        online = f"; {len(self.online)} online rotations after post-norms" if self.online else ""
+        return (f"rotated the residual stream ({self.hidden} channels, {self.kind}, seed {self.seed}): "
+                f"{len(self.norms)} norms folded, {len(self.readers)} readers, {len(self.writers)} writers"
+                f"{online}{r2}")
+
+
+@dataclass
+class RotatePassResult(ir.passes.PassResult):
+    rotation: RotationResult = field(default_factory=lambda: RotationResult(False, "not run"))
+
+
+class RotatePass(ir.passes.InPlacePass):
+    """Rotate the residual stream (and value heads) of the model it is given; see the module docstring.
+
+    Expects a prepared model (`passes.prepare`: constants as initializers, no Identity). A model already
+    rotated (metadata `sqonnx.rotated`) is left as it is."""
+
+    def __init__(self, seed: int = 0, heads: HeadLayout | None = None, per_head: bool = True) -> None:
+        super().__init__()
+        self.seed = seed
+        self.heads = heads
+        self.per_head = per_head
+
+    def call(self, model: ir.Model) -> RotatePassResult:
+        if ROTATED_KEY in model.metadata_props:
+            done = RotationResult(False, f"the model is already rotated ({ROTATED_KEY}="
+                                         f"{model.metadata_props[ROTATED_KEY]})")
+            return RotatePassResult(model, False, done)
+        graph = model.graph
+        plan = find_stream(graph)
+        if isinstance(plan, str):
+            return RotatePassResult(model, False, RotationResult(False, plan))
+        pairs: list[_HeadPair] = []
+        head_reason = "disabled"
+        head_dim = 0
+        if self.per_head:
+            found = find_head_pairs(graph, self.heads)
+            if isinstance(found, str):
+                head_reason = found
+            else:
+                pairs, head_dim = found
+                head_reason = ""
+        q, kind = orthogonal(plan.hidden, self.seed)
+        online = _rotate_stream(graph, plan, q)
+        if pairs:
+            h, _ = orthogonal(head_dim, self.seed + 1)
+            for pair in pairs:
+                _rotate_heads(graph, pair, h, head_dim)
+        result = RotationResult(
+            True, hidden=plan.hidden, kind=kind, seed=self.seed,
+            tables=tuple(str(node.inputs[0].name) for node in plan.tables if node.inputs[0] is not None),
+            norms=tuple(str(norm.output.name) for norm in plan.norms),
+            readers=tuple(layer.name for norm in plan.norms for layer in norm.readers)
+            + tuple(node.name for norm in plan.norms for node, _ in norm.transposed),
+            writers=tuple(layer.name for layer in plan.writers), online=tuple(online),
+            head_dim=head_dim if pairs else 0, heads=tuple(pair.output.name for pair in pairs),
+            head_reason=head_reason)
+        model.metadata_props[ROTATED_KEY] = f"{kind},seed={self.seed}" + (f",head_dim={head_dim}" if pairs else "")
+        logger.info(result.summary())
+        return RotatePassResult(model, True, result)
+
+
+def rotate_model(model: ir.Model, seed: int = 0, model_dir: Path | None = None) -> RotationResult:
+    """Rotate `model` in place (R1, and R2 where the head layout is known); the result says what was
+    rotated, or why nothing was. `model_dir`: where config.json lies (head counts for R2)."""
+    layout = HeadLayout.from_config(model_dir)
+    if isinstance(layout, str):
+        result = RotatePass(seed, per_head=False)(model)
+        assert isinstance(result, RotatePassResult)
+        return _with_head_reason(result.rotation, layout)
+    result = RotatePass(seed, layout)(model)
+    assert isinstance(result, RotatePassResult)
+    return result.rotation
+
+
+def _with_head_reason(result: RotationResult, reason: str) -> RotationResult:
+    return replace(result, head_reason=reason) if result.rotated else result
+
+
+# --- finding the stream ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Norm:
+    output: ir.Value  # what the readers read
+    weight: tuple[ir.Node, int] | None  # the Mul by the per-channel weight and its constant input
+    readers: tuple[LinearLayer, ...]
+    transposed: tuple[tuple[ir.Node, ir.Node], ...]  # (MatMul, Transpose of a table): a tied LM head
+    entries: tuple[ir.Node, ...]  # the nodes that read the stream value
+
+
+@dataclass
+class _Plan:
+    hidden: int
+    tables: list[ir.Node] = field(default_factory=list)  # Gathers whose table input 0 turns into E Q
+    norms: list[_Norm] = field(default_factory=list)
+    writers: list[LinearLayer] = field(default_factory=list)
+    biases: list[tuple[ir.Node, int]] = field(default_factory=list)  # constants added on writer branches
+    post_norms: list[tuple[ir.Node, int]] = field(default_factory=list)  # weight Muls of norms on a branch
+
+
+def find_stream(graph: ir.Graph) -> _Plan | str:
+    """Where the residual stream runs and what reads and writes it, or why it cannot be rotated."""
+    reason = _unsupported_norm(graph)
+    if reason:
+        return reason
+    gather = _embedding(graph)
+    if gather is None:
+        return "no embedding Gather (a 2-D float table indexed by token ids) starts a residual stream"
+    table = constant(gather.inputs[0])
+    assert table is not None
+    plan = _Plan(int(table.shape[1]), [gather])
+    stream: list[ir.Value] = [gather.outputs[0]]
+    in_stream = {id(gather.outputs[0])}
+    seen: set[int] = set()
+    for value in stream:  # grows while it is walked
+        if value.is_graph_output():
+            return f"the residual stream value '{value.name}' is a model output; a rotation would change it"
+        uses = value_uses(value)
+        claimed: set[int] = set()
+        for use in uses:
+            if use.node.op_type == "Pow" and use.node.domain == "" and use.idx == 0:
+                norm = _match_rms_norm(use.node, value, plan.hidden)
+                if isinstance(norm, str):
+                    return norm
+                plan.norms.append(norm)
+                claimed.update(id(node) for node in norm.entries)
+        for use in uses:
+            node = use.node
+            if id(node) in claimed or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if _is_float_cast(node) or _is_scalar_mul(node, use.idx):
+                stream.append(node.outputs[0])
+                in_stream.add(id(node.outputs[0]))
+                continue
+            if node.op_type != "Add" or node.domain != "" or len(node.inputs) != 2:
+                return (f"{node.name or node.op_type} ({node.op_type}) reads the residual stream '{value.name}'; "
+                        "only residual Adds, RMSNorms (Pow/ReduceMean/Sqrt then Mul by the weight) and Shape may")
+            other = node.inputs[1 - use.idx]
+            if other is None or id(other) in in_stream or constant(other) is not None:
+                return f"{node.name} adds '{other.name if other else None}' to the residual stream, not a branch"
+            position_table = _table_lookup(other)
+            if position_table is not None:
+                plan.tables.append(position_table)
+            else:
+                reason = _walk_branch(other, node, plan)
+                if reason:
+                    return reason
+            stream.append(node.outputs[0])
+            in_stream.add(id(node.outputs[0]))
+    if not plan.norms:
+        return "no RMSNorm reads the residual stream"
+    if not plan.writers and not plan.post_norms:
+        return "no linear layer writes into the residual stream"
+    return plan
+
+
+def _unsupported_norm(graph: ir.Graph) -> str:
+    for node in graph:
+        if node.op_type in ("LayerNormalization", "SkipLayerNormalization"):
+            return (f"{node.name} is a LayerNorm: it subtracts the mean over channels, and mean(x Q) is not mean(x) Q, "
+                    "so the residual stream cannot be rotated without first removing the mean direction from every "
+                    "writer (not done); only RMSNorm decoders are rotated")
+        if node.op_type in ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"):
+            return (f"{node.name} is a norm fused by onnxruntime's optimizer; rotate the exported graph before "
+                    "--optimize")
+        if node.op_type == "Sub" and node.domain == "" and node.inputs[1] is not None:
+            mean = node.inputs[1].producer()
+            if mean is not None and mean.op_type == "ReduceMean" and mean.inputs[0] is node.inputs[0]:
+                return (f"{node.name} subtracts a mean over channels (a LayerNorm): mean(x Q) is not mean(x) Q; "
+                        "only RMSNorm decoders are rotated")
+    return ""
+
+
+def _embedding(graph: ir.Graph) -> ir.Node | None:
+    for node in graph:
+        if node.op_type == "Gather" and node.domain == "" and node.attributes.get_int("axis", 0) == 0:
+            table = constant(node.inputs[0])
+            ids = node.inputs[1]
+            if table is not None and table.ndim == 2 and table.dtype == np.float32 and ids is not None \
+                    and constant(ids) is None:
+                return node
+    return None
+
+
+def _table_lookup(value: ir.Value) -> ir.Node | None:
+    """The Gather behind a learned position embedding added to the token embedding (through Casts)."""
+    node = value.producer()
+    while node is not None and _is_float_cast(node):
+        node = node.inputs[0].producer() if node.inputs[0] is not None else None
+    if node is None or node.op_type != "Gather" or node.domain != "" or node.attributes.get_int("axis", 0) != 0:
+        return None
+    table = constant(node.inputs[0])
+    return node if table is not None and table.ndim == 2 and table.dtype == np.float32 else None
+
+
+def _is_float_cast(node: ir.Node) -> bool:
+    return node.op_type == "Cast" and node.domain == "" and node.attributes.get_int("to", 0) == _FLOAT
+
+
+def _is_scalar_mul(node: ir.Node, index: int) -> bool:
+    if node.op_type != "Mul" or node.domain != "" or len(node.inputs) != 2:
+        return False
+    array = constant(node.inputs[1 - index])
+    return array is not None and array.size == 1
+
+
+def _only_reader(value: ir.Value) -> ir.Node | None:
+    uses = value_uses(value)
+    return uses[0].node if len(uses) == 1 and not value.is_graph_output() else None
+
+
+def _match_rms_norm(pow_node: ir.Node, x: ir.Value, hidden: int) -> _Norm | str:
+    """The RMSNorm that starts at `pow_node` reading stream value `x`, with its readers."""
+    name = pow_node.name or "a Pow"
+    not_rms = f"{name} does not start a plain RMSNorm as exported (Pow 2, ReduceMean over the last axis, Add, Sqrt)"
+    exponent = constant(pow_node.inputs[1])
+    if exponent is None or exponent.size != 1 or float(exponent.ravel()[0]) != 2.0:
+        return not_rms
+    mean = _only_reader(pow_node.outputs[0])
+    if mean is None or mean.op_type != "ReduceMean" or mean.attributes.get_int("keepdims", 1) != 1:
+        return not_rms
+    axes = constant(mean.inputs[1]) if len(mean.inputs) > 1 else None
+    attr_axes = mean.attributes.get_ints("axes", None)
+    if axes is None and attr_axes is not None:
+        axes = np.asarray(attr_axes)
+    if axes is None or axes.size != 1 or int(axes.ravel()[0]) != -1:
+        return f"{mean.name} does not average over the last axis"
+    add = _only_reader(mean.outputs[0])
+    if add is None or add.op_type != "Add" or not any(
+            (a := constant(v)) is not None and a.size == 1 for v in add.inputs):
+        return not_rms
+    sqrt = _only_reader(add.outputs[0])
+    if sqrt is None or sqrt.op_type != "Sqrt":
+        return not_rms
+    step = _only_reader(sqrt.outputs[0])
+    if step is None:
+        return not_rms
+    if step.op_type == "Div" and step.inputs[0] is x:  # x / sqrt(...)
+        scale_node = step
+    elif (step.op_type == "Reciprocal" or (step.op_type == "Div" and (one := constant(step.inputs[0])) is not None
+                                           and one.size == 1 and float(one.ravel()[0]) == 1.0)):
+        scale_node = _only_reader(step.outputs[0])
+        if scale_node is None or scale_node.op_type != "Mul" or x not in scale_node.inputs:
+            return f"{step.name}: the inverse RMS is not multiplied into the stream value"
+    else:
+        return not_rms
+    value = scale_node.outputs[0]
+    while (reader := _only_reader(value)) is not None and _is_float_cast(reader):
+        value = reader.outputs[0]
+    weight = None
+    reader = _only_reader(value)
+    if reader is not None and reader.op_type == "Mul" and reader.domain == "":
+        index = 1 if reader.inputs[0] is value else 0
+        if is_channel_vector(reader, index, hidden, allow_scalar=True):
+            weight, value = (reader, index), reader.outputs[0]
+    found = _norm_readers(value, hidden)
+    if isinstance(found, str):
+        return found
+    readers, transposed = found
+    return _Norm(value, weight, readers, transposed, (pow_node, scale_node))
+
+
+_Readers = tuple[tuple[LinearLayer, ...], tuple[tuple[ir.Node, ir.Node], ...]]
+
+
+def _norm_readers(value: ir.Value, hidden: int) -> _Readers | str:
+    """Linear layers reading a norm output (directly, or through a Reshape that flattens the token axes),
+    and MatMuls reading a transposed table (a tied LM head)."""
+    if value.is_graph_output():
+        return f"the norm output '{value.name}' is a model output"
+    readers: list[LinearLayer] = []
+    transposed: list[tuple[ir.Node, ir.Node]] = []
+    frontier = [value]
+    for current in frontier:
+        for use in value_uses(current):
+            node = use.node
+            layer = as_linear_layer(node)
+            if layer is not None and use.idx == 0 and layer.in_channels == hidden:
+                readers.append(layer)
+            elif node.op_type == "Reshape" and use.idx == 0 and current is value \
+                    and not node.outputs[0].is_graph_output():
+                # [.., C] -> [N, C] keeps each token's channels together when every reader reads C channels
+                frontier.append(node.outputs[0])
+            elif (node.op_type == "MatMul" and use.idx == 0 and (t := _transposed_table(node.inputs[1], hidden))
+                  is not None):
+                transposed.append((node, t))
+            else:
+                return (f"{node.name or node.op_type} ({node.op_type}) reads the norm output '{current.name}'; "
+                        "only linear layers with a constant weight can take the rotation")
+    return tuple(readers), tuple(transposed)
+
+
+def _transposed_table(value: ir.Value | None, hidden: int) -> ir.Node | None:
+    node = value.producer() if value is not None else None
+    if node is None or node.op_type != "Transpose" or tuple(node.attributes.get_ints("perm", (1, 0))) != (1, 0):
+        return None
+    table = constant(node.inputs[0])
+    return node if table is not None and table.ndim == 2 and table.shape[1] == hidden else None
+
+
+def _walk_branch(start: ir.Value, add: ir.Node, plan: _Plan) -> str:
+    """Collect the writers of what residual Add `add` adds to the stream; a reason when it is not linear in them."""
+    hidden = plan.hidden
+    stack = [start]
+    while stack:
+        value = stack.pop()
+        node = value.producer()
+        if node is None or node.domain != "":
+            return f"what {add.name} adds to the residual stream comes from '{value.name}', not from a linear layer"
+        if len(value_uses(value)) != 1 or value.is_graph_output():
+            return f"'{value.name}' on the branch into {add.name} has other readers; rotating it would change them"
+        layer = as_linear_layer(node)
+        op = node.op_type
+        if layer is not None:
+            if layer.weight.shape[1 - layer.in_axis] != hidden:
+                return f"{layer.name} writes {layer.weight.shape[1 - layer.in_axis]} channels, not {hidden}"
+            plan.writers.append(layer)
+            if layer.bias_value is not None:
+                if not is_channel_vector(node, 2, hidden, allow_scalar=True):
+                    return f"{layer.name} has a bias that is not a vector over the {hidden} channels"
+                plan.biases.append((node, 2))
+        elif op == "Add" and len(node.inputs) == 2:
+            const = [i for i in (0, 1) if constant(node.inputs[i]) is not None]
+            if len(const) == 2:
+                return f"{node.name} adds two constants on the branch into {add.name}"
+            if const:
+                if not _addable(node, const[0], hidden):
+                    return f"{node.name} adds a constant that is not a vector over the {hidden} channels"
+                plan.biases.append((node, const[0]))
+            stack.extend(node.inputs[i] for i in (0, 1) if i not in const)  # type: ignore[misc]
+        elif (op == "Reshape" or _is_float_cast(node)) and node.inputs[0] is not None:
+            stack.append(node.inputs[0])
+        elif op == "ConstantOfShape" and _is_zeros(node):
+            continue
+        elif op == "Mul" and len(node.inputs) == 2:
+            weight = next((i for i in (1, 0) if is_channel_vector(node, i, hidden)), None)
+            if weight is not None and _is_rms_normalized(node.inputs[1 - weight]):
+                plan.post_norms.append((node, weight))  # Gemma 3: a norm between the writer and the Add
+                continue
+            factor = next((i for i in (1, 0) if _broadcasts_over_channels(node.inputs[i])), None)
+            if factor is None:
+                return (f"{node.name} multiplies the branch into {add.name} by something that varies over "
+                        "channels; a rotation does not commute with it")
+            stack.append(node.inputs[1 - factor])  # type: ignore[arg-type]
+        else:
+            return (f"what {add.name} adds to the residual stream comes from {node.name or op} ({op}), "
+                    "not from a linear layer")
+    return ""
+
+
+def _addable(node: ir.Node, index: int, hidden: int) -> bool:
+    array = constant(node.inputs[index])
+    if array is not None and array.size == 1:
+        return float(array.ravel()[0]) == 0.0
+    return is_channel_vector(node, index, hidden)
+
+
+def _is_zeros(node: ir.Node) -> bool:
+    attr = node.attributes.get("value")
+    if attr is None:
+        return True
+    tensor = attr.as_tensor()
+    return not np.any(tensor.numpy())
+
+
+def _is_rms_normalized(value: ir.Value | None) -> bool:
+    """x / rms(x) as exported (through Casts): Mul(x, 1/Sqrt(ReduceMean(Pow(x, 2)) + eps)) or Div(x, Sqrt(..))."""
+    node = value.producer() if value is not None else None
+    while node is not None and _is_float_cast(node) and node.inputs[0] is not None:
+        node = node.inputs[0].producer()
+    if node is None or node.op_type not in ("Mul", "Div"):
+        return False
+    for operand in node.inputs:
+        step = operand.producer() if operand is not None else None
+        if step is not None and step.op_type in ("Div", "Reciprocal"):
+            step = step.inputs[-1].producer() if step.inputs[-1] is not None else None
+        if step is None or step.op_type != "Sqrt" or step.inputs[0] is None:
+            continue
+        add = step.inputs[0].producer()
+        mean = add.inputs[0].producer() if add is not None and add.op_type == "Add" and add.inputs[0] else None
+        power = mean.inputs[0].producer() if mean is not None and mean.op_type == "ReduceMean" and mean.inputs[0] \
+            else None
+        if power is not None and power.op_type == "Pow" and power.inputs[0] in node.inputs:
+            return True
+    return False
+
+
+def _broadcasts_over_channels(value: ir.Value | None) -> bool:
+    """Whether `value` has last axis 1 (a per-token factor): a constant, a known shape, or a Slice of width 1
+    over its input's last axis (Mixtral's router weight of one expert)."""
+    if value is None:
+        return False
+    array = constant(value)
+    if array is not None:
+        return array.ndim == 0 or array.shape[-1] == 1
+    if value.shape is not None and len(value.shape) and value.shape[-1] == 1:
+        return True
+    node = value.producer()
+    if node is None or node.op_type != "Slice" or len(node.inputs) < 4:
+        return False
+    starts, ends, axes = (constant(v) for v in node.inputs[1:4])
+    if starts is None or ends is None or axes is None or starts.size != 1 or axes.size != 1:
+        return False
+    if int(ends.ravel()[0]) - int(starts.ravel()[0]) != 1 or int(starts.ravel()[0]) < 0:
+        return False
+    axis = int(axes.ravel()[0])
+    rank = _rank(node.inputs[0])
+    return axis == -1 or (rank is not None and axis == rank - 1)
+
+
+def _rank(value: ir.Value | None, depth: int = 0) -> int | None:
+    """The rank of a value from its shape, or from its producer's inputs for the few ops a router uses."""
+    if value is None or depth > 32:
+        return None
+    if value.shape is not None:
+        return len(value.shape)
+    array = constant(value)
+    if array is not None:
+        return array.ndim
+    node = value.producer()
+    if node is None:
+        return None
+    op = node.op_type
+    if op == "Reshape":
+        return _length(node.inputs[1])
+    if op in ("Slice", "TopK", "Softmax", "ReduceSum", "ReduceMax", "ReduceMean") and (
+            op not in ("ReduceSum", "ReduceMax", "ReduceMean") or node.attributes.get_int("keepdims", 1)):
+        return _rank(node.inputs[0], depth + 1)
+    if op in _ELEMENTWISE or op == "MatMul":
+        ranks = [_rank(v, depth + 1) for v in node.inputs if v is not None]
+        return None if not ranks or any(r is None for r in ranks) else max(r for r in ranks if r is not None)
+    return None
+
+
+def _length(shape: ir.Value | None) -> int | None:
+    """Number of entries of a 1-D shape tensor: a constant, or a Concat of constants and unsqueezed scalars."""
+    if shape is None:
+        return None
+    array = constant(shape)
+    if array is not None:
+        return int(array.size)
+    node = shape.producer()
+    if node is None or node.op_type != "Concat":
+        return None
+    total = 0
+    for part in node.inputs:
+        piece = constant(part)
+        producer = part.producer() if part is not None else None
+        if piece is not None:
+            total += int(piece.size)
+        elif producer is not None and producer.op_type == "Unsqueeze" and (
+                (axes := constant(producer.inputs[1]) if len(producer.inputs) > 1 else None) is not None
+                and axes.size == 1 and _rank(producer.inputs[0]) in (0, None)):
+            total += 1
+        else:
+            return None
+    return total
+
+
+# --- R2: value heads ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _HeadPair:
+    path: ColumnPath  # from the value projection (v_proj or a fused qkv_proj) to o_proj's input
+    output: LinearLayer  # o_proj
+    first: int  # first value column of path.layer
+    kv_heads: int
+    heads: int
+
+
+def find_head_pairs(graph: ir.Graph, layout: HeadLayout | None) -> tuple[list[_HeadPair], int] | str:
+    """Every attention output projection with the value columns behind it, and the head size; or why not."""
+    pairs: list[_HeadPair] = []
+    head_dim = layout.head_dim if layout is not None else 0
+    for layer in find_linear_layers(graph):
+        path = walk_to_linear(layer.activation, layer.in_channels, attention=True)
+        if path is None:
+            continue
+        if path.channel_adds:
+            return f"{layer.name} reads its input through a bias Add; its rows cannot be rotated per head"
+        size = _head_size(path)
+        if size is None:
+            return f"the head size between {path.layer.name} and {layer.name} is not a constant of the graph"
+        if head_dim and size != head_dim:
+            return f"config.json says head_dim {head_dim}, but {path.layer.name} is reshaped into heads of {size}"
+        head_dim = size
+        if layer.in_channels % size:
+            return f"{layer.name} reads {layer.in_channels} channels, not whole heads of {size}"
+        heads = layer.in_channels // size
+        if layout is not None and heads != layout.heads:
+            return f"{layer.name} reads {heads} heads, config.json says {layout.heads}"
+        first = _value_columns(path, layout, heads, size)
+        if isinstance(first, str):
+            return first
+        kv_heads = (path.out_columns - first) // size
+        if kv_heads <= 0 or heads % kv_heads:
+            return f"{path.layer.name} has {kv_heads} value heads for {heads} query heads"
+        pairs.append(_HeadPair(path, layer, first, kv_heads, heads))
+    if not pairs:
+        return "no attention output projection reads value heads"
+    return pairs, head_dim
+
+
+def _head_size(path: ColumnPath) -> int | None:
+    """The last entry of the first Reshape on the path from the value columns (into [.., heads, head_dim])."""
+    reshape = next((node for node, _, _ in path.moves if node.op_type == "Reshape"), None)
+    if reshape is None or len(reshape.inputs) < 2:
+        return None
+    shape = reshape.inputs[1]
+    array = constant(shape)
+    if array is None and shape is not None and (concat := shape.producer()) is not None \
+            and concat.op_type == "Concat" and concat.inputs:
+        array = constant(concat.inputs[-1])
+    if array is None or array.size == 0 or int(array.ravel()[-1]) <= 0:
+        return None
+    return int(array.ravel()[-1])
+
+
+def _value_columns(path: ColumnPath, layout: HeadLayout | None, heads: int, size: int) -> int | str:
+    """First value column of the projection: 0 for v_proj, past q and k for a fused qkv_proj (q, k, v order,
+    checked against the Slice that cuts the value part out)."""
+    columns = path.out_columns
+    first_move = path.moves[0][0] if path.moves else None
+    if first_move is None or first_move.op_type not in ("Slice", "Split"):
+        return 0
+    if layout is None:
+        return f"{path.layer.name} is a fused projection; its value columns need config.json's head counts"
+    start = (layout.heads + layout.kv_heads) * size
+    if columns != (layout.heads + 2 * layout.kv_heads) * size:
+        return f"{path.layer.name} has {columns} columns, not q, k and v of the configured heads"
+    if first_move.op_type == "Slice":
+        starts = constant(first_move.inputs[1])
+        if starts is not None and starts.size == 1 and int(starts.ravel()[0]) == start:
+            return start
+    return f"{first_move.name} does not cut the value columns at {start} of {path.layer.name}"
+
+
+# --- the rewrite ----------------------------------------------------------------------------------------
+
+
+def _rotate_stream(graph: ir.Graph, plan: _Plan, q: np.ndarray) -> list[str]:
+    """Apply R1; returns the names of the MatMuls added after post-norms."""
+    hidden = plan.hidden
+    for norm in plan.norms:
+        scale = _norm_weight(norm, hidden)
+        for matmul, transpose in norm.transposed:  # first, so the table keeps only its Gather
+            table = transpose.inputs[0]
+            assert table is not None
+            array = constant(table)
+            assert array is not None
+            head = add_initializer(graph, f"{table.name}_transposed_rotated", rotate_rows(array.T, 0, q, scale))
+            matmul.replace_input_with(1, head)
+            if not transpose.outputs[0].uses() and not transpose.outputs[0].is_graph_output():
+                graph.remove(transpose, safe=True)
+        for layer in norm.readers:
+            set_constant_input(graph, layer.node, 1, rotate_rows(layer.weight, layer.in_axis, q, scale), "_rotated")
+        if norm.weight is not None:
+            mul, index = norm.weight
+            array = constant(mul.inputs[index])
+            assert array is not None
+            set_constant_input(graph, mul, index, np.ones((*array.shape[:-1], hidden), array.dtype), "_folded")
+    for layer in plan.writers:
+        set_constant_input(graph, layer.node, 1, rotate_columns(layer.weight, 1 - layer.in_axis, q), "_rotated")
+    for node, index in plan.biases:
+        array = constant(node.inputs[index])
+        assert array is not None
+        if array.size == 1:
+            continue  # a zero
+        set_constant_input(graph, node, index, rotate_columns(array, -1, q), "_rotated")
+    for gather in plan.tables:
+        array = constant(gather.inputs[0])
+        assert array is not None
+        set_constant_input(graph, gather, 0, rotate_columns(array, 1, q), "_rotated")
+    return [_online_rotation(graph, mul, index, q) for mul, index in plan.post_norms]
+
+
+def _norm_weight(norm: _Norm, hidden: int) -> np.ndarray | None:
+    if norm.weight is None:
+        return None
+    mul, index = norm.weight
+    array = constant(mul.inputs[index])
+    assert array is not None
+    return np.broadcast_to(array.reshape(-1) if array.size > 1 else array.ravel(), (hidden,)).astype(np.float64)
+
+
+def _online_rotation(graph: ir.Graph, mul: ir.Node, index: int, q: np.ndarray) -> str:
+    """Replace a post-norm's Mul(x, w) by MatMul(x, diag(w) Q): nothing after it could take Q."""
+    array = constant(mul.inputs[index])
+    x = mul.inputs[1 - index]
+    assert array is not None and x is not None
+    name = f"{mul.name}_rotation" if mul.name else f"{mul.outputs[0].name}_rotation"
+    weight = add_initializer(graph, f"{name}.weight", scaled_rotation(array.reshape(-1), q))
+    matmul = ir.Node("", "MatMul", [x, weight], name=name, num_outputs=1)
+    matmul.outputs[0].name = f"{mul.outputs[0].name}_rotated"
+    matmul.outputs[0].type = mul.outputs[0].type
+    matmul.outputs[0].shape = mul.outputs[0].shape
+    graph.insert_after(mul, matmul)
+    mul.outputs[0].replace_all_uses_with(matmul.outputs[0])
+    old_weight = mul.inputs[index]
+    graph.remove(mul, safe=True)
+    if old_weight is not None and old_weight.name in graph.initializers and not old_weight.uses() \
+            and not old_weight.is_graph_output():
+        graph.initializers.pop(old_weight.name)
+    return name
+
+
+def _rotate_heads(graph: ir.Graph, pair: _HeadPair, h: np.ndarray, head_dim: int) -> None:
+    """R2: value columns of every KV head times H (and their biases), o_proj rows of every query head times H^T."""
+    layer = pair.path.layer
+    columns = block_diagonal(h, pair.kv_heads, size=pair.path.out_columns, offset=pair.first)
+    set_constant_input(graph, layer.node, 1, rotate_columns(layer.weight, 1 - layer.in_axis, columns), "_rotated")
+    biases = [(add, index) for add, index in pair.path.column_adds]
+    if layer.bias_value is not None:
+        biases.append((layer.node, 2))
+    for node, index in biases:
+        array = constant(node.inputs[index])
+        assert array is not None
+        if array.size > 1:
+            set_constant_input(graph, node, index, rotate_columns(array, -1, columns), "_rotated")
+        elif float(array.ravel()[0]) != 0.0:
+            full = np.full(pair.path.out_columns, array.ravel()[0], array.dtype)
+            set_constant_input(graph, node, index, rotate_columns(full, -1, columns), "_rotated")
+    rows = block_diagonal(h, pair.heads)
+    output = pair.output
+    set_constant_input(graph, output.node, 1, rotate_rows(output.weight, output.in_axis, rows), "_rotated")
