@@ -3,8 +3,10 @@
 
 SmolLM2-135M: perplexity on held-out pydoc text (16 windows of 512 tokens).
 all-MiniLM-L6-v2: mean cosine of sentence embeddings to FP32 (64 held-out pydoc paragraphs).
-Rows: FP32, O3 without smoothing (--no-smooth), sqonnx O3 alpha 0.5 (defaults), --alpha auto, the
-static-range methods, --keep-float-budget, O1; for MiniLM the BERT recipe. Speed, size and memory are ci/bench.py's job.
+Rows: FP32, O3 without smoothing (--no-smooth), the main command (--alpha 0.5 --static) with and without the
+residual-stream rotation, the per-layer level (--level auto, the default) with and without rotation, O1 with
+8-bit weights; for MiniLM the defaults, --static and the float-FFN recipe. Every SmolLM2 row also gets its
+prefill speed-up over FP32 (512 tokens, alternating runs). Size and memory are ci/bench.py's job.
 Writes ci/results/quality.md and quality.json; `make quality` runs it.
 """
 
@@ -25,17 +27,19 @@ from models.evaluate import eval_windows, latency, mean_cosine, perplexity, sent
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-# BERT is post-LN: its LayerNorm outputs also feed residual Adds, so nothing absorbs 1/s and the
-# defaults leave it unsmoothed. The recipe that reaches the target inserts explicit Muls and keeps the
-# FFN output projections (input: GELU output) in float.
-BERT_RECIPE = {"unabsorbed": sqonnx.Unabsorbed.MUL, "exclude": ("*lm_head*", "*layer.*/output/dense*")}
+# BERT is post-LN: its LayerNorm outputs also feed residual Adds, so nothing absorbs 1/s; explicit Muls
+# where they pay (the default --unabsorbed auto). The older recipe keeps the FFN output projections (input:
+# GELU output) in float, for comparison with the default's per-token level there.
+BERT_RECIPE = {"unabsorbed": sqonnx.Unabsorbed.MUL, "exclude": ("*lm_head*", "*layer.*/output/dense*"),
+               "per_token_where_needed": False}
+STATIC = {"per_token_where_needed": False}  # --static: O3 everywhere
 
 
 def variants(samples: int, seq_len: int, extra: dict[str, dict] | None = None) -> dict[str, sqonnx.QuantizeConfig]:
     calibration = sqonnx.CalibrationConfig(num_samples=samples, seq_len=seq_len)
     configs = {
-        "O3, no smoothing (--no-smooth)": sqonnx.QuantizeConfig(smooth=False, calibration=calibration),
-        "sqonnx O3, alpha 0.5 (defaults)": sqonnx.QuantizeConfig(alpha=0.5, calibration=calibration),
+        "O3, no smoothing (--no-smooth --static)": sqonnx.QuantizeConfig(smooth=False, per_token_where_needed=False,
+                                                                         calibration=calibration),
     }
     for name, options in (extra or {}).items():
         configs[name] = sqonnx.QuantizeConfig(**{"alpha": 0.5, **options}, calibration=calibration)
@@ -60,13 +64,13 @@ def main() -> None:
     rows.append({"model": "SmolLM2-135M", "variant": "FP32", "metric": "perplexity", "value": base,
                  "vs_fp32": 1.0, "prefill_speedup": 1.0, "size_mb": fp32.stat().st_size / 1e6})
     smollm2_extra = {
-        "sqonnx O3, --alpha auto": {"alpha": "auto"},
-        "sqonnx O3, --alpha auto --calib-method mse": {"alpha": "auto", "calib_method": sqonnx.CalibMethod.MSE},
-        "sqonnx O3, --alpha auto --calib-method percentile": {"alpha": "auto",
-                                                               "calib_method": sqonnx.CalibMethod.PERCENTILE},
-        "sqonnx O3, --alpha auto --keep-float-budget 0.05": {"alpha": "auto", "keep_float_budget": 0.05},
-        "sqonnx O1, alpha 0.5": {"level": sqonnx.Level.O1},
-        "sqonnx O1, --alpha auto": {"level": sqonnx.Level.O1, "alpha": "auto"},
+        "O3 everywhere, --alpha 0.5 --static --no-rotate (the main command before rotation)": {**STATIC,
+                                                                                               "rotate": False},
+        "O3 everywhere, --alpha 0.5 --static (the main command: rotated)": STATIC,
+        "--level auto, --alpha 0.5 --no-rotate": {"rotate": False},
+        "--level auto, --alpha 0.5, rotated (defaults)": {},
+        "O1, --alpha 0.5, rotated, 8-bit weights (--target x86-vnni --full-range)": {
+            "level": sqonnx.Level.O1, "target": sqonnx.Target.X86_VNNI, "reduce_range": False},
     }
     for name, config in variants(args.num_samples, 512, smollm2_extra).items():
         out = fp32.with_name(f"quality-{len(rows)}.onnx")
@@ -85,9 +89,10 @@ def main() -> None:
     reference = sentence_embeddings(encoder, texts)
     rows.append({"model": "all-MiniLM-L6-v2", "variant": "FP32", "metric": "cosine to FP32", "value": 1.0,
                  "vs_fp32": 1.0, "size_mb": encoder.stat().st_size / 1e6})
-    recipe = {"sqonnx O3, alpha 0.5, --unabsorbed mul --exclude '*layer.*/output/dense*'": BERT_RECIPE,
-              "sqonnx O3, --alpha auto --unabsorbed mul": {"alpha": "auto", "unabsorbed": sqonnx.Unabsorbed.MUL},
-              "sqonnx O1, alpha 0.5": {"level": sqonnx.Level.O1}}
+    recipe = {"--level auto, --alpha 0.5 (defaults)": {},
+              "O3 everywhere, --alpha 0.5 --static": STATIC,
+              "O3, --unabsorbed mul --exclude '*layer.*/output/dense*' (6 layers float)": BERT_RECIPE,
+              "O1, --alpha 0.5": {"level": sqonnx.Level.O1}}
     for name, config in variants(args.num_samples, 128, recipe).items():
         out = encoder.with_name(f"quality-{len(rows)}.onnx")
         sqonnx.quantize(encoder, out, config)

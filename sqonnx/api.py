@@ -124,7 +124,7 @@ def _quantize(model_path: Path, output_path: str | Path | None, config: Quantize
                                                                                 for r in layer_reports)))
     if trials:
         model.metadata_props["sqonnx.float_layers"] = json.dumps(trials[-1].float_layers)
-    if config.per_token_where_needed:
+    if config.level_auto:
         model.metadata_props["sqonnx.level_per_layer"] = json.dumps(
             {r.name: r.level for r in layer_reports if r.quantized and r.level != Level.O3.value},
             separators=(",", ":"))
@@ -211,7 +211,7 @@ def _build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quan
             scales = result.scales if result.scales is not None else np.ones_like(act_max)
             smoothed_rows = None if rows is None else rows.astype(np.float32) / scales
             static_max = static_range(config.calib_method, act_max / scales, smoothed_rows)
-            if config.per_token_where_needed and smoothed_rows is not None:
+            if config.level_auto and smoothed_rows is not None:
                 level, static_error, token_error = choose_level(
                     smoothed_rows, act_max / scales, [(ly.weight, ly.in_axis) for ly in group.layers], scheme)
                 why = f"O3 error {static_error:.2g} vs per-token {token_error:.2g} on calibration rows"
@@ -324,7 +324,7 @@ def _settings(config: QuantizeConfig, worst_pair: int) -> dict[str, object]:
                   else config.alpha) if config.smooth else None,
         "calib_method": config.calib_method.value if config.level is Level.O3 else "none (dynamic activations)",
         "level": "auto (O3; O1 per token where one static range cannot hold a group)"
-        if config.per_token_where_needed else config.level.value,
+        if config.level_auto else config.level.value,
         "format": config.format_used.value,
         "target": target_text,
         "weights": f"int8 symmetric {'per-channel' if config.per_channel else 'per-tensor'} "
@@ -334,7 +334,7 @@ def _settings(config: QuantizeConfig, worst_pair: int) -> dict[str, object]:
         # u8 activation 255 times the worst adjacent weight pair: what vpmaddubsw adds into int16.
         "int16_worst_case": f"{worst_pair} ({'fits' if worst_pair <= INT16_MAX else 'exceeds'} int16 max {INT16_MAX})",
         "activations": config.level.activations + (
-            "; int8 dynamic per-token where needed" if config.per_token_where_needed else ""),
+            "; int8 dynamic per-token where needed" if config.level_auto else ""),
         "exclude": list(config.exclude),
         "unabsorbed": config.unabsorbed.value,
     } | ({key: "float (--smooth-only)" for key in FLOAT_SETTINGS} if config.smooth_only else {})

@@ -58,14 +58,15 @@ def quantize(
     calib_method: Annotated[CalibMethod, typer.Option(
         help="O3 static activation range: minmax, percentile (99.99%), mse (least squared error)")
     ] = CalibMethod.MINMAX,
-    static: Annotated[bool, typer.Option("--static", help="Static per-tensor activations (= --level O3)")] = False,
+    static: Annotated[bool, typer.Option(
+        "--static", help="Static per-tensor activations everywhere (= --level O3)")] = False,
     dynamic: Annotated[bool, typer.Option(
         "--dynamic", help="Dynamic activations: per-tensor (= --level O2); per-token with --per-token (O1)")
     ] = False,
     per_token: Annotated[bool, typer.Option("--per-token", help="With --dynamic: one scale per token (O1)")] = False,
     level: Annotated[LevelChoice | None, typer.Option(
         help="O1 per-token dynamic, O2 per-tensor dynamic, O3 per-tensor static (fastest), auto: O3 and O1 "
-             "for the layers one static range cannot hold [default: O3]")] = None,
+             "for the layers one static range cannot hold [default: auto]")] = None,
     format: Annotated[Format, typer.Option(
         "--format", help="qdq: Q/DQ around float ops (portable); qoperator: explicit MatMulInteger")] = Format.QDQ,
     target: Annotated[Target, typer.Option(
@@ -109,7 +110,7 @@ def quantize(
             smooth_only=smooth_only, rotate=rotate,
             level=_level(None if level in (None, LevelChoice.AUTO) else Level(level.value), static, dynamic,
                          per_token),
-            per_token_where_needed=level is LevelChoice.AUTO, format=format,
+            per_token_where_needed=_level_auto(level, static, dynamic, per_token), format=format,
             target=target, per_channel=per_channel, reduce_range=reduce_range,
             exclude=tuple(exclude) if exclude else DEFAULT_EXCLUDE, unabsorbed=unabsorbed,
             calibration=CalibrationConfig(data=calib_data, num_samples=num_samples, seq_len=seq_len),
@@ -201,6 +202,14 @@ def _alpha_range(text: str) -> tuple[float, float]:
     except ValueError:
         raise SqonnxError(f"--alpha-range must be LOW,HIGH (two numbers), got '{text}'; try 0.05,0.95") from None
     return low, high
+
+
+def _level_auto(level: LevelChoice | None, static: bool, dynamic: bool, per_token: bool) -> bool:
+    """--level auto, or no level flag at all: O3 with per-token O1 where one static range cannot hold."""
+    shorthand = static or dynamic or per_token
+    if level is LevelChoice.AUTO and shorthand:
+        raise SqonnxError("--level auto contradicts --static/--dynamic/--per-token; drop one")
+    return level is LevelChoice.AUTO or (level is None and not shorthand)
 
 
 def _level(level: Level | None, static: bool, dynamic: bool, per_token: bool) -> Level:

@@ -85,10 +85,11 @@ class QuantizeConfig:
     # TensorRT or another quantizer to take over.
     smooth_only: bool = False
     level: Level = Level.O3
-    # --level auto: O3 everywhere but where one static range cannot hold a group's activations (massive-
-    # activation tokens: its O3 error on calibration rows is LEVEL_AUTO_RATIO times its per-token error or
-    # more); those groups get O1, per-token dynamic INT8, instead of staying in float.
-    per_token_where_needed: bool = False
+    # With level O3: static everywhere but where one static range cannot hold a group's activations
+    # (massive-activation tokens: its O3 error on calibration rows is LEVEL_AUTO_RATIO times its per-token
+    # error or more); those groups get O1, per-token dynamic INT8, instead of staying in float. The
+    # default (--level auto); --static / --level O3 ask for static activations everywhere.
+    per_token_where_needed: bool = True
     # Rotate the residual stream by an orthogonal matrix first (QuaRot's R1 and R2, exact in FP32):
     # None: wherever the graph allows it offline (RMSNorm decoders); True: also where run-time rotations
     # are needed (Gemma 3's post-norms); False: never.
@@ -124,8 +125,6 @@ class QuantizeConfig:
             raise SqonnxError(
                 f"--full-range saturates int16 sums on x86 CPUs without VNNI (target {resolve(self.target).value}); "
                 "pass --target x86-vnni, arm64 or gpu if the model only runs there")
-        if self.per_token_where_needed and self.level is not Level.O3:
-            raise SqonnxError(f"--level auto starts from O3 static activations; it contradicts {self.level.value}")
         if self.smooth_only and not self.smooth:
             raise SqonnxError("--smooth-only contradicts --no-smooth; drop one")
         if self.smooth_only and self.keep_float_budget is not None:
@@ -149,8 +148,13 @@ class QuantizeConfig:
     def needs_rows(self) -> bool:
         """Whether calibration must keep activation rows (searches), not only maxima."""
         return (self.smooth and (self.alpha_auto or self.unabsorbed is Unabsorbed.AUTO)
-                or self.keep_float_budget is not None or self.per_token_where_needed
+                or self.keep_float_budget is not None or self.level_auto
                 or (self.calib_method is not CalibMethod.MINMAX and self.level is Level.O3))
+
+    @property
+    def level_auto(self) -> bool:
+        """Per-layer level: O3, and O1 where a static range cannot hold the activations."""
+        return self.per_token_where_needed and self.level is Level.O3
 
     @property
     def integer_form(self) -> bool:

@@ -28,7 +28,8 @@ EXPECTED_OPS = {
 
 
 def quantize(block: Path, feeds: Path, out: Path, level: Level, fmt: Format) -> sqonnx.QuantizeReport:
-    config = QuantizeConfig(level=level, format=fmt, calibration=CalibrationConfig(data=feeds, num_samples=8))
+    config = QuantizeConfig(level=level, format=fmt, per_token_where_needed=False,
+                            calibration=CalibrationConfig(data=feeds, num_samples=8))
     return sqonnx.quantize(block, out, config)
 
 

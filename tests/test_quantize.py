@@ -12,6 +12,8 @@ from tests.synthetic import activations, build_block, run
 
 
 def config(feeds: Path, **kwargs: object) -> QuantizeConfig:
+    """Static O3 everywhere (these tests read its graph structure), unless a test asks otherwise."""
+    kwargs.setdefault("per_token_where_needed", False)
     return QuantizeConfig(calibration=CalibrationConfig(data=feeds, num_samples=8), **kwargs)  # type: ignore[arg-type]
 
 

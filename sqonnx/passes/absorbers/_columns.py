@@ -25,7 +25,7 @@ import onnx_ir as ir
 
 from sqonnx.calibrators import ActivationStats
 from sqonnx.graph import LinearLayer, as_linear_layer, constant, set_constant_input
-from sqonnx.passes.absorbers.base import SHAPE_ONLY_OPS, Probe, is_channel_vector, single_reader, value_uses
+from sqonnx.passes.absorbers.base import SHAPE_ONLY_OPS, Absorber, Probe, is_channel_vector, single_reader, value_uses
 from sqonnx.smoothing import along
 
 MOVING_OPS = ("Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Identity", "Split", "Slice", "Gather",
@@ -78,6 +78,63 @@ class ColumnPath:
             _divide_constant(graph, add, index, factors)
         for add, index in self.channel_adds:
             _divide_constant(graph, add, index, scales)
+
+
+@dataclass(frozen=True)
+class ColumnAbsorber(Absorber):
+    """The shared half of the absorbers that fold into a linear layer's output columns: channel c of X (the
+    `target`) comes from column `columns(stats)[c]`, measured by the path's probe; channels from one column
+    share its factor."""
+
+    path: ColumnPath
+    target: ir.Value
+    channels: int
+
+    @property
+    def node(self) -> ir.Node:
+        return self.path.layer.node
+
+    @property
+    def layer_name(self) -> str:
+        return self.path.layer.name
+
+    def probe(self) -> Probe | None:
+        return self.path.probe(self.target, self.channels)
+
+    def columns(self, stats: ActivationStats) -> np.ndarray | None:
+        """The layer column behind each channel of X; None when it could not be measured."""
+        return self.path.column_map(self.target, self.channels, stats)
+
+    def factor_map(self, stats: ActivationStats) -> np.ndarray | None:
+        return self.columns(stats)
+
+    def check(self, act_max: np.ndarray, stats: ActivationStats) -> str:
+        if self.columns(stats) is None:
+            return f"the columns of {self.layer_name} behind the activation could not be measured"
+        return ""
+
+    def fold(self, graph: ir.Graph, scales: np.ndarray, stats: ActivationStats) -> None:
+        columns = self.columns(stats)
+        assert columns is not None
+        self.path.fold(graph, scales, columns)
+
+    def bound_problem(self, act_max: np.ndarray, stats: ActivationStats, what: str) -> str:
+        """Attention probabilities are >= 0 and sum to at most 1, so |output channel c| can never exceed
+        max |value column behind c|; a violated bound means the layout is not the one the map assumes."""
+        columns = self.columns(stats)
+        value_max = stats.channel_max.get(str(self.path.values.name))
+        if columns is None:
+            return f"the value columns of {self.layer_name} behind {what} could not be measured"
+        if value_max is None:
+            return "no calibration statistics for the value projection"
+        violated = int(np.count_nonzero(act_max > value_max[columns] * (1 + 1e-3) + 1e-6))
+        if violated:
+            return (f"{violated} channels of {what} exceed the value channels of {self.layer_name} they should mix; "
+                    "the attention layout is not the expected one")
+        return ""
+
+    def value_statistics(self) -> dict[str, int]:
+        return {str(self.path.values.name): self.path.out_columns}
 
 
 def _divide_constant(graph: ir.Graph, node: ir.Node, index: int, factors: np.ndarray) -> None:

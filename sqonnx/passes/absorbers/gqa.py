@@ -26,8 +26,8 @@ import numpy as np
 import onnx_ir as ir
 
 from sqonnx.calibrators import ActivationStats
-from sqonnx.passes.absorbers._columns import ColumnPath, walk_to_linear
-from sqonnx.passes.absorbers.base import Absorber, Probe, Site, value_uses
+from sqonnx.passes.absorbers._columns import ColumnAbsorber, walk_to_linear
+from sqonnx.passes.absorbers.base import Site, value_uses
 
 DOMAIN = "com.microsoft"
 # Attributes that change only how the probabilities are made (scale, softcap, window, RoPE on q and k) or what
@@ -38,15 +38,15 @@ QUERY, KEY, VALUE = 0, 1, 2
 
 
 @dataclass(frozen=True)
-class GroupQueryAttentionAbsorber(Absorber):
+class GroupQueryAttentionAbsorber(ColumnAbsorber):
+    """`target`/`channels`: the node's input that carries V (the packed query when key and value are absent)
+    and its width, where the path's probe (if any) measures the layer's columns."""
+
     attention: ir.Node
-    path: ColumnPath
-    value: ir.Value  # the node's input that carries V (the packed query when key and value are absent)
-    width: int  # channels of `value`
-    offset: int  # where V starts in `value` (after q | k when packed)
+    offset: int  # where V starts in `target` (after q | k when packed)
     head_size: int
     group: int  # query heads per value head
-    channels: int  # of X
+    x_channels: int  # channels of X, the attention output
     kind: ClassVar[str] = "gqa"
 
     @classmethod
@@ -82,58 +82,32 @@ class GroupQueryAttentionAbsorber(Absorber):
         path = walk_to_linear(value, width, attention=False)
         if path is None:
             return f"{name}'s value input {value.name} does not come from a linear layer's output columns"
-        return cls(node, path, value, width, offset, head_size, heads // kv_heads, site.channels)
-
-    @property
-    def node(self) -> ir.Node:
-        return self.path.layer.node
-
-    @property
-    def layer_name(self) -> str:
-        return self.path.layer.name
+        return cls(path, value, width, node, offset, head_size, heads // kv_heads, site.channels)
 
     def channel_statistics(self) -> dict[str, int]:
-        return {str(self.path.values.name): self.path.out_columns}
-
-    def probe(self) -> Probe | None:
-        return self.path.probe(self.value, self.width)
+        return self.value_statistics()
 
     @property
     def value_channels(self) -> np.ndarray:
-        """The channel of `value` behind each channel of X: query head h reads value head h // group."""
-        channel = np.arange(self.channels)
+        """The channel of the value input behind each channel of X: query head h reads value head h // group."""
+        channel = np.arange(self.x_channels)
         return self.offset + (channel // self.head_size // self.group) * self.head_size + channel % self.head_size
 
-    def _columns(self, stats: ActivationStats) -> tuple[np.ndarray, np.ndarray] | None:
-        """The layer column behind each channel of `value`, and behind each channel of X."""
-        of_value = self.path.column_map(self.value, self.width, stats)
-        return None if of_value is None else (of_value, of_value[self.value_channels])
-
-    def factor_map(self, stats: ActivationStats) -> np.ndarray | None:
-        found = self._columns(stats)
-        return None if found is None else found[1]
+    def columns(self, stats: ActivationStats) -> np.ndarray | None:
+        of_value = self.path.column_map(self.target, self.channels, stats)
+        return None if of_value is None else of_value[self.value_channels]
 
     def check(self, act_max: np.ndarray, stats: ActivationStats) -> str:
-        found = self._columns(stats)
-        if found is None:
-            return f"the columns of {self.layer_name} behind {self.value.name} could not be measured"
-        value_max = stats.channel_max.get(str(self.path.values.name))
-        if value_max is None:
-            return "no calibration statistics for the value projection"
-        bound = value_max[found[1]] * (1 + 1e-3) + 1e-6
-        violated = int(np.count_nonzero(act_max > bound))
-        if violated:
-            return (f"{violated} channels of {self.attention.name or 'GroupQueryAttention'} exceed the value "
-                    f"channels of {self.layer_name} they should mix; the attention layout is not the expected one")
-        return ""
+        return self.bound_problem(act_max, stats, self.attention.name or "GroupQueryAttention")
 
     def fold(self, graph: ir.Graph, scales: np.ndarray, stats: ActivationStats) -> None:
-        found = self._columns(stats)
-        assert found is not None
-        # Query heads of one group carry the same factor (factor_map), so the assignment is unambiguous.
-        factors = np.ones(self.width, np.float64)
+        """The path runs from the layer to the value input, so its factors are per value channel: query heads
+        of one group carry the same factor (factor_map), so the assignment is unambiguous."""
+        of_value = self.path.column_map(self.target, self.channels, stats)
+        assert of_value is not None
+        factors = np.ones(self.channels, np.float64)
         factors[self.value_channels] = scales
-        self.path.fold(graph, factors, found[0])
+        self.path.fold(graph, factors, of_value)
 
     def describe(self) -> str:
         return f"{self.node.op_type} (value columns)"

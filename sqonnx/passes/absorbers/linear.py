@@ -13,21 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
-import onnx_ir as ir
-
-from sqonnx.calibrators import ActivationStats
-from sqonnx.passes.absorbers._columns import ColumnPath, walk_to_linear
-from sqonnx.passes.absorbers.base import Absorber, Probe, Site
+from sqonnx.passes.absorbers._columns import ColumnAbsorber, walk_to_linear
+from sqonnx.passes.absorbers.base import Site
 
 NOT_HOMOGENEOUS = ("Gelu", "Erf", "Tanh", "Sigmoid", "Softplus", "FastGelu", "BiasGelu", "QuickGelu")
 
 
 @dataclass(frozen=True)
-class LinearAbsorber(Absorber):
-    path: ColumnPath
-    target: ir.Value
-    channels: int
+class LinearAbsorber(ColumnAbsorber):
     kind: ClassVar[str] = "linear"
 
     @classmethod
@@ -38,30 +31,6 @@ class LinearAbsorber(Absorber):
         if path is None:
             return _why_not(site)
         return cls(path, site.source, site.channels)
-
-    @property
-    def node(self) -> ir.Node:
-        return self.path.layer.node
-
-    @property
-    def layer_name(self) -> str:
-        return self.path.layer.name
-
-    def probe(self) -> Probe | None:
-        return self.path.probe(self.target, self.channels)
-
-    def factor_map(self, stats: ActivationStats) -> np.ndarray | None:
-        return self.path.column_map(self.target, self.channels, stats)
-
-    def check(self, act_max: np.ndarray, stats: ActivationStats) -> str:
-        if self.path.column_map(self.target, self.channels, stats) is None:
-            return f"the columns of {self.layer_name} behind the activation could not be measured"
-        return ""
-
-    def fold(self, graph: ir.Graph, scales: np.ndarray, stats: ActivationStats) -> None:
-        columns = self.path.column_map(self.target, self.channels, stats)
-        assert columns is not None
-        self.path.fold(graph, scales, columns)
 
     def describe(self) -> str:
         through = f" through {'/'.join(dict.fromkeys(self.path.passes))}" if self.path.passes else ""

@@ -16,18 +16,14 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
-import onnx_ir as ir
 
 from sqonnx.calibrators import ActivationStats
-from sqonnx.passes.absorbers._columns import ColumnPath, walk_to_linear
-from sqonnx.passes.absorbers.base import Absorber, Probe, Site
+from sqonnx.passes.absorbers._columns import ColumnAbsorber, walk_to_linear
+from sqonnx.passes.absorbers.base import Site
 
 
 @dataclass(frozen=True)
-class ValueAbsorber(Absorber):
-    path: ColumnPath
-    target: ir.Value
-    channels: int
+class ValueAbsorber(ColumnAbsorber):
     kind: ClassVar[str] = "value"
 
     @classmethod
@@ -38,41 +34,11 @@ class ValueAbsorber(Absorber):
         path = walk_to_linear(site.activation, site.channels, attention=True)
         return "" if path is None else cls(path, site.activation, site.channels)
 
-    @property
-    def node(self) -> ir.Node:
-        return self.path.layer.node
-
-    @property
-    def layer_name(self) -> str:
-        return self.path.layer.name
-
     def channel_statistics(self) -> dict[str, int]:
-        return {str(self.path.values.name): self.path.out_columns}
-
-    def probe(self) -> Probe | None:
-        return self.path.probe(self.target, self.channels)
-
-    def factor_map(self, stats: ActivationStats) -> np.ndarray | None:
-        return self.path.column_map(self.target, self.channels, stats)
+        return self.value_statistics()
 
     def check(self, act_max: np.ndarray, stats: ActivationStats) -> str:
-        columns = self.path.column_map(self.target, self.channels, stats)
-        if columns is None:
-            return f"the value columns of {self.layer_name} behind the attention output could not be measured"
-        value_max = stats.channel_max.get(str(self.path.values.name))
-        if value_max is None:
-            return "no calibration statistics for the value projection"
-        bound = value_max[columns] * (1 + 1e-3) + 1e-6
-        violated = int(np.count_nonzero(act_max > bound))
-        if violated:
-            return (f"{violated} channels exceed the value channels they should mix ({self.layer_name}); "
-                    "the attention layout is not the expected one")
-        return ""
-
-    def fold(self, graph: ir.Graph, scales: np.ndarray, stats: ActivationStats) -> None:
-        columns = self.path.column_map(self.target, self.channels, stats)
-        assert columns is not None
-        self.path.fold(graph, scales, columns)
+        return self.bound_problem(act_max, stats, "the attention output")
 
     def describe(self) -> str:
         return f"{self.node.op_type} (value columns)"
