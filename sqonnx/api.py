@@ -113,8 +113,8 @@ def _quantize(model_path: Path, output_path: str | Path | None, config: Quantize
     settings = _settings(requested, worst_pair)
     settings["rotation"] = rotation.summary()
     if alpha_trials:
-        chosen = "per group" if config.alpha_auto else config.alpha
-        settings["alpha"] = f"{settings['alpha']}: chose {chosen} (output error on calibration samples: " + \
+        kept = "per group" if config.alpha_auto else config.alpha
+        settings["alpha"] = f"{settings['alpha']}: chose {kept} (output error on calibration samples: " + \
             ", ".join(f"{key} {loss:.4f}" for key, loss in alpha_trials.items()) + ")"
     if config.optimize:
         settings["optimize"] = ", ".join(f"{n} {op}" for op, n in fused.items()) or "nothing fused"
