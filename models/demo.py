@@ -1,4 +1,5 @@
-"""The quick-start job: build SmolLM2, quantize it with sqonnx (O3, alpha 0.5), compare with FP32.
+"""The quick-start job: build SmolLM2, quantize it with sqonnx's defaults (residual stream rotated, alpha 0.5,
+static INT8 activations and per-token where a static range cannot hold them), compare with FP32.
 
 Run as `python -m models.demo` (the README's `make demo` does so in the project's venv).
 """
@@ -19,14 +20,15 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     print("building SmolLM2-135M-Instruct (GGUF -> transformers -> ONNX; cached after the first run)...")
     fp32 = smollm2.build()
-    int8 = fp32.with_name("model.sqonnx-o3.onnx")
-    print(f"quantizing {fp32} (O3, alpha 0.5, 128 calibration samples of 512 tokens)...")
+    int8 = fp32.with_name("model.sqonnx-int8.onnx")
+    print(f"quantizing {fp32} (defaults: rotated, alpha 0.5, --level auto, 128 calibration samples of 512 "
+          "tokens)...")
     report = sqonnx.quantize(fp32, int8, sqonnx.QuantizeConfig(alpha=0.5), progress=sys.stderr.isatty())
     print(report.summary())
     windows = eval_windows(fp32.parent, seq_len=512, max_windows=16)
     print(f"evaluating on {windows.size} held-out tokens of pydoc text...")
     rows = []
-    for name, path in (("FP32", fp32), ("sqonnx INT8 O3", int8)):
+    for name, path in (("FP32", fp32), ("sqonnx INT8", int8)):
         start = time.perf_counter()
         ppl = perplexity(path, windows)
         rows.append((name, ppl, _size_mb(path), latency(path, 512), time.perf_counter() - start))
