@@ -4,11 +4,11 @@ absorber kind), and why the rest are not. Writes ci/results/coverage.md / covera
     .venv/bin/python ci/coverage.py [family ...]
 
 Each family is a tiny trained-like model from tests/zoo.py (2 layers, hidden 64, planted outlier channels),
-quantized at the main command's settings (`--alpha 0.5 --static`, LM head excluded as by default) with an
-.npz of random token windows. "Linear layers" counts MatMul/Gemm whose weight is a constant in the exported
+quantized with the defaults (α 0.5, rotation where exact, --level auto, LM head excluded) with an .npz of
+random token windows. "Linear layers" counts MatMul/Gemm whose weight is a constant in the exported
 file, read directly, through Identity or from a Constant node, independently of sqonnx's own matcher
 (`tests.zoo.constant_weight_layers`); the LM head is one of them where it is not tied. The logits error is
-the relative L2 error against FP32 on held-out windows, at O3 with and without smoothing.
+the relative L2 error against FP32 on held-out windows, with the defaults and with --no-smooth.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def survey(family: str, workdir: Path) -> dict[str, object]:
 
 def markdown(rows: list[dict[str, object]]) -> str:
     lines = ["| family | linear layers | found | quantized layers on integer kernels | smoothable exactly | by absorber"
-             " | not smoothable, why | smoothed by the default policy | O3 logits error, smoothed / not |",
+             " | not smoothable, why | smoothed by the default policy | logits error, defaults / --no-smooth |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         by = "; ".join(f"{n} {kind}" for kind, n in sorted(row["by_absorber"].items()))  # type: ignore[union-attr]
