@@ -106,6 +106,10 @@ def _bad_cases(tmp: Path, block: Path, feeds: Path) -> dict[str, tuple[list[str 
                                    "--level O1 contradicts the O3 implied by --static"),
         "negative keep-float budget": ([block, "-o", out, "--keep-float-budget", "-1", "--calib-data", feeds],
                                        "--keep-float-budget must be >= 0"),
+        "level auto and static": ([block, "-o", out, "--level", "auto", "--static", "--calib-data", feeds],
+                                  "--level auto contradicts --static/--dynamic/--per-token"),
+        "smooth-only without smoothing": ([block, "-o", out, "--smooth-only", "--no-smooth", "--calib-data", feeds],
+                                          "--smooth-only contradicts --no-smooth"),
     }
 
 
@@ -113,7 +117,7 @@ CASES = ["missing external data", "not onnx", "truncated onnx", "old opset", "mi
          "nothing to quantize", "everything excluded", "npz names", "npz shape", "npz dtype", "missing data",
          "no tokenizer", "alpha", "output is input", "no such folder", "unwritable",
          "full range on a portable target", "static and dynamic", "level contradicts flag",
-         "negative keep-float budget"]
+         "negative keep-float budget", "level auto and static", "smooth-only without smoothing"]
 
 
 @pytest.mark.parametrize("case", CASES)
