@@ -22,6 +22,7 @@ import onnx_ir.passes.common as common_passes
 from sqonnx.calibrators import ActivationStats, calibration_feeds
 from sqonnx.config import Level, QuantizeConfig
 from sqonnx.errors import SqonnxError
+from sqonnx.genai import companion_files
 from sqonnx.graph import find_linear_layers, load_model
 from sqonnx.keep_float import KeepFloatTrial, choose_float_layers, least_loss, rank_by_sensitivity
 from sqonnx.kernels import KernelCheck, inspect_cpu_kernels
@@ -60,6 +61,7 @@ def _quantize(model_path: Path, output_path: str | Path | None, config: Quantize
     output_path = Path(output_path) if output_path is not None else model_path.with_suffix(".int8.onnx")
     model = load_model(model_path)
     check_output_path(model_path, output_path)
+    companions = companion_files(model_path, output_path)  # an onnxruntime-genai folder's config and tokenizer
     graph = model.graph
     _check_quantizable(model, config)
     input_bytes = _model_bytes(model_path, model)
@@ -138,7 +140,7 @@ def _quantize(model_path: Path, output_path: str | Path | None, config: Quantize
         if config.verify_fusion and not config.smooth_only:
             kernels.append(inspect_cpu_kernels(staged))
 
-    written = save_atomically(model, output_path, validate, external_data=external_data)
+    written = save_atomically(model, output_path, validate, external_data=external_data, companions=companions)
     report = QuantizeReport(
         input_path=str(model_path), output_path=str(output_path), settings=settings,
         calibration=feeds.description, layers=layer_reports, kernels=kernels[0] if kernels else None,

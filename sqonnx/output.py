@@ -34,7 +34,7 @@ def check_output_path(input_path: Path, output_path: Path) -> None:
 
 
 def save_atomically(model: ir.Model, output_path: Path, validate: Callable[[Path], None],
-                    external_data: bool = False) -> int:
+                    external_data: bool = False, companions: dict[str, bytes] | None = None) -> int:
     """Save to a staging folder beside the output, check, then move into place. Returns bytes written.
 
     Weights go to a data file beside the output when asked (the input had external data) or when the model
@@ -43,7 +43,8 @@ def save_atomically(model: ir.Model, output_path: Path, validate: Callable[[Path
     the previous .onnx keeps its own until the new one has replaced it, and only then are stale data files
     removed. A process killed at any point leaves the previous model or the new one at `output_path`, both
     whole. Moving into place holds a lock on the folder, so two processes writing the same output never
-    remove each other's data file; the last one to finish wins.
+    remove each other's data file; the last one to finish wins. `companions` (file name -> bytes, e.g. an
+    onnxruntime-genai config) are staged too and moved in before the .onnx.
     """
     tensor_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value)
     external_data = external_data or tensor_bytes > EXTERNAL_DATA_BYTES
@@ -65,11 +66,18 @@ def save_atomically(model: ir.Model, output_path: Path, validate: Callable[[Path
         check_onnx(staged)
         validate(staged)
         written = staged.stat().st_size + ((tmp / data_name).stat().st_size if data_name else 0)
+        for name, content in (companions or {}).items():
+            try:
+                (tmp / name).write_bytes(content)
+            except OSError as exc:
+                raise SqonnxError(f"cannot write {folder / name}: {exc.strerror}") from None
         pause_point("staged")
         with _folder_lock(folder):
             if data_name is not None:
                 os.replace(tmp / data_name, folder / data_name)
                 pause_point("data-moved")
+            for name in companions or {}:
+                os.replace(tmp / name, folder / name)
             os.replace(staged, output_path)
             pause_point("onnx-moved")
             for stale in stale_data_files(output_path, keep=data_name):

@@ -204,3 +204,31 @@ def test_refuses_layouts_it_cannot_prove(tmp_path: Path, attributes: dict, reaso
     node = next(n for n in graph if n.op_type == "GroupQueryAttention")
     found = GroupQueryAttentionAbsorber.match(Site(node.outputs[0], node.outputs[0], HIDDEN))
     assert isinstance(found, str) and reason in found
+
+
+def test_output_folder_is_a_genai_folder(tmp_path: Path) -> None:
+    """Quantized into another folder, the output gets genai_config.json naming the written model and the
+    tokenizer files, so onnxruntime-genai loads the folder unchanged; written beside the input, the input's
+    config is left alone (it still names the float model)."""
+    path = build_genai(tmp_path / "fp")
+    out = tmp_path / "int8" / "decoder.int8.onnx"
+    out.parent.mkdir()
+    sqonnx.quantize(path, out, QuantizeConfig(calibration=CALIBRATION))
+    config = json.loads((out.parent / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["filename"] == "decoder.int8.onnx"
+    assert config["model"]["decoder"]["num_key_value_heads"] == KV_HEADS
+    assert (out.parent / "tokenizer.json").read_bytes() == (path.parent / "tokenizer.json").read_bytes()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["decoder.int8.onnx", "genai_config.json", "tokenizer.json"]
+    beside = path.with_name("model.int8.onnx")
+    sqonnx.quantize(path, beside, QuantizeConfig(calibration=CALIBRATION))
+    assert json.loads((path.parent / "genai_config.json").read_text())["model"]["decoder"]["filename"] == "model.onnx"
+
+
+def test_damaged_genai_config_is_one_line_error(tmp_path: Path) -> None:
+    path = build_genai(tmp_path / "fp")
+    (path.parent / "genai_config.json").write_text("{not json")
+    out = tmp_path / "int8" / "model.onnx"
+    out.parent.mkdir()
+    with pytest.raises(sqonnx.SqonnxError, match="not a readable onnxruntime-genai config"):
+        sqonnx.quantize(path, out, QuantizeConfig(calibration=CALIBRATION))
+    assert list(out.parent.iterdir()) == []
