@@ -10,7 +10,7 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -93,7 +93,7 @@ def _quantize(model_path: Path, output_path: str | Path | None, config: Quantize
                                  KEPT_ROWS if config.needs_rows else 0, progress)
     del model, graph  # each build below starts from a fresh, memory-mapped copy
 
-    requested, alpha_trials = config, {}
+    requested, alpha_trials = config, dict[str, float]()
     if held_out and not config.smooth_only:
         selection = list(itertools.islice(iter(feeds), feeds.count - held_out, feeds.count))
         config, alpha_trials = _alpha_that_never_loses(config, source, stats, quantized, selection, workdir)
@@ -171,8 +171,10 @@ def _alpha_that_never_loses(config: QuantizeConfig, source: Path, stats: Activat
     for alpha in UNIFORM_ALPHAS:
         if low <= alpha <= high:
             candidates[str(alpha)] = replace(config, alpha=alpha)
-    best, losses = least_loss({key: (lambda c=c: _build(load_prepared(source), c, stats, quantized))
-                               for key, c in candidates.items()}, source, feeds, workdir)
+    def build(candidate: QuantizeConfig) -> Callable[[], Built]:
+        return lambda: _build(load_prepared(source), candidate, stats, quantized)
+
+    best, losses = least_loss({key: build(c) for key, c in candidates.items()}, source, feeds, workdir)
     logger.info("--alpha auto: %s", ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
     return candidates[best], losses
 

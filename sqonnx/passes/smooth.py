@@ -112,6 +112,7 @@ class SmoothPass(ir.passes.InPlacePass):
                                                     f"relative error {with_s:.2g} smoothed vs {without:.2g} not "
                                                     "on calibration rows)")
         shared = absorber.factor_map(self.stats) if absorber is not None else None
+        assert alpha is not None  # a search that prefers no smoothing returned above
         scales = _shared_scales(act_max, weight_max, alpha, shared)
         dead_inputs, dead_rows = int(np.count_nonzero(act_max == 0)), int(np.count_nonzero(weight_max == 0))
         if dead_inputs or dead_rows:

@@ -89,7 +89,7 @@ class Absorber(abc.ABC):
         """How 1/s was absorbed, for the report (e.g. 'LayerNormalization', 'MatMul (value columns)')."""
 
 
-def value_uses(value: ir.Value) -> list[ir.Usage]:
+def value_uses(value: ir.Value) -> list:  # list[onnx_ir Usage]
     """Readers of a value's numbers; Shape and Size read only its shape, which scaling keeps."""
     return [use for use in value.uses() if use.node.op_type not in SHAPE_ONLY_OPS or use.node.domain != ""]
 
