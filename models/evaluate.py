@@ -99,6 +99,12 @@ def latency(model_path: Path, seq_len: int, repeats: int = 5) -> float:
 def decode_seconds(model_path: Path, prompt: np.ndarray, new_tokens: int) -> float:
     """Seconds to generate `new_tokens` greedily, one token per run with the key/value cache (batch 1),
     after a prefill of `prompt` (not timed). Needs a with-past export (past_key_values.* inputs)."""
+    return greedy_tokens(model_path, prompt, new_tokens)[1]
+
+
+def greedy_tokens(model_path: Path, prompt: np.ndarray, new_tokens: int) -> tuple[list[int], float]:
+    """The `new_tokens` tokens a greedy decode through the key/value cache writes after `prompt` (batch 1),
+    and the seconds the decode steps took (the prefill not counted). Needs a with-past export."""
     sess = session(model_path)
     inputs = _inputs(model_path)
     cache_names = [str(v.name) for v in inputs if str(v.name).startswith("past_key_values")]
@@ -108,18 +114,21 @@ def decode_seconds(model_path: Path, prompt: np.ndarray, new_tokens: int) -> flo
     feeds = feeds_for_tokens(inputs, prompt)
     position = len(prompt)
     elapsed = 0.0
-    for step in range(new_tokens + 1):
+    tokens: list[int] = []
+    for step in range(new_tokens):
         start = time.perf_counter()
         outputs = dict(zip(output_names, sess.run(None, feeds), strict=True))
         if step:  # step 0 is the prefill
             elapsed += time.perf_counter() - start
-        token = int(outputs["logits"][0, -1].argmax())
-        feeds = {"input_ids": np.array([[token]], np.int64),
+        tokens.append(int(outputs["logits"][0, -1].argmax()))
+        feeds = {"input_ids": np.array([[tokens[-1]]], np.int64),
                  "attention_mask": np.ones((1, position + 1), np.int64),
                  "position_ids": np.array([[position]], np.int64)}
         feeds.update({name: outputs[name.replace("past_key_values", "present")] for name in cache_names})
         position += 1
-    return elapsed
+    start = time.perf_counter()
+    sess.run(None, feeds)  # the last decode step, timed like the others
+    return tokens, elapsed + time.perf_counter() - start
 
 
 def kernel_time_by_op(model_path: Path, seq_len: int, runs: int = 3) -> dict[str, float]:
