@@ -7,6 +7,10 @@ run reuses them. Building needs the `export` extra (torch, transformers, optimum
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,23 +33,27 @@ def package_dir(package: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def export_into(target: Path, model: object, tokenizer: object | None, task: str) -> Path:
-    """Export a transformers model with optimum into `target` (with its tokenizer, if any), all or nothing:
-    a half-written export never looks like a cached model. Models built from a bare config (tests/zoo.py)
-    have no tokenizer; their feeds are random token ids."""
-    import shutil
-    import tempfile
-
-    from optimum.exporters.onnx import onnx_export_from_model
-
+@contextmanager
+def building(target: Path) -> Iterator[Path]:
+    """A staging folder beside `target`; what the block leaves in it becomes `target` when the block ends
+    without an error, all or nothing: a half-written build never looks like a cached model."""
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        onnx_export_from_model(model, staging, task=task, do_validation=False)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)  # type: ignore[attr-defined]
+        yield staging
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def export_into(target: Path, model: object, tokenizer: object | None, task: str) -> Path:
+    """Export a transformers model with optimum into `target` (with its tokenizer, if any), all or nothing.
+    Models built from a bare config (tests/zoo.py) have no tokenizer; their feeds are random token ids."""
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    with building(target) as staging:
+        onnx_export_from_model(model, staging, task=task, do_validation=False)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)  # type: ignore[attr-defined]
     return target / "model.onnx"

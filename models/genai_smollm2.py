@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from models import REPO, cache_dir, package_dir
+from models import REPO, building, cache_dir, package_dir
 from models.smollm2 import GGUF_FILE
 
 NAME = "smollm2-135m-genai"
@@ -89,22 +89,15 @@ def build() -> Path:
     if (target / "model.onnx").exists() and (target / "genai_config.json").exists():
         return target / "model.onnx"
     python = genai_python()
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        hf = staging / "hf"
-        out = staging / "out"
+    with tempfile.TemporaryDirectory(prefix=f".{target.name}-work-", dir=target.parent) as work, \
+            building(target) as out:
+        hf = Path(work) / "hf"
         _save_hf_folder(hf)
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         subprocess.run([str(python), "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
-                        "-p", "fp32", "-e", "cpu", "-c", str(staging / "builder-cache")], check=True, env=env)
+                        "-p", "fp32", "-e", "cpu", "-c", str(Path(work) / "builder-cache")], check=True, env=env)
         _fix_tokenizer(out)
-        if target.exists():
-            shutil.rmtree(target)
-        out.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target / "model.onnx"
-
 
 if __name__ == "__main__":
     print(build())
