@@ -9,7 +9,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from sqonnx.calibrators.data import feeds_for_tokens, load_tokenizer, pydoc_text, special_tokens
+from sqonnx.calibrators.data import cache_dims, feeds_for_tokens, load_tokenizer, pydoc_text, special_tokens
 
 
 def session(model_path: Path, threads: int = 0) -> ort.InferenceSession:
@@ -42,9 +42,10 @@ def perplexity(model_path: Path, windows: np.ndarray) -> float:
     """exp(mean next-token negative log-likelihood) over the windows."""
     sess = session(model_path)
     inputs = _inputs(model_path)
+    dims = cache_dims(model_path.parent)  # an onnxruntime-genai graph leaves the cache's sizes symbolic
     total, count = 0.0, 0
     for window in windows:
-        logits = sess.run(["logits"], feeds_for_tokens(inputs, window))[0][0].astype(np.float64)
+        logits = sess.run(["logits"], feeds_for_tokens(inputs, window, dims))[0][0].astype(np.float64)
         logits = logits[:-1]
         top = logits.max(axis=-1, keepdims=True)
         log_z = np.log(np.exp(logits - top).sum(axis=-1)) + top[:, 0]

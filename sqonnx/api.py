@@ -34,6 +34,7 @@ from sqonnx.passes.prepare import load_prepared, prepare
 from sqonnx.passes.rotate import RotationResult, rotate_model
 from sqonnx.passes.smooth import GroupResult, SmoothPass, smoothing_statistics
 from sqonnx.passes.smoothing_groups import find_smoothing_groups
+from sqonnx.passes.transposed import RestoreTransposedCopiesPass
 from sqonnx.report import LayerReport, QuantizeReport
 from sqonnx.search import AlphaSearch, choose_level, static_range
 from sqonnx.target import INT16_MAX, Target, full_range_is_safe, resolve, worst_int16_pair_in_graph
@@ -89,7 +90,9 @@ def _quantize(model_path: Path, output_path: str | Path | None, config: Quantize
     # ranges fit those very samples and the tightest α always wins).
     held_out = min(ALPHA_SELECTION_SAMPLES, feeds.count // 4) if config.alpha_auto and config.smooth else 0
     calibrate = _First(feeds, feeds.count - held_out)
-    stats = smoothing_statistics(model, calibrate, feeds.count - held_out, quantized,
+    # Decode chains (a with-past decoder's single tokens) count in the statistics only, after the samples.
+    stats = smoothing_statistics(model, itertools.chain(calibrate, feeds.decode),
+                                 feeds.count - held_out + len(feeds.decode), quantized,
                                  KEPT_ROWS if config.needs_rows else 0, progress)
     del model, graph  # each build below starts from a fresh, memory-mapped copy
 
@@ -232,6 +235,7 @@ def _build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quan
     InsertQDQPass([item for item in plan if not (config.integer_form or item.level is Level.O1)],
                   config.weight_qmax, config.per_channel)(model)
     ir.passes.Sequential(
+        RestoreTransposedCopiesPass(),
         common_passes.RemoveUnusedNodesPass(),
         common_passes.TopologicalSortPass(),
     )(model)

@@ -85,7 +85,8 @@ def quantize(
         "--reduce-range/--full-range", show_default=False,
         help="7-bit or 8-bit weights [default: what --target needs; full range only for VNNI/ARM/GPU]")] = None,
     exclude: Annotated[list[str] | None, typer.Option(
-        help=f"Node-name glob to keep in float; repeatable [default: {', '.join(DEFAULT_EXCLUDE)}]")] = None,
+        help="Node-name glob to keep in float, e.g. '*lm_head*'; repeatable [default: none, every linear layer "
+             "is quantized]")] = None,
     unabsorbed: Annotated[Unabsorbed, typer.Option(
         help="Groups whose producer cannot absorb 1/s. auto: an explicit Mul only where calibration shows it cuts "
              "the group's INT8 error by a fifth; skip: never; mul: always")] = Unabsorbed.AUTO,
@@ -93,6 +94,10 @@ def quantize(
         help="Calibration text file or .npz of input feeds [default: Python's pydoc topics]")] = None,
     num_samples: Annotated[int, typer.Option(help="Calibration samples")] = 128,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration sample (text data)")] = 512,
+    decode_steps: Annotated[int, typer.Option(
+        help="Single-token decode steps calibrated through the key/value cache after the prefill samples (a "
+             "with-past decoder and text data): the model's own greedy tokens after a prompt; 0: prefill only")
+    ] = 64,
     report_json: Annotated[Path | None, typer.Option(help="Also write the per-layer report as JSON")] = None,
     keep_float_budget: Annotated[float | None, typer.Option(
         help="Leave the fewest most sensitive layers in float until the quality loss on calibration samples "
@@ -113,7 +118,8 @@ def quantize(
             per_token_where_needed=_level_auto(level, static, dynamic, per_token), format=format,
             target=target, per_channel=per_channel, reduce_range=reduce_range,
             exclude=tuple(exclude) if exclude else DEFAULT_EXCLUDE, unabsorbed=unabsorbed,
-            calibration=CalibrationConfig(data=calib_data, num_samples=num_samples, seq_len=seq_len),
+            calibration=CalibrationConfig(data=calib_data, num_samples=num_samples, seq_len=seq_len,
+                                          decode_steps=decode_steps),
             verify_fusion=verify, optimize=optimize, keep_float_budget=keep_float_budget)
         if report_json is not None:
             _check_writable_file(report_json, "--report-json")

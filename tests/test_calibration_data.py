@@ -139,3 +139,50 @@ def test_symbolic_cache_dims_without_a_config(tmp_path: Path, config: str | None
     with pytest.raises(SqonnxError, match="model input 'past_key_values.0.key' cannot be filled from text; its "
                                           "heads or head size are symbolic"):
         next(iter(feeds))
+
+
+def _with_past_graph(folder: Path, outputs: tuple[str, ...] = ("logits", "present.0.key", "present.0.value")
+                     ) -> ir.Graph:
+    _bert_like_tokenizer(folder)
+    graph = _graph(folder)
+    graph.inputs.pop()  # token_type_ids
+    for kind in ("key", "value"):
+        graph.inputs.append(ir.Value(name=f"past_key_values.0.{kind}", type=ir.TensorType(ir.DataType.FLOAT),
+                                     shape=ir.Shape(["batch", 3, "past_sequence_length", 8])))
+    graph.outputs.extend(ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT)) for name in outputs)
+    return graph
+
+
+def test_decode_chains_only_for_text_and_a_cache(tmp_path: Path) -> None:
+    """Text calibration of a with-past model adds decode chains; decode_steps 0, an .npz (what the user gave,
+    exactly) and a model without a cache get none."""
+    graph = _with_past_graph(tmp_path)
+    feeds = calibration_feeds(graph, tmp_path, CalibrationConfig(num_samples=8, seq_len=32, decode_steps=20))
+    assert [chain.steps for chain in feeds.decode] == [5, 5, 5, 5]
+    assert feeds.description == "built-in pydoc topics, 8 x 32 tokens + 20 decode steps"
+    prompt = feeds.decode[0].prompt
+    assert prompt["input_ids"].shape == (1, 16) and prompt["past_key_values.0.key"].shape == (1, 3, 0, 8)
+    assert feeds.decode[0].present == {"past_key_values.0.key": "present.0.key",
+                                       "past_key_values.0.value": "present.0.value"}
+    # The prompts come from the first three quarters of the windows (--alpha auto holds back the last).
+    windows = [sample["input_ids"][0] for sample in feeds]
+    starts = [next(i for i, w in enumerate(windows) if np.array_equal(w[:16], c.prompt["input_ids"][0]))
+              for c in feeds.decode]
+    assert starts == [0, 1, 3, 5]
+
+    none = calibration_feeds(graph, tmp_path, CalibrationConfig(num_samples=8, seq_len=32, decode_steps=0))
+    assert none.decode == [] and none.description == "built-in pydoc topics, 8 x 32 tokens"
+    npz = tmp_path / "feeds.npz"
+    np.savez(npz, input_ids=np.ones((2, 1, 4), np.int64), attention_mask=np.ones((2, 1, 6), np.int64),
+             **{f"past_key_values.0.{kind}": np.zeros((2, 1, 3, 2, 8), np.float32) for kind in ("key", "value")})
+    assert calibration_feeds(graph, tmp_path, CalibrationConfig(data=npz, decode_steps=20)).decode == []
+    assert calibration_feeds(_graph(tmp_path), tmp_path, CalibrationConfig(decode_steps=20, seq_len=32)).decode == []
+
+
+def test_no_present_output_is_prefill_only(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    graph = _with_past_graph(tmp_path, ("logits", "present.0.key"))
+    with caplog.at_level("INFO", logger="sqonnx.calibrators.data"):
+        feeds = calibration_feeds(graph, tmp_path, CalibrationConfig(num_samples=8, seq_len=32))
+    assert feeds.decode == []
+    assert [r.getMessage() for r in caplog.records] == ["calibrating prefill only: no output 'present.0.value' to "
+                                                        "decode from"]

@@ -317,7 +317,8 @@ def logits(model_path: Path, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
 
 
 def constant_weight_layers(path: Path) -> int:
-    """MatMul/Gemm nodes whose second input is a 2-D float constant, seen through Identity/Constant."""
+    """MatMul/Gemm nodes whose second input is a 2-D float constant, seen through Identity/Constant and a
+    Transpose (a tied LM head reads the embedding table transposed)."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
@@ -329,8 +330,9 @@ def constant_weight_layers(path: Path) -> int:
     while changed:
         changed = False
         for node in graph.node:
-            if node.op_type == "Identity" and node.input[0] in constants and node.output[0] not in constants:
-                constants[node.output[0]] = constants[node.input[0]]
+            if node.op_type in ("Identity", "Transpose") and node.input[0] in constants \
+                    and node.output[0] not in constants:
+                constants[node.output[0]] = constants[node.input[0]][::-1 if node.op_type == "Transpose" else 1]
                 changed = True
     return sum(1 for node in graph.node if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1
                and len(constants.get(node.input[1], [])) == 2)

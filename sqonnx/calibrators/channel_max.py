@@ -4,6 +4,10 @@ Instead of fetching whole activations ([batch, seq, hidden] per layer per sample
 Abs -> Reshape([-1, C]) -> ReduceMax(axis 0) for each one, so onnxruntime hands back C numbers per
 tensor and memory stays flat however many samples run. Channels are the last axis of transformer
 activations (onnxruntime's own calibrator assumes axis 1, the image layout).
+
+A sample is a feed dict, or a `DecodeChain` that the same session drives (its prompt, then one token at a
+time on the cache the previous run returned): every run adds to the maxima; rows and probes come from
+feed dicts only.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+from sqonnx.calibrators.data import DecodeChain
 from sqonnx.calibrators.probes import Probe, add_probe, read_map
 from sqonnx.errors import SqonnxError
 from sqonnx.graph import add_initializer
@@ -39,13 +44,16 @@ class ActivationStats:
     maps: dict[str, np.ndarray] = field(default_factory=dict)  # probe name -> column per channel (see probes)
 
 
-def collect_channel_max(model: ir.Model, activations: dict[str, int], feeds: Iterable[dict[str, np.ndarray]],
+Sample = dict[str, np.ndarray] | DecodeChain
+
+
+def collect_channel_max(model: ir.Model, activations: dict[str, int], feeds: Iterable[Sample],
                         total: int, progress: bool = True) -> dict[str, np.ndarray]:
     """max|x| per channel for each activation name -> channel count, over all samples of `feeds`."""
     return collect_statistics(model, activations, feeds, total, progress).channel_max
 
 
-def collect_statistics(model: ir.Model, activations: dict[str, int], feeds: Iterable[dict[str, np.ndarray]],
+def collect_statistics(model: ir.Model, activations: dict[str, int], feeds: Iterable[Sample],
                        total: int, progress: bool = True, keep_rows: int = 0,
                        probes: Sequence[Probe] = ()) -> ActivationStats:
     """Channel maxima over all samples, plus `keep_rows` rows per activation taken evenly from the
@@ -133,7 +141,7 @@ def _session(path: Path) -> ort.InferenceSession:
         raise SqonnxError(f"onnxruntime cannot run the model for calibration: {str(exc).splitlines()[0]}") from None
 
 
-def _run(session: ort.InferenceSession, output_names: dict[str, str], feeds: Iterable[dict[str, np.ndarray]],
+def _run(session: ort.InferenceSession, output_names: dict[str, str], feeds: Iterable[Sample],
          total: int, progress: bool, keep_rows: int = 0, probe_outputs: dict[str, list[str]] | None = None,
          ) -> tuple[ActivationStats, dict[str, list[np.ndarray]]]:
     names = list(output_names)
@@ -150,16 +158,16 @@ def _run(session: ort.InferenceSession, output_names: dict[str, str], feeds: Ite
     with Progress(transient=True, disable=not progress) as bar:
         task = bar.add_task("calibrating", total=total)
         for sample, feed in enumerate(feeds):
+            if isinstance(feed, DecodeChain):
+                _decode(session, feed, names, fetch, maxima, sample)
+                bar.advance(task)
+                continue
             keep = sample < row_samples and per_sample > 0
             from_graph = [name for name in names if name not in feed] if keep else []
             # Probes read the first sample only: later ones may be decode-shaped (a non-empty cache
             # joins the labels with unlabelled past tokens).
             extra = probe_fetch if sample == 0 else []
-            try:
-                results = session.run(fetch + from_graph + extra, feed)
-            except Exception as exc:
-                raise SqonnxError(f"calibration sample {sample} does not fit the model: "
-                                  f"{str(exc).splitlines()[0]}") from None
+            results = _session_run(session, fetch + from_graph + extra, feed, f"calibration sample {sample}")
             if extra:
                 values = iter(results[len(results) - len(extra):])
                 probed = {name: [next(values) for _ in outputs] for name, outputs in probe_outputs.items()}
@@ -172,14 +180,37 @@ def _run(session: ort.InferenceSession, output_names: dict[str, str], feeds: Ite
                     picked = np.linspace(0, len(flat) - 1, min(per_sample, len(flat))).astype(np.int64)
                     rows[name].append(np.clip(flat[picked], -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16))
                 results = results[:len(names)]
-            for name, result in zip(names, results, strict=True):
-                if not np.all(np.isfinite(result)):
-                    raise SqonnxError(f"activation '{name}' is NaN or infinite on calibration sample {sample}; "
-                                      "check the calibration data")
-                previous = maxima.get(name)
-                maxima[name] = result if previous is None else np.maximum(previous, result)
+            _add_maxima(maxima, names, results, f"calibration sample {sample}")
             bar.advance(task)
             if sample == 0:
                 pause_point("calibration")
     kept = {name: np.concatenate(parts)[:keep_rows] for name, parts in rows.items() if parts}
     return ActivationStats(maxima, kept), probed
+
+
+def _decode(session: ort.InferenceSession, chain: DecodeChain, names: list[str], fetch: list[str],
+            maxima: dict[str, np.ndarray], sample: int) -> None:
+    """Run `chain`'s prompt, then its single tokens, each fed the cache the run before returned."""
+    feed = chain.prompt
+    for step in range(chain.steps + 1):
+        where = f"calibration sample {sample} (decode step {step})"
+        results = _session_run(session, fetch + chain.fetch, feed, where)
+        _add_maxima(maxima, names, results[:len(fetch)], where)
+        if step < chain.steps:
+            feed = chain.next_feeds(feed, dict(zip(chain.fetch, results[len(fetch):], strict=True)), step)
+
+
+def _session_run(session: ort.InferenceSession, fetch: list[str], feed: dict[str, np.ndarray],
+                 where: str) -> list[np.ndarray]:
+    try:
+        return session.run(fetch, feed)
+    except Exception as exc:
+        raise SqonnxError(f"{where} does not fit the model: {str(exc).splitlines()[0]}") from None
+
+
+def _add_maxima(maxima: dict[str, np.ndarray], names: list[str], results: list[np.ndarray], where: str) -> None:
+    for name, result in zip(names, results, strict=True):
+        if not np.all(np.isfinite(result)):
+            raise SqonnxError(f"activation '{name}' is NaN or infinite on {where}; check the calibration data")
+        previous = maxima.get(name)
+        maxima[name] = result if previous is None else np.maximum(previous, result)

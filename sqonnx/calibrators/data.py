@@ -9,13 +9,18 @@ a prefill: its past_key_values inputs are empty, [1, kv_heads, 0, head_size]. Wh
 symbolic (genai writes [batch_size, 3, past_sequence_length, kv_cache_dim]), it comes from the configuration
 beside the model: genai_config.json (`model.decoder.num_key_value_heads`, `head_size`), else config.json
 (`num_key_value_heads`, `head_dim` or hidden_size / num_attention_heads).
+
+With text data such a decoder is also calibrated the way it runs in use, one token at a time: after the
+prefill windows, a few decode chains (a prompt, then `decode_steps` single tokens in all, each fed the cache
+the previous run returned). See `DecodeChain`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +29,15 @@ import onnx_ir as ir
 from sqonnx.config import CalibrationConfig
 from sqonnx.errors import SqonnxError
 
+logger = logging.getLogger(__name__)
+
 EVAL_EVERY = 5  # every 5th pydoc topic (sorted by name) is held out for evaluation
 
 _NUMPY_OF = {ir.DataType.INT64: np.int64, ir.DataType.INT32: np.int32, ir.DataType.FLOAT: np.float32,
              ir.DataType.FLOAT16: np.float16}
 CACHE_PREFIXES = ("past_key_values", "past_key", "past_value")
+DECODE_CHAINS = 4  # decode steps are split among (at least) this many prompts
+LOGITS = "logits"
 
 
 def pydoc_text(split: str) -> str:
@@ -168,13 +177,82 @@ def _read_json(path: Path) -> dict:
     return found if isinstance(found, dict) else {}
 
 
+@dataclass(frozen=True)
+class DecodeChain:
+    """A prompt, then `steps` single tokens through the key/value cache, as a with-past decoder runs in use.
+
+    Each step's feeds come from the previous run's outputs, so the calibrator drives the chain: it runs
+    `prompt`, then `next_feeds` of each run's `fetch` outputs. The next token is the model's own greedy
+    choice: free-running tokens are the one thing a prefill over text cannot show (fed the text's own next
+    tokens, `forced`, a decode computes the same per-token activations as a prefill of those tokens).
+    Memory stays flat: one cache at a time.
+    """
+
+    prompt: dict[str, np.ndarray]  # prefill feeds, empty cache
+    steps: int
+    present: dict[str, str]  # cache input -> the output that returns it one token longer
+    forced: np.ndarray | None = None  # tokens to feed instead of the model's choice (teacher forcing)
+
+    @property
+    def fetch(self) -> list[str]:
+        return [*self.present.values(), *([LOGITS] if self.forced is None else [])]
+
+    def next_feeds(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
+                   step: int) -> dict[str, np.ndarray]:
+        """Feeds of single-token step `step` (from 0), after a run on `feeds` returned `outputs`."""
+        token = self.forced[step] if self.forced is not None else outputs[LOGITS][0, -1].argmax()
+        following = {name: outputs[present] for name, present in self.present.items()}
+        for name, array in feeds.items():
+            if name == "input_ids":
+                following[name] = np.full((1, 1), token, array.dtype)
+            elif name == "attention_mask":  # covers past and new tokens (optimum and genai alike)
+                following[name] = np.ones((1, array.shape[1] + 1), array.dtype)
+            elif name == "position_ids":
+                following[name] = array[:, -1:] + 1
+            elif name == "token_type_ids":
+                following[name] = array[:, -1:]
+        return following
+
+
+def decode_chains(inputs: list[ir.Value], outputs: list[ir.Value], windows: np.ndarray, steps: int,
+                  dims: CacheDims | None, teacher_forced: bool = False) -> list[DecodeChain]:
+    """`steps` single tokens in all, split among DECODE_CHAINS (or more) windows, each after the first
+    half of its window as the prompt; none for a model without a cache, or without the present outputs
+    to feed back.
+
+    A chain stays within one window's length (positions the prefill already uses). Prompts come from the
+    first three quarters of the windows: --alpha auto judges models on up to a quarter held back at the end.
+    `teacher_forced` feeds each window's own next tokens (tests: the same maxima as a prefill of them).
+    """
+    cache = [str(v.name) for v in inputs if str(v.name).startswith(CACHE_PREFIXES)]
+    if steps == 0 or not cache:
+        return []
+    present = {name: name.replace("past_key_values", "present") for name in cache}
+    returned = {str(v.name) for v in outputs}
+    missing = [name for name in [*present.values(), *([] if teacher_forced else [LOGITS])] if name not in returned]
+    if missing:
+        logger.info("calibrating prefill only: no output '%s' to decode from", missing[0])
+        return []
+    prompt = windows.shape[1] // 2
+    room = windows.shape[1] - prompt
+    usable = windows[:len(windows) - len(windows) // 4]
+    count = min(len(usable), steps, max(DECODE_CHAINS, -(-steps // room)))
+    picked = usable[np.linspace(0, len(usable) - 1, count).astype(np.int64)]
+    split = [min(room, steps // count + (i < steps % count)) for i in range(count)]
+    return [DecodeChain(feeds_for_tokens(inputs, window[:prompt], dims), n, present,
+                        window[prompt:prompt + n] if teacher_forced else None)
+            for window, n in zip(picked, split, strict=True)]
+
+
 @dataclass
 class CalibrationFeeds:
-    """A re-iterable, countable source of feeds; samples are made one at a time."""
+    """A re-iterable, countable source of feeds; samples are made one at a time. `decode`: decode chains
+    to calibrate after the samples, kept apart from them (--alpha auto selects among the last samples)."""
 
     count: int
     _make: object  # Callable[[], Iterator[dict[str, np.ndarray]]]
     description: str
+    decode: list[DecodeChain] = field(default_factory=list)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self._make()  # type: ignore[operator]
@@ -205,11 +283,15 @@ def calibration_feeds(graph: ir.Graph, model_dir: Path, config: CalibrationConfi
     windows = token_windows(ids, config.num_samples, config.seq_len, *special_tokens(tokenizer))
 
     dims = cache_dims(model_dir) if any(str(v.name).startswith(CACHE_PREFIXES) for v in inputs) else None
+    decode = decode_chains(inputs, list(graph.outputs), windows, config.decode_steps, dims)
+    description += f", {len(windows)} x {config.seq_len} tokens"
+    if decode:
+        description += f" + {sum(chain.steps for chain in decode)} decode steps"
 
     def make() -> Iterator[dict[str, np.ndarray]]:
         return (feeds_for_tokens(inputs, w, dims) for w in windows)
 
-    return CalibrationFeeds(len(windows), make, f"{description}, {len(windows)} x {config.seq_len} tokens")
+    return CalibrationFeeds(len(windows), make, description, decode)
 
 
 def _npz_feeds(inputs: list[ir.Value], path: Path, num_samples: int) -> CalibrationFeeds:

@@ -6,7 +6,8 @@ constants in Constant nodes. Matching a linear layer's weight or a norm's scale 
 initializer, so Constant nodes are lifted to initializers and Identity nodes removed (onnx-ir's own
 passes). A constant that ends up shared is copied before any fold changes it for one reader
 (`graph.set_constant_input`). The passes are deterministic, so calibration statistics keyed by value
-name stay valid for every copy prepared this way.
+name stay valid for every copy prepared this way. A weight read through Transpose(constant) (a tied LM
+head) becomes a constant of its own (`passes/transposed.py`).
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ from pathlib import Path
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from sqonnx.passes.transposed import FoldTransposedConstantsPass
+
 
 def prepare(model: ir.Model) -> ir.Model:
     ir.passes.Sequential(
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
         common_passes.IdentityEliminationPass(),
+        FoldTransposedConstantsPass(),
     )(model)
     return model
 

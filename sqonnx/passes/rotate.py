@@ -37,8 +37,9 @@ of every writer and the embedding (SliceGPT / QuaRot's LayerNorm conversion), wh
 do. Norms fused by onnxruntime's optimizer (Simplified/SkipSimplifiedLayerNormalization): rotate the
 exported graph before `--optimize`. A residual stream that is itself a model output.
 
-A tied LM head (MatMul reading Transpose(embedding)) gets its own constant Q^T diag(w) E^T, because the
-table is now E Q: one more vocab x hidden float32 copy in the file (SmolLM2: 49152 x 576 x 4 B = 113 MB).
+A tied LM head (MatMul reading Transpose(embedding)) already has a constant of its own (`prepare` folds
+the Transpose, passes/transposed.py); rotated, it no longer equals the table E Q transposed, so it stays a
+copy: INT8 in the output, or one more float32 vocab x hidden table (113 MB on SmolLM2) if it is excluded.
 """
 
 from __future__ import annotations
@@ -168,8 +169,7 @@ class RotatePass(ir.passes.InPlacePass):
             True, hidden=plan.hidden, kind=kind, seed=self.seed,
             tables=tuple(str(node.inputs[0].name) for node in plan.tables if node.inputs[0] is not None),
             norms=tuple(str(norm.output.name) for norm in plan.norms),
-            readers=tuple(layer.name for norm in plan.norms for layer in norm.readers)
-            + tuple(node.name for norm in plan.norms for node, _ in norm.transposed),
+            readers=tuple(layer.name for norm in plan.norms for layer in norm.readers),
             writers=tuple(layer.name for layer in plan.writers), online=tuple(online),
             head_dim=head_dim if pairs else 0, heads=tuple(pair.output.name for pair in pairs),
             head_reason=head_reason)
@@ -203,7 +203,6 @@ class _Norm:
     output: ir.Value  # what the readers read
     weight: tuple[ir.Node, int] | None  # the Mul by the per-channel weight and its constant input
     readers: tuple[LinearLayer, ...]
-    transposed: tuple[tuple[ir.Node, ir.Node], ...]  # (MatMul, Transpose of a table): a tied LM head
     entries: tuple[ir.Node, ...]  # the nodes that read the stream value
 
 
@@ -376,20 +375,14 @@ def _match_rms_norm(pow_node: ir.Node, x: ir.Value, hidden: int) -> _Norm | str:
     found = _norm_readers(value, hidden)
     if isinstance(found, str):
         return found
-    readers, transposed = found
-    return _Norm(value, weight, readers, transposed, (pow_node, scale_node))
+    return _Norm(value, weight, found, (pow_node, scale_node))
 
 
-_Readers = tuple[tuple[LinearLayer, ...], tuple[tuple[ir.Node, ir.Node], ...]]
-
-
-def _norm_readers(value: ir.Value, hidden: int) -> _Readers | str:
-    """Linear layers reading a norm output (directly, or through a Reshape that flattens the token axes),
-    and MatMuls reading a transposed table (a tied LM head)."""
+def _norm_readers(value: ir.Value, hidden: int) -> tuple[LinearLayer, ...] | str:
+    """Linear layers reading a norm output (directly, or through a Reshape that flattens the token axes)."""
     if value.is_graph_output():
         return f"the norm output '{value.name}' is a model output"
     readers: list[LinearLayer] = []
-    transposed: list[tuple[ir.Node, ir.Node]] = []
     frontier = [value]
     for current in frontier:
         for use in value_uses(current):
@@ -401,21 +394,10 @@ def _norm_readers(value: ir.Value, hidden: int) -> _Readers | str:
                     and not node.outputs[0].is_graph_output():
                 # [.., C] -> [N, C] keeps each token's channels together when every reader reads C channels
                 frontier.append(node.outputs[0])
-            elif (node.op_type == "MatMul" and use.idx == 0 and (t := _transposed_table(node.inputs[1], hidden))
-                  is not None):
-                transposed.append((node, t))
             else:
                 return (f"{node.name or node.op_type} ({node.op_type}) reads the norm output '{current.name}'; "
                         "only linear layers with a constant weight can take the rotation")
-    return tuple(readers), tuple(transposed)
-
-
-def _transposed_table(value: ir.Value | None, hidden: int) -> ir.Node | None:
-    node = value.producer() if value is not None else None
-    if node is None or node.op_type != "Transpose" or tuple(node.attributes.get_ints("perm", (1, 0))) != (1, 0):
-        return None
-    table = constant(node.inputs[0])
-    return node if table is not None and table.ndim == 2 and table.shape[1] == hidden else None
+    return tuple(readers)
 
 
 def _walk_branch(start: ir.Value, add: ir.Node, plan: _Plan) -> str:
@@ -664,15 +646,6 @@ def _rotate_stream(graph: ir.Graph, plan: _Plan, q: np.ndarray) -> list[str]:
     hidden = plan.hidden
     for norm in plan.norms:
         scale = _norm_weight(norm, hidden)
-        for matmul, transpose in norm.transposed:  # first, so the table keeps only its Gather
-            table = transpose.inputs[0]
-            assert table is not None
-            array = constant(table)
-            assert array is not None
-            head = add_initializer(graph, f"{table.name}_transposed_rotated", rotate_rows(array.T, 0, q, scale))
-            matmul.replace_input_with(1, head)
-            if not transpose.outputs[0].uses() and not transpose.outputs[0].is_graph_output():
-                graph.remove(transpose, safe=True)
         for layer in norm.readers:
             set_constant_input(graph, layer.node, 1, rotate_rows(layer.weight, layer.in_axis, q, scale), "_rotated")
         if norm.weight is not None:

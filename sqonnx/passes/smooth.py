@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from sqonnx.calibrators import ActivationStats, collect_statistics
+from sqonnx.calibrators import ActivationStats, Sample, collect_statistics
 from sqonnx.config import Unabsorbed
 from sqonnx.graph import find_linear_layers, set_constant_input
 from sqonnx.passes.insert_smoothing_mul import insert_smoothing_mul
@@ -126,7 +126,7 @@ class SmoothPass(ir.passes.InPlacePass):
         return GroupResult(group, scales, mul.name or "", "explicit Mul", alpha)
 
 
-def smoothing_statistics(model: ir.Model, feeds: Iterable[dict[str, np.ndarray]], total: int,
+def smoothing_statistics(model: ir.Model, feeds: Iterable[Sample], total: int,
                          quantized: set[str] | None = None, keep_rows: int = 0,
                          progress: bool = False) -> ActivationStats:
     """Calibrate `model` for SmoothPass: every statistic its groups' absorbers ask for (all layers quantized
