@@ -27,8 +27,10 @@ test: install
 quality: install
 	$(PY) ci/quality.py
 
+# ci/genai_bench.py builds the genai SmolLM2 (and the builder's venv) on first use.
 bench: install
 	$(PY) ci/bench.py
+	$(PY) ci/genai_bench.py
 
 lint: install
 	$(VENV)/bin/ruff check sqonnx models tests ci

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Side-by-side benchmark: FP32, onnxruntime's own quantizers and sqonnx O1/O2/O3 on both real models.
+"""Side-by-side benchmark: FP32, onnxruntime's own quantizers and sqonnx on both real models (optimum exports).
 
 Every number is a ratio measured in this one run (absolute times on shared machines are noise):
   quality   SmolLM2-135M perplexity on held-out pydoc text (16 x 512 tokens);
@@ -11,7 +11,7 @@ Every number is a ratio measured in this one run (absolute times on shared machi
 Plus the profiler's kernel-time share per op type at 512 tokens (FP32, onnxruntime static, sqonnx O3).
 
 SmolLM2 is the with-past export (one graph for prefill and decode; its cache inputs are empty at prefill).
-Writes ci/results/bench.md and bench.json. `make bench` runs it (about 30 minutes on 2 cores).
+Writes ci/results/bench.md and bench.json. `make bench` runs it with ci/genai_bench.py (about 45 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -31,31 +31,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-VARIANTS = ("FP32", "onnxruntime quantize_static", "onnxruntime quantize_dynamic", "sqonnx O1", "sqonnx O2",
-            "sqonnx O3")
+VARIANTS = ("FP32", "onnxruntime quantize_static", "onnxruntime quantize_dynamic", "onnxruntime MatMulNBits-int8",
+            "sqonnx defaults", "sqonnx O1", "sqonnx O3")
 VARIANT_NOTES = {
     "onnxruntime quantize_static": "QDQ, per-tensor int8 weights and activations, min-max, no smoothing",
     "onnxruntime quantize_dynamic": "per-channel int8 weights, reduce_range, dynamic uint8 activations",
-    "sqonnx O1": "alpha 0.5, per-token dynamic activations",
-    "sqonnx O2": "alpha 0.5, per-tensor dynamic activations",
-    "sqonnx O3": "alpha 0.5, per-tensor static activations (defaults)",
+    "onnxruntime MatMulNBits-int8": "weight-only int8, blocks of 32, accuracy_level 4 (models/peers.py)",
+    "sqonnx defaults": "alpha 0.5, rotation where exact, --level auto (O3, O1 where a static range cannot hold)",
+    "sqonnx O1": "alpha 0.5, rotation where exact, per-token dynamic activations everywhere",
+    "sqonnx O3": "alpha 0.5, rotation where exact, per-tensor static activations everywhere (--static)",
 }
+SQONNX_OPTIONS: dict[str, dict[str, object]] = {
+    "sqonnx defaults": {}, "sqonnx O1": {"level": "O1"}, "sqonnx O3": {"per_token_where_needed": False}}
 
 
 # ---------------------------------------------------------------- quantization, in a child process
 def quantize_variant(variant: str, model: str, source: Path, output: Path, samples: int, seq_len: int) -> None:
     """Runs inside the child process that the parent measures."""
     import sqonnx
-    from ci.quality import BERT_RECIPE
     from sqonnx.calibrators import calibration_feeds
     from sqonnx.graph import load_model
 
     calibration = sqonnx.CalibrationConfig(num_samples=samples, seq_len=seq_len)
     if variant.startswith("sqonnx"):
-        options = dict(BERT_RECIPE) if model == "minilm" else {}
-        config = sqonnx.QuantizeConfig(level=sqonnx.Level(variant.split()[-1]), calibration=calibration,
-                                       **options)  # type: ignore[arg-type]
+        options = dict(SQONNX_OPTIONS[variant])
+        if "level" in options:
+            options["level"] = sqonnx.Level(options["level"])
+        config = sqonnx.QuantizeConfig(calibration=calibration, **options)  # type: ignore[arg-type]
         sqonnx.quantize(source, output, config)
+        return
+    if variant == "onnxruntime MatMulNBits-int8":
+        from models.peers import matmul_nbits
+
+        matmul_nbits(source, output, 8)
         return
     from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_dynamic, quantize_static
 
@@ -157,7 +165,7 @@ def profiles(work: Path) -> dict[str, dict[str, float]]:
     fp32 = smollm2.build(with_past=True)
     return {name: kernel_time_by_op(path, 512) for name, path in (
         ("FP32", fp32), ("onnxruntime quantize_static", work / "smollm2-quantize_static.onnx"),
-        ("sqonnx O1", work / "smollm2-O1.onnx"), ("sqonnx O3", work / "smollm2-O3.onnx"))}
+        ("sqonnx defaults", work / "smollm2-defaults.onnx"), ("sqonnx O3", work / "smollm2-O3.onnx"))}
 
 
 # ---------------------------------------------------------------- report

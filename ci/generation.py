@@ -2,7 +2,8 @@
 """Does generation match FP32? Greedy continuations of held-out prompts through the key/value cache.
 
 Perplexity measures one forward pass; users judge generated text. SmolLM2 with past (optimum's
-text-generation-with-past export) is quantized with the given variants; for each of 8 held-out pydoc
+text-generation-with-past export) is quantized with sqonnx's variants and, for reference, onnxruntime's
+weight-only MatMulNBits int8; for each of 8 held-out pydoc
 prompts of 128 tokens, FP32 and INT8 each write 64 greedy tokens through the cache, and the script reports
 the share of identical tokens (position by position) and where the first divergence came (median over
 prompts). Writes ci/results/generation.md / generation.json.
@@ -24,13 +25,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import sqonnx  # noqa: E402
 from models import smollm2  # noqa: E402
 from models.evaluate import eval_windows, greedy_tokens  # noqa: E402
+from models.peers import matmul_nbits  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+VNNI = {"target": sqonnx.Target.X86_VNNI}  # 8-bit weights: CPUs with VNNI (or ARM, GPU)
 VARIANTS = {
-    "defaults (rotated, --level auto, α 0.5)": sqonnx.QuantizeConfig(),
-    "O1, rotated, α 0.5": sqonnx.QuantizeConfig(level=sqonnx.Level.O1),
-    "O3 everywhere, --static --no-rotate": sqonnx.QuantizeConfig(per_token_where_needed=False, rotate=False),
+    "sqonnx defaults (rotated, --level auto, LM head INT8, decode-shaped calibration)": sqonnx.QuantizeConfig(),
+    "sqonnx defaults, --target x86-vnni (8-bit weights)": sqonnx.QuantizeConfig(**VNNI),
+    "sqonnx O1, rotated, --target x86-vnni": sqonnx.QuantizeConfig(level=sqonnx.Level.O1, **VNNI),
+    "sqonnx O3 everywhere (--static)": sqonnx.QuantizeConfig(per_token_where_needed=False),
+    "sqonnx defaults, prefill-only calibration (--decode-steps 0)": sqonnx.QuantizeConfig(
+        calibration=sqonnx.CalibrationConfig(decode_steps=0)),
 }
+PEERS = {"onnxruntime MatMulNBits int8 weight-only (block 32), for reference": 8}
 
 
 def agreement(reference: list[int], other: list[int]) -> tuple[float, int]:
@@ -48,9 +55,11 @@ def main() -> None:
     prompts = eval_windows(fp32.parent, 128, args.prompts)
     reference = [greedy_tokens(fp32, prompt, args.tokens)[0] for prompt in prompts]
     rows = []
-    for name, config in VARIANTS.items():
+    builds = [(name, lambda out, c=config: sqonnx.quantize(fp32, out, c)) for name, config in VARIANTS.items()]
+    builds += [(name, lambda out, b=bits: matmul_nbits(fp32, out, b)) for name, bits in PEERS.items()]
+    for name, build in builds:
         out = fp32.with_name(f"generation-{len(rows)}.onnx")
-        sqonnx.quantize(fp32, out, config)
+        build(out)
         results = [agreement(ref, greedy_tokens(out, prompt, args.tokens)[0])
                    for ref, prompt in zip(reference, prompts, strict=True)]
         rows.append({"variant": name, "identical": float(np.mean([r[0] for r in results])),

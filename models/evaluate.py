@@ -154,3 +154,39 @@ def kernel_time_by_op(model_path: Path, seq_len: int, runs: int = 3) -> dict[str
             totals[args["op_name"]] = totals.get(args["op_name"], 0.0) + float(event["dur"])
     grand = sum(totals.values()) or 1.0
     return {op: t / grand for op, t in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
+def decode_kernel_time_by_op(model_path: Path, past: int, runs: int = 20) -> dict[str, tuple[float, float]]:
+    """Share of kernel time and milliseconds per step, per op type, for one decode token on a cache of `past`
+    tokens (onnxruntime's profiler; cache values are zeros, which costs the same as real ones)."""
+    import json
+    import tempfile
+
+    inputs = _inputs(model_path)
+    feeds = feeds_for_tokens(inputs, np.array([100], np.int64), cache_dims(model_path.parent))
+    for name, array in feeds.items():
+        if name.startswith("past_key_values"):
+            feeds[name] = np.zeros((*array.shape[:2], past, array.shape[3]), array.dtype)
+    feeds["attention_mask"] = np.ones((1, past + 1), np.int64)
+    if "position_ids" in feeds:
+        feeds["position_ids"] = np.array([[past]], np.int64)
+    with tempfile.TemporaryDirectory(prefix="sqonnx-profile-") as tmp:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "profile")
+        sess = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        for _ in range(runs + 1):
+            sess.run(None, feeds)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    # The first run (allocations, prepacking) is a warm-up: only node events after it count.
+    first = min((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
+    warm = first["ts"] + first["dur"]
+    totals: dict[str, float] = {}
+    for event in events:
+        args = event.get("args", {})
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time") and "op_name" in args \
+                and event["ts"] >= warm:
+            totals[args["op_name"]] = totals.get(args["op_name"], 0.0) + float(event["dur"])
+    grand = sum(totals.values()) or 1.0
+    return {op: (t / grand, t / runs / 1000) for op, t in sorted(totals.items(), key=lambda kv: -kv[1])}

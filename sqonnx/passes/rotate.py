@@ -20,22 +20,33 @@ used for every head (block-diagonal over heads), which also covers grouped-query
 several query heads read one value head: they all get the same H^T. For a fused qkv_proj only the value
 columns turn. Head counts come from config.json beside the model (num_attention_heads,
 num_key_value_heads, head_dim) and are checked against the graph (the Reshape into heads, the widths of
-v and o); without a config the head size is read off that Reshape.
+v and o); without a config the head size is read off that Reshape. Behind onnxruntime's
+GroupQueryAttention (onnxruntime-genai's graphs) the heads are the node's attributes, and the value cache
+it writes holds V H, which comes back as past in the same basis, so decode steps stay exact.
 
 Found from the graph, no per-family config: the embedding `Gather` starts the stream; every reader of a
 stream value must be a residual Add, an RMSNorm as optimum exports it (Cast? Pow ReduceMean Add Sqrt,
-then Div(1, .) or Reciprocal and Mul, or Div(x, .), then Cast? and Mul(weight)), a Cast to float, a
-Mul by a scalar (Gemma's sqrt(hidden) embedding scale) or Shape; anything else is refused with the node
-named. What a residual Add adds must come from linear layers through bias Adds, Reshape, sums of several
-branches, and per-token factors (Mixtral's router weights, last axis 1). Gemma 3's post-norms (a norm
-between o_proj or down_proj and the residual Add) have no linear layer after them to take Q: their weight
-Mul becomes a MatMul by diag(w) Q at run time (`online` in the result; keep those float).
+then Div(1, .) or Reciprocal and Mul, or Div(x, .), then Cast? and Mul(weight)) or as onnxruntime fuses
+it (below), a Cast to float, a Mul by a scalar (Gemma's sqrt(hidden) embedding scale) or Shape; anything
+else is refused with the node named. What a residual Add adds must come from linear layers through bias
+Adds, Reshape, sums of several branches, and per-token factors (Mixtral's router weights, last axis 1).
+Gemma 3's post-norms (a norm between o_proj or down_proj and the residual Add) have no linear layer after
+them to take Q: their weight Mul becomes a MatMul by diag(w) Q at run time (`online` in the result; keep
+those float).
+
+onnxruntime's fused norms (its optimizer's, and what onnxruntime-genai's model builder writes):
+SimplifiedLayerNormalization(x, gamma) is x / rms(x) * gamma over the last axis, the same RMSNorm (epsilon
+inside the root, stash_type only the precision of the statistics), so gamma is folded like the weight Mul
+and set to ones. SkipSimplifiedLayerNormalization(input, skip, gamma[, bias]) is a residual Add and the
+next norm in one node: output 3 (input + skip + bias) is the stream from there on (the final norm has
+none), output 0 the norm its readers read; the stream may be either of input and skip (the other is the
+branch, walked as for an Add), and a bias is a constant added to the stream, so it becomes b Q. Their
+statistics outputs (mean, inverse RMS) must be unread.
 
 Not handled, refused with a reason: LayerNorm (and its unfused ReduceMean/Sub form) subtracts the mean
 over channels, and mean(x Q) is not mean(x) Q: the mean direction would first have to be projected out
 of every writer and the embedding (SliceGPT / QuaRot's LayerNorm conversion), which this pass does not
-do. Norms fused by onnxruntime's optimizer (Simplified/SkipSimplifiedLayerNormalization): rotate the
-exported graph before `--optimize`. A residual stream that is itself a model output.
+do. A residual stream that is itself a model output.
 
 A tied LM head (MatMul reading Transpose(embedding)) already has a constant of its own (`prepare` folds
 the Transpose, passes/transposed.py); rotated, it no longer equals the table E Q transposed, so it stays a
@@ -54,7 +65,8 @@ import onnx_ir as ir
 
 from sqonnx.graph import LinearLayer, add_initializer, as_linear_layer, constant, find_linear_layers, set_constant_input
 from sqonnx.passes.absorbers._columns import ColumnPath, walk_to_linear
-from sqonnx.passes.absorbers.base import is_channel_vector, value_uses
+from sqonnx.passes.absorbers.base import Site, is_channel_vector, value_uses
+from sqonnx.passes.absorbers.gqa import GroupQueryAttentionAbsorber
 from sqonnx.rotation import block_diagonal, orthogonal, rotate_columns, rotate_rows, scaled_rotation
 
 logger = logging.getLogger(__name__)
@@ -251,9 +263,23 @@ def find_stream(graph: ir.Graph) -> _Plan | str:
                 stream.append(node.outputs[0])
                 in_stream.add(id(node.outputs[0]))
                 continue
-            if node.op_type != "Add" or node.domain != "" or len(node.inputs) != 2:
+            if _is_fused_rms_norm(node) and use.idx == 0:
+                norm = _match_fused_norm(node, plan.hidden)
+                if isinstance(norm, str):
+                    return norm
+                plan.norms.append(norm)
+                continue
+            total: ir.Value | None = node.outputs[0]  # the stream after this residual Add
+            if _is_skip_rms_norm(node) and use.idx in (0, 1):
+                skip = _match_skip_norm(node, plan)
+                if isinstance(skip, str):
+                    return skip
+                plan.norms.append(skip)
+                total = node.outputs[3] if len(node.outputs) > 3 else None
+            elif node.op_type != "Add" or node.domain != "" or len(node.inputs) != 2:
                 return (f"{node.name or node.op_type} ({node.op_type}) reads the residual stream '{value.name}'; "
-                        "only residual Adds, RMSNorms (Pow/ReduceMean/Sqrt then Mul by the weight) and Shape may")
+                        "only residual Adds, RMSNorms (Pow/ReduceMean/Sqrt then Mul by the weight, or onnxruntime's "
+                        "Simplified/SkipSimplifiedLayerNormalization) and Shape may")
             other = node.inputs[1 - use.idx]
             if other is None or id(other) in in_stream or constant(other) is not None:
                 return f"{node.name} adds '{other.name if other else None}' to the residual stream, not a branch"
@@ -264,8 +290,9 @@ def find_stream(graph: ir.Graph) -> _Plan | str:
                 reason = _walk_branch(other, node, plan)
                 if reason:
                     return reason
-            stream.append(node.outputs[0])
-            in_stream.add(id(node.outputs[0]))
+            if total is not None:
+                stream.append(total)
+                in_stream.add(id(total))
     if not plan.norms:
         return "no RMSNorm reads the residual stream"
     if not plan.writers and not plan.post_norms:
@@ -279,9 +306,6 @@ def _unsupported_norm(graph: ir.Graph) -> str:
             return (f"{node.name} is a LayerNorm: it subtracts the mean over channels, and mean(x Q) is not mean(x) Q, "
                     "so the residual stream cannot be rotated without first removing the mean direction from every "
                     "writer (not done); only RMSNorm decoders are rotated")
-        if node.op_type in ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"):
-            return (f"{node.name} is a norm fused by onnxruntime's optimizer; rotate the exported graph before "
-                    "--optimize")
         if node.op_type == "Sub" and node.domain == "" and node.inputs[1] is not None:
             mean = node.inputs[1].producer()
             if mean is not None and mean.op_type == "ReduceMean" and mean.inputs[0] is node.inputs[0]:
@@ -376,6 +400,66 @@ def _match_rms_norm(pow_node: ir.Node, x: ir.Value, hidden: int) -> _Norm | str:
     if isinstance(found, str):
         return found
     return _Norm(value, weight, found, (pow_node, scale_node))
+
+
+def _is_fused_rms_norm(node: ir.Node) -> bool:
+    """onnxruntime's SimplifiedLayerNormalization (registered in the ONNX domain): x / rms(x) * gamma."""
+    return node.op_type == "SimplifiedLayerNormalization" and node.domain in ("", "ai.onnx")
+
+
+def _is_skip_rms_norm(node: ir.Node) -> bool:
+    """onnxruntime's SkipSimplifiedLayerNormalization: a residual Add and the next RMSNorm in one node."""
+    return node.op_type == "SkipSimplifiedLayerNormalization" and node.domain == "com.microsoft"
+
+
+def _used_outputs(node: ir.Node, indices: tuple[int, ...]) -> str:
+    """A reason when one of the node's statistics outputs is read. The inverse RMS is unchanged by Q, but a mean
+    over channels is not (mean(x Q) is not mean(x)), and their readers are not walked: refused, not proved."""
+    for index in indices:
+        if index < len(node.outputs) and (value_uses(out := node.outputs[index]) or out.is_graph_output()):
+            return (f"{node.name or node.op_type} ({node.op_type}) output {index} '{out.name}' is read; only its "
+                    "normalized output and the residual sum may be")
+    return ""
+
+
+def _match_fused_norm(node: ir.Node, hidden: int) -> _Norm | str:
+    """SimplifiedLayerNormalization(x, gamma) reading stream value x: the same RMSNorm as the exported pattern
+    (epsilon inside the root, stash_type only the precision of the statistics), gamma its weight."""
+    name = node.name or node.op_type
+    axis = node.attributes.get_int("axis", -1)
+    if axis != -1 and (axis < 0 or _rank(node.inputs[0]) != axis + 1):
+        return f"{name} normalizes from axis {axis}, not over the channels (the last axis) alone"
+    if not is_channel_vector(node, 1, hidden):
+        return f"{name} has no constant weight over the {hidden} channels"
+    reason = _used_outputs(node, (1,))
+    if reason:
+        return reason
+    readers = _norm_readers(node.outputs[0], hidden)
+    if isinstance(readers, str):
+        return readers
+    return _Norm(node.outputs[0], (node, 1), readers, (node,))
+
+
+def _match_skip_norm(node: ir.Node, plan: _Plan) -> _Norm | str:
+    """SkipSimplifiedLayerNormalization(input, skip, gamma[, bias]) as a residual Add and a norm: output 3 is
+    input + skip + bias (the stream goes on from it), output 0 the RMSNorm of that sum times gamma (its
+    readers take Q^T diag(gamma) W). A bias is a constant added to the stream, so it turns into b Q (it is
+    recorded in `plan.biases`). The stream may be either of the first two inputs; the caller walks the other."""
+    hidden = plan.hidden
+    name = node.name or node.op_type
+    if len(node.inputs) < 3 or not is_channel_vector(node, 2, hidden):
+        return f"{name} has no constant weight over the {hidden} channels"
+    if len(node.inputs) > 3 and node.inputs[3] is not None:
+        if not is_channel_vector(node, 3, hidden):
+            return f"{name} adds a bias that is not a constant vector over the {hidden} channels"
+        plan.biases.append((node, 3))
+    reason = _used_outputs(node, (1, 2))
+    if reason:
+        return reason
+    readers = _norm_readers(node.outputs[0], hidden)
+    if isinstance(readers, str):
+        return readers
+    return _Norm(node.outputs[0], (node, 2), readers, (node,))
 
 
 def _norm_readers(value: ir.Value, hidden: int) -> tuple[LinearLayer, ...] | str:
@@ -577,11 +661,18 @@ def find_head_pairs(graph: ir.Graph, layout: HeadLayout | None) -> tuple[list[_H
     head_dim = layout.head_dim if layout is not None else 0
     for layer in find_linear_layers(graph):
         path = walk_to_linear(layer.activation, layer.in_channels, attention=True)
+        fused: tuple[ColumnPath, int, int] | None = None  # GroupQueryAttention: value columns, head size, first
         if path is None:
-            continue
+            found = _fused_attention(layer)
+            if isinstance(found, str):
+                return found
+            if found is None:
+                continue
+            fused = found
+            path = found[0]
         if path.channel_adds:
             return f"{layer.name} reads its input through a bias Add; its rows cannot be rotated per head"
-        size = _head_size(path)
+        size = fused[1] if fused is not None else _head_size(path)
         if size is None:
             return f"the head size between {path.layer.name} and {layer.name} is not a constant of the graph"
         if head_dim and size != head_dim:
@@ -592,7 +683,7 @@ def find_head_pairs(graph: ir.Graph, layout: HeadLayout | None) -> tuple[list[_H
         heads = layer.in_channels // size
         if layout is not None and heads != layout.heads:
             return f"{layer.name} reads {heads} heads, config.json says {layout.heads}"
-        first = _value_columns(path, layout, heads, size)
+        first = fused[2] if fused is not None else _value_columns(path, layout, heads, size)
         if isinstance(first, str):
             return first
         kv_heads = (path.out_columns - first) // size
@@ -602,6 +693,25 @@ def find_head_pairs(graph: ir.Graph, layout: HeadLayout | None) -> tuple[list[_H
     if not pairs:
         return "no attention output projection reads value heads"
     return pairs, head_dim
+
+
+def _fused_attention(layer: LinearLayer) -> tuple[ColumnPath, int, int] | str | None:
+    """The value columns behind onnxruntime's GroupQueryAttention when `layer` reads its output (None when it
+    does not). Its heads are the node's attributes and V is only mixed over tokens (RoPE turns q and k), as for
+    smoothing (passes/absorbers/gqa.py); the value cache then holds V H and comes back as past in that basis.
+    Only a projection whose columns reach the node unmoved is rotated: its column j is value channel j, and a
+    bias Add on the way is in column order. Returns the path, the head size and the first value column."""
+    node = layer.activation.producer()
+    if node is None or node.op_type != "GroupQueryAttention":
+        return None
+    found = GroupQueryAttentionAbsorber.match(Site(layer.activation, layer.activation, layer.in_channels))
+    if isinstance(found, str):
+        return found or None
+    path = found.path
+    if path.moves or path.out_columns != found.channels:
+        return f"the value columns of {found.layer_name} are moved on their way into {node.name}"
+    return replace(path, channel_adds=(), column_adds=path.channel_adds + path.column_adds), found.head_size, \
+        found.offset
 
 
 def _head_size(path: ColumnPath) -> int | None:
