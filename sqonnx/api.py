@@ -257,10 +257,8 @@ def _rotate(model: ir.Model, source: Path, model_path: Path, config: QuantizeCon
     """Rotate the residual stream where the graph allows it exactly (see passes/rotate.py); the rotated
     model becomes the source every build reads. By default a graph that would need run-time rotations
     (Gemma 3's post-norms) is left alone; `--rotate` accepts them (they stay float)."""
-    if config.rotate is False or (config.rotate is None and (not config.smooth or config.optimize)):
-        why = "--no-rotate" if config.rotate is False else "--no-smooth" if not config.smooth else \
-            "--optimize fuses the norms first (rotate the exported graph instead)"
-        return RotationResult(False, why), model, source
+    if config.rotate is False or (config.rotate is None and not config.smooth):
+        return RotationResult(False, "--no-rotate" if config.rotate is False else "--no-smooth"), model, source
     rotation = rotate_model(model, ROTATION_SEED, model_path.parent)
     if rotation.rotated and rotation.online and config.rotate is None:
         why = (f"it would need {len(rotation.online)} run-time rotations after post-norms; pass --rotate to "

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -56,3 +57,22 @@ def test_optimize_needs_a_known_architecture(tmp_path: Path, block: Path, feeds:
         sqonnx.quantize(model, tmp_path / "q.onnx", QuantizeConfig(
             optimize=True, calibration=CalibrationConfig(data=feeds, num_samples=2)))
     assert not (tmp_path / "q.onnx").exists()
+
+
+@pytest.mark.zoo
+def test_optimized_rms_norm_decoder_is_rotated_exactly(tmp_path: Path) -> None:
+    """--optimize fuses Llama's RMSNorms into (Skip)SimplifiedLayerNormalization; the rotation goes through
+    the fused norms as it does through onnxruntime-genai's, and smoothing-only stays exact."""
+    pytest.importorskip("optimum.exporters.onnx")
+    from tests import zoo
+
+    model = zoo.build("llama")
+    data = zoo.save_npz(model, tmp_path / "calib.npz", samples=4, seq=32, seed=0)
+    out = tmp_path / "smoothed.onnx"
+    report = sqonnx.quantize(model, out, sqonnx.QuantizeConfig(
+        optimize=True, smooth_only=True, calibration=sqonnx.CalibrationConfig(data=data, num_samples=4)))
+    assert str(report.settings["rotation"]).startswith("rotated"), report.settings["rotation"]
+    assert "SimplifiedLayerNormalization" in str(report.settings["optimize"])
+    held_out = zoo.feeds(model, 2, 32, seed=7)
+    reference, got = zoo.logits(model, held_out), zoo.logits(out, held_out)
+    assert np.abs(got - reference).max() / np.abs(reference).max() < 1e-4
