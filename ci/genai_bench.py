@@ -33,13 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 import sqonnx  # noqa: E402
+from ci.generation import VNNI, decode_profile_table  # noqa: E402
 from models import genai_smollm2  # noqa: E402
-from models.evaluate import decode_kernel_time_by_op, eval_windows, perplexity  # noqa: E402
+from models.evaluate import decode_kernel_time_by_op, eval_windows, greedy_agreement, perplexity  # noqa: E402
 from models.peers import matmul_nbits  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT_TOKENS, NEW_TOKENS = 256, 128
-VNNI = {"target": sqonnx.Target.X86_VNNI}  # 8-bit weights: for CPUs with VNNI (or ARM, GPU)
 SQONNX_VARIANTS: dict[str, dict] = {
     "sqonnx defaults (--level auto, portable 7-bit weights)": {},
     "sqonnx defaults, --target x86-vnni (8-bit weights)": VNNI,
@@ -64,11 +64,6 @@ def generate(python: Path, folder: Path, prompt_file: Path) -> dict:
     if done.returncode != 0:
         raise SystemExit(f"generation failed in {folder}:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def agreement(reference: list[int], other: list[int]) -> tuple[float, int]:
-    same = [a == b for a, b in zip(reference, other, strict=False)]
-    return float(np.mean(same)), next((i for i, s in enumerate(same) if not s), len(same))
 
 
 def size_mb(folder: Path) -> float:
@@ -120,7 +115,7 @@ def main() -> None:
         for name, measured in runs.items():
             prefill = float(np.median([r["prefill_s"] for r in measured]))
             decode = float(np.median([r["decode_tps"] for r in measured]))
-            identical, first = agreement(reference, measured[0]["tokens"])
+            identical, first = greedy_agreement(reference, measured[0]["tokens"])
             rows[name].update({
                 "perplexity_vs_fp32": rows[name]["perplexity"] / rows["builder FP32"]["perplexity"],
                 "prefill_ms": 1000 * prefill, "prefill_speedup": base_prefill / prefill,
@@ -144,15 +139,8 @@ def main() -> None:
                      f"{r['prefill_ms']:.0f} ms ({r['prefill_speedup']:.2f}x) | {r['decode_tps']:.1f} "
                      f"({r['decode_speedup']:.2f}x) | {r['identical_tokens']:.0%} | {r['first_divergence']} | "
                      f"{r['size_mb']:.0f} | {r['peak_rss_mb']:.0f} |")
-    lines += ["", "Kernel time per op type at one decode token (onnxruntime profiler, past 256):", "",
-              "| op | " + " | ".join(profiles) + " |", "|---|" + "---|" * len(profiles)]
-    ops = sorted({op for p in profiles.values() for op in p}, key=lambda op: -max(p.get(op, (0, 0))[1]
-                                                                                 for p in profiles.values()))
-    for op in ops[:10]:
-        cells = [f"{p[op][1]:.2f} ms ({p[op][0]:.0%})" if op in p else "" for p in profiles.values()]
-        lines.append(f"| {op} | " + " | ".join(cells) + " |")
-    lines.append("| total | " + " | ".join(f"{sum(v[1] for v in p.values()):.2f} ms" for p in profiles.values())
-                 + " |")
+    lines += ["", f"Kernel time per op type at one decode token (onnxruntime profiler, past {PROMPT_TOKENS}):", "",
+              *decode_profile_table(profiles)]
     (RESULTS / "genai_bench.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -6,7 +6,9 @@ text-generation-with-past export) is quantized with sqonnx's variants and, for r
 weight-only MatMulNBits int8; for each of 8 held-out pydoc
 prompts of 128 tokens, FP32 and INT8 each write 64 greedy tokens through the cache, and the script reports
 the share of identical tokens (position by position) and where the first divergence came (median over
-prompts). Writes ci/results/generation.md / generation.json.
+prompts), the decode speed-up over FP32 (the same greedy decodes, FP32 and INT8 timed alternately), and the
+profiler's kernel time per op type at one decode token for FP32 and the first variant. Writes
+ci/results/generation.md / generation.json.
 
     .venv/bin/python ci/generation.py [--prompts 8] [--tokens 64]
 """
@@ -24,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import sqonnx  # noqa: E402
 from models import smollm2  # noqa: E402
-from models.evaluate import eval_windows, greedy_tokens  # noqa: E402
+from models.evaluate import decode_kernel_time_by_op, eval_windows, greedy_agreement, greedy_tokens  # noqa: E402
 from models.peers import matmul_nbits  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-VNNI = {"target": sqonnx.Target.X86_VNNI}  # 8-bit weights: CPUs with VNNI (or ARM, GPU)
+VNNI = {"target": sqonnx.Target.X86_VNNI}  # 8-bit weights: for CPUs with VNNI (or ARM, GPU)
 VARIANTS = {
     "sqonnx defaults (rotated, --level auto, LM head INT8, decode-shaped calibration)": sqonnx.QuantizeConfig(),
     "sqonnx defaults, --target x86-vnni (8-bit weights)": sqonnx.QuantizeConfig(**VNNI),
@@ -40,10 +42,17 @@ VARIANTS = {
 PEERS = {"onnxruntime MatMulNBits int8 weight-only (block 32), for reference": 8}
 
 
-def agreement(reference: list[int], other: list[int]) -> tuple[float, int]:
-    """Share of identical tokens, and the index of the first different one (len when none)."""
-    same = [a == b for a, b in zip(reference, other, strict=True)]
-    return float(np.mean(same)), next((i for i, s in enumerate(same) if not s), len(same))
+def decode_profile_table(profiles: dict[str, dict[str, tuple[float, float]]], top: int = 10) -> list[str]:
+    """Markdown rows: milliseconds per decode step and share, per op type, the largest first."""
+    lines = ["| op | " + " | ".join(profiles) + " |", "|---|" + "---|" * len(profiles)]
+    ops = sorted({op for p in profiles.values() for op in p},
+                 key=lambda op: -max(p.get(op, (0.0, 0.0))[1] for p in profiles.values()))
+    for op in ops[:top]:
+        lines.append(f"| {op} | " + " | ".join(f"{p[op][1]:.2f} ms ({p[op][0]:.0%})" if op in p else ""
+                                               for p in profiles.values()) + " |")
+    lines.append("| total | " + " | ".join(f"{sum(v[1] for v in p.values()):.2f} ms" for p in profiles.values())
+                 + " |")
+    return lines
 
 
 def main() -> None:
@@ -57,21 +66,31 @@ def main() -> None:
     rows = []
     builds = [(name, lambda out, c=config: sqonnx.quantize(fp32, out, c)) for name, config in VARIANTS.items()]
     builds += [(name, lambda out, b=bits: matmul_nbits(fp32, out, b)) for name, bits in PEERS.items()]
+    profiles = {"FP32": decode_kernel_time_by_op(fp32, 256)}
     for name, build in builds:
         out = fp32.with_name(f"generation-{len(rows)}.onnx")
         build(out)
-        results = [agreement(ref, greedy_tokens(out, prompt, args.tokens)[0])
-                   for ref, prompt in zip(reference, prompts, strict=True)]
+        results, fp32_seconds, seconds = [], 0.0, 0.0
+        for ref, prompt in zip(reference, prompts, strict=True):
+            fp32_seconds += greedy_tokens(fp32, prompt, args.tokens)[1]  # alternating: load hits both alike
+            tokens, elapsed = greedy_tokens(out, prompt, args.tokens)
+            seconds += elapsed
+            results.append(greedy_agreement(ref, tokens))
         rows.append({"variant": name, "identical": float(np.mean([r[0] for r in results])),
                      "first_divergence_median": float(np.median([r[1] for r in results])),
-                     "first_divergence_min": int(min(r[1] for r in results))})
+                     "first_divergence_min": int(min(r[1] for r in results)),
+                     "decode_speedup": fp32_seconds / seconds})
+        if not profiles.keys() - {"FP32"}:
+            profiles[name] = decode_kernel_time_by_op(out, 256)
         print(rows[-1], flush=True)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "generation.json").write_text(json.dumps(rows, indent=2))
+    (RESULTS / "generation.json").write_text(json.dumps({"rows": rows, "profiles": profiles}, indent=2))
     lines = [f"| variant | identical tokens ({args.prompts} prompts x {args.tokens}) | first divergence, median | "
-             "earliest |", "|---|---|---|---|"]
+             "earliest | decode speed-up |", "|---|---|---|---|---|"]
     lines += [f"| {r['variant']} | {r['identical']:.1%} | {r['first_divergence_median']:.0f} | "
-              f"{r['first_divergence_min']} |" for r in rows]
+              f"{r['first_divergence_min']} | {r['decode_speedup']:.2f}x |" for r in rows]
+    lines += ["", "Kernel time per op type at one decode token (past 256, onnxruntime profiler):", "",
+              *decode_profile_table(profiles)]
     (RESULTS / "generation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -9,7 +9,15 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from sqonnx.calibrators.data import cache_dims, feeds_for_tokens, load_tokenizer, pydoc_text, special_tokens
+from sqonnx.calibrators.data import (
+    DecodeChain,
+    cache_dims,
+    cache_outputs,
+    feeds_for_tokens,
+    load_tokenizer,
+    pydoc_text,
+    special_tokens,
+)
 
 
 def session(model_path: Path, threads: int = 0) -> ort.InferenceSession:
@@ -105,15 +113,16 @@ def decode_seconds(model_path: Path, prompt: np.ndarray, new_tokens: int) -> flo
 
 def greedy_tokens(model_path: Path, prompt: np.ndarray, new_tokens: int) -> tuple[list[int], float]:
     """The `new_tokens` tokens a greedy decode through the key/value cache writes after `prompt` (batch 1),
-    and the seconds the decode steps took (the prefill not counted). Needs a with-past export."""
+    and the seconds the decode steps took (the prefill not counted). Needs a with-past export (optimum's or
+    onnxruntime-genai's); the steps are fed as calibration's decode chains feed them."""
     sess = session(model_path)
     inputs = _inputs(model_path)
-    cache_names = [str(v.name) for v in inputs if str(v.name).startswith("past_key_values")]
-    if not cache_names:
+    present = cache_outputs(inputs)
+    if not present:
         raise ValueError(f"{model_path} has no past_key_values inputs; export it with past (with_past=True)")
+    chain = DecodeChain(feeds_for_tokens(inputs, prompt, cache_dims(model_path.parent)), new_tokens, present)
     output_names = [o.name for o in sess.get_outputs()]
-    feeds = feeds_for_tokens(inputs, prompt)
-    position = len(prompt)
+    feeds = chain.prompt
     elapsed = 0.0
     tokens: list[int] = []
     for step in range(new_tokens):
@@ -122,54 +131,47 @@ def greedy_tokens(model_path: Path, prompt: np.ndarray, new_tokens: int) -> tupl
         if step:  # step 0 is the prefill
             elapsed += time.perf_counter() - start
         tokens.append(int(outputs["logits"][0, -1].argmax()))
-        feeds = {"input_ids": np.array([[tokens[-1]]], np.int64),
-                 "attention_mask": np.ones((1, position + 1), np.int64),
-                 "position_ids": np.array([[position]], np.int64)}
-        feeds.update({name: outputs[name.replace("past_key_values", "present")] for name in cache_names})
-        position += 1
+        feeds = chain.next_feeds(feeds, outputs, step)
     start = time.perf_counter()
     sess.run(None, feeds)  # the last decode step, timed like the others
     return tokens, elapsed + time.perf_counter() - start
 
 
-def kernel_time_by_op(model_path: Path, seq_len: int, runs: int = 3) -> dict[str, float]:
-    """Share of onnxruntime's kernel time per op type at `seq_len` tokens (its profiler's node events)."""
-    import json
-    import tempfile
+def greedy_agreement(reference: list[int], other: list[int]) -> tuple[float, int]:
+    """Share of identical tokens position by position, and the index of the first different one (len when
+    none): after a divergence the two texts continue from different contexts, so the share counts only
+    what still happens to line up."""
+    padded = list(other) + [-1] * (len(reference) - len(other))  # a generation stopped early (end of text)
+    same = [a == b for a, b in zip(reference, padded, strict=False)]
+    return float(np.mean(same)), next((i for i, s in enumerate(same) if not s), len(same))
 
-    with tempfile.TemporaryDirectory(prefix="sqonnx-profile-") as tmp:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(tmp) / "profile")
-        sess = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-        feeds = feeds_for_tokens(_inputs(model_path), np.arange(seq_len, dtype=np.int64) % 1000 + 100)
-        for _ in range(runs + 1):
-            sess.run(None, feeds)
-        events = json.loads(Path(sess.end_profiling()).read_text())
-    totals: dict[str, float] = {}
-    for event in events:
-        args = event.get("args", {})
-        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time") and "op_name" in args:
-            totals[args["op_name"]] = totals.get(args["op_name"], 0.0) + float(event["dur"])
-    grand = sum(totals.values()) or 1.0
-    return {op: t / grand for op, t in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+def kernel_time_by_op(model_path: Path, seq_len: int, runs: int = 3) -> dict[str, float]:
+    """Share of onnxruntime's kernel time per op type for a prefill of `seq_len` tokens (its profiler)."""
+    feeds = feeds_for_tokens(_inputs(model_path), np.arange(seq_len, dtype=np.int64) % 1000 + 100,
+                             cache_dims(model_path.parent))
+    return {op: share for op, (share, _) in _profile(model_path, feeds, runs).items()}
 
 
 def decode_kernel_time_by_op(model_path: Path, past: int, runs: int = 20) -> dict[str, tuple[float, float]]:
     """Share of kernel time and milliseconds per step, per op type, for one decode token on a cache of `past`
-    tokens (onnxruntime's profiler; cache values are zeros, which costs the same as real ones)."""
-    import json
-    import tempfile
-
-    inputs = _inputs(model_path)
-    feeds = feeds_for_tokens(inputs, np.array([100], np.int64), cache_dims(model_path.parent))
+    tokens (cache values are zeros, which cost the same as real ones)."""
+    feeds = feeds_for_tokens(_inputs(model_path), np.array([100], np.int64), cache_dims(model_path.parent))
     for name, array in feeds.items():
         if name.startswith("past_key_values"):
             feeds[name] = np.zeros((*array.shape[:2], past, array.shape[3]), array.dtype)
     feeds["attention_mask"] = np.ones((1, past + 1), np.int64)
     if "position_ids" in feeds:
         feeds["position_ids"] = np.array([[past]], np.int64)
+    return _profile(model_path, feeds, runs)
+
+
+def _profile(model_path: Path, feeds: dict[str, np.ndarray], runs: int) -> dict[str, tuple[float, float]]:
+    """onnxruntime's profiler over `runs` runs after a warm-up run (allocations, weight prepacking): per op
+    type, the share of kernel time and milliseconds per run, largest first."""
+    import json
+    import tempfile
+
     with tempfile.TemporaryDirectory(prefix="sqonnx-profile-") as tmp:
         options = ort.SessionOptions()
         options.log_severity_level = 3
@@ -179,7 +181,6 @@ def decode_kernel_time_by_op(model_path: Path, past: int, runs: int = 20) -> dic
         for _ in range(runs + 1):
             sess.run(None, feeds)
         events = json.loads(Path(sess.end_profiling()).read_text())
-    # The first run (allocations, prepacking) is a warm-up: only node events after it count.
     first = min((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
     warm = first["ts"] + first["dur"]
     totals: dict[str, float] = {}

@@ -11,6 +11,7 @@ them together, and report.json has every number.
 from __future__ import annotations
 
 import html
+import itertools
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from sqonnx.calibrators import calibration_feeds, collect_statistics
 from sqonnx.config import QuantizeConfig
 from sqonnx.errors import SqonnxError
 from sqonnx.graph import load_model
+from sqonnx.passes.prepare import prepare
 from sqonnx.passes.smoothing_groups import SmoothingGroup, find_smoothing_groups
 from sqonnx.search import AlphaSearch, group_error
 from sqonnx.smoothing import input_channel_max, smoothing_scales
@@ -60,7 +62,7 @@ def inspect_model(model_path: Path, out_dir: Path, config: QuantizeConfig, top: 
         import matplotlib.pyplot as plt
     except ImportError:
         raise SqonnxError("the inspect report draws PNG plots with matplotlib; pip install 'sqonnx[report]'") from None
-    model = load_model(model_path)
+    model = prepare(load_model(model_path))  # as quantize sees it: a tied LM head has its own constant
     if out_dir.exists() and not out_dir.is_dir():
         raise SqonnxError(f"--out {out_dir} is a file; give a folder for the report")
     groups = [g for g in find_smoothing_groups(model.graph)
@@ -69,7 +71,8 @@ def inspect_model(model_path: Path, out_dir: Path, config: QuantizeConfig, top: 
         raise SqonnxError(f"{model_path.name} has no MatMul/Gemm with a constant float weight to inspect")
     feeds = calibration_feeds(model.graph, model_path.parent, config.calibration)
     wanted = {str(g.activation.name): g.channels for g in groups}
-    stats = collect_statistics(model, wanted, feeds, feeds.count, progress=progress, keep_rows=KEPT_ROWS)
+    stats = collect_statistics(model, wanted, itertools.chain(feeds, feeds.decode), feeds.count + len(feeds.decode),
+                               progress=progress, keep_rows=KEPT_ROWS)
     search = AlphaSearch(stats.rows, config.alpha_grid, config.level, config.weight_qmax, config.per_channel,
                          config.calib_method)
     results = [_inspect_group(g, stats.channel_max[str(g.activation.name)], stats.rows[str(g.activation.name)],

@@ -193,7 +193,7 @@ def _decode(session: ort.InferenceSession, chain: DecodeChain, names: list[str],
     """Run `chain`'s prompt, then its single tokens, each fed the cache the run before returned."""
     feed = chain.prompt
     for step in range(chain.steps + 1):
-        where = f"calibration sample {sample} (decode step {step})"
+        where = f"calibration sample {sample} (decode step {step}; --decode-steps 0 calibrates prefill only)"
         results = _session_run(session, fetch + chain.fetch, feed, where)
         _add_maxima(maxima, names, results[:len(fetch)], where)
         if step < chain.steps:

@@ -214,6 +214,13 @@ class DecodeChain:
         return following
 
 
+def cache_outputs(inputs: list[ir.Value]) -> dict[str, str]:
+    """Each cache input and the output that returns it one token longer (optimum and onnxruntime-genai name
+    them past_key_values.N.key / present.N.key)."""
+    return {str(v.name): str(v.name).replace("past_key_values", "present")
+            for v in inputs if str(v.name).startswith(CACHE_PREFIXES)}
+
+
 def decode_chains(inputs: list[ir.Value], outputs: list[ir.Value], windows: np.ndarray, steps: int,
                   dims: CacheDims | None, teacher_forced: bool = False) -> list[DecodeChain]:
     """`steps` single tokens in all, split among DECODE_CHAINS (or more) windows, each after the first
@@ -224,10 +231,9 @@ def decode_chains(inputs: list[ir.Value], outputs: list[ir.Value], windows: np.n
     first three quarters of the windows: --alpha auto judges models on up to a quarter held back at the end.
     `teacher_forced` feeds each window's own next tokens (tests: the same maxima as a prefill of them).
     """
-    cache = [str(v.name) for v in inputs if str(v.name).startswith(CACHE_PREFIXES)]
-    if steps == 0 or not cache:
+    present = cache_outputs(inputs)
+    if steps == 0 or not present:
         return []
-    present = {name: name.replace("past_key_values", "present") for name in cache}
     returned = {str(v.name) for v in outputs}
     missing = [name for name in [*present.values(), *([] if teacher_forced else [LOGITS])] if name not in returned]
     if missing:

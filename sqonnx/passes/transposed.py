@@ -7,8 +7,10 @@ is no linear layer to smooth or quantize, so `FoldTransposedConstantsPass` (part
 Transpose of a 2-D constant its own transposed initializer: the head becomes a plain linear layer (its INT8
 copy is what the output keeps, 4x smaller than the float table), and the Gather keeps reading exact floats.
 
-`RestoreTransposedCopiesPass` undoes it for copies that stayed float (an excluded head, --smooth-only), so a
-model whose head is not quantized is not 113 MB bigger (SmolLM2's 49152 x 576 table) than its input.
+`RestoreTransposedCopiesPass` undoes it for copies that stayed float and unchanged (an excluded head), so a
+model whose head is not quantized is not 113 MB bigger (SmolLM2's 49152 x 576 table) than its input. A head
+that smoothing or rotation changed (--smooth-only folds the final norm into it) no longer equals the table
+transposed and stays a copy of its own.
 """
 
 from __future__ import annotations
@@ -28,8 +30,13 @@ def _transpose_of_constant(node: ir.Node) -> np.ndarray | None:
     return table
 
 
+# Value.meta key (in memory only) on a folded copy: the table it was transposed from.
+FOLDED_FROM = "sqonnx.transposed_from"
+
+
 class FoldTransposedConstantsPass(ir.passes.InPlacePass):
-    """Transpose(E) of a 2-D constant E -> an initializer `<E>_transposed` holding E^T (same value everywhere)."""
+    """Transpose(E) of a 2-D constant E -> an initializer `<E>_transposed` holding E^T. Each Transpose gets
+    its own copy; a second run finds no Transpose of a constant left and changes nothing."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -42,6 +49,7 @@ class FoldTransposedConstantsPass(ir.passes.InPlacePass):
             source = node.inputs[0]
             assert source is not None
             folded = add_initializer(graph, f"{source.name}_transposed", table.T)
+            folded.meta[FOLDED_FROM] = source
             output.replace_all_uses_with(folded)
             graph.remove(node, safe=True)
             modified = True
@@ -49,41 +57,28 @@ class FoldTransposedConstantsPass(ir.passes.InPlacePass):
 
 
 class RestoreTransposedCopiesPass(ir.passes.InPlacePass):
-    """A float initializer that still equals another one transposed is read through a Transpose again.
-
-    Matched on content, not names: only initializers of transposed shapes are compared, and only while both
-    are unchanged (a fold or a rotation that touched either one makes them differ)."""
+    """A folded copy that stayed float and still equals its table transposed is read through a Transpose of
+    the table again (the copy is dropped), as long as the table is still in the graph and read by another
+    node. A copy that a fold, a rotation or the quantizer changed or replaced stays as it is."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        by_shape: dict[tuple[int, ...], list[ir.Value]] = {}
-        for value in graph.initializers.values():
-            tensor = value.const_value
-            if tensor is not None and len(tensor.shape) == 2 and tensor.dtype == ir.DataType.FLOAT:
-                by_shape.setdefault(tuple(tensor.shape.numpy()), []).append(value)
         modified = False
-        for shape, copies in list(by_shape.items()):
-            tables = by_shape.get(shape[::-1], [])
-            if shape[0] == shape[1] or not tables:
+        for copy in list(graph.initializers.values()):
+            table = copy.meta.get(FOLDED_FROM)
+            if table is None or not copy.uses() or copy.is_graph_output() or copy.const_value is None:
                 continue
-            for copy in copies:
-                if copy.is_graph_input() or copy.is_graph_output() or not copy.uses():
-                    continue
-                array = copy.const_value.numpy()  # type: ignore[union-attr]
-                table = next((t for t in tables if t.uses() and _is_transpose_of(t.const_value.numpy(), array)),  # type: ignore[union-attr]
-                             None)
-                if table is None:
-                    continue
-                transpose = ir.node("Transpose", [table], {"perm": [1, 0]}, name=f"{table.name}/Transpose",
-                                    outputs=[ir.Value(name=f"{table.name}_transposed_at_run_time")])
-                transpose.outputs[0].dtype, transpose.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(shape)
-                graph.insert_before(next(iter(graph)), transpose)  # it reads an initializer only
-                copy.replace_all_uses_with(transpose.outputs[0])
-                graph.initializers.pop(str(copy.name))
-                modified = True
+            if graph.initializers.get(str(table.name)) is not table or table.const_value is None \
+                    or not table.uses():
+                continue
+            if not np.array_equal(table.const_value.numpy().T, copy.const_value.numpy()):
+                continue
+            transpose = ir.node("Transpose", [table], {"perm": [1, 0]}, name=f"{copy.name}/Transpose",
+                                outputs=[ir.Value(name=f"{copy.name}_at_run_time")])
+            transpose.outputs[0].dtype = copy.dtype
+            transpose.outputs[0].shape = copy.shape
+            graph.insert_before(next(iter(graph)), transpose)  # it reads an initializer only
+            copy.replace_all_uses_with(transpose.outputs[0])
+            graph.initializers.pop(str(copy.name))
+            modified = True
         return ir.passes.PassResult(model, modified=modified)
-
-
-def _is_transpose_of(table: np.ndarray, array: np.ndarray) -> bool:
-    # A first row against a first column rules out almost every pair before the whole comparison.
-    return bool(np.array_equal(table[:, 0], array[0]) and np.array_equal(table.T, array))
