@@ -42,7 +42,8 @@ def test_smollm2_o3_perplexity(tmp_path: Path) -> None:
     out = tmp_path / "smollm2-int8.onnx"
     config = sqonnx.QuantizeConfig(calibration=sqonnx.CalibrationConfig(num_samples=16, seq_len=512))
     report = sqonnx.quantize(fp32, out, config)
-    assert report.kernels is not None and report.kernels.integer_total == 210 and not report.kernels.unfused
+    # 210 decoder layers and the LM head (tied: its own INT8 copy, the embedding Gather keeps the float table)
+    assert report.kernels is not None and report.kernels.integer_total == 211 and not report.kernels.unfused
     kinds = {layer.smoothing for layer in report.smoothed_layers}
     assert kinds == {"Mul (per-channel weight)", "MatMul (output columns through Mul)", "MatMul (value columns)"}
     # every o_proj (30 layers, 9 query heads over 3 KV heads) folds its factor into v_proj
@@ -51,7 +52,7 @@ def test_smollm2_o3_perplexity(tmp_path: Path) -> None:
     # the defaults: rotated, and per-token only where massive activations make a static range fail
     assert report.settings["rotation"].startswith("rotated the residual stream (576 channels")
     levels = [layer.level for layer in report.quantized_layers]
-    assert 0 < levels.count("O1") < 40 and levels.count("O3") + levels.count("O1") == 210, levels
+    assert 0 < levels.count("O1") < 40 and levels.count("O3") + levels.count("O1") == 211, levels
     windows = eval_windows(fp32.parent, 512, 4)
     base = perplexity(fp32, windows)
     quantized = perplexity(out, windows)
@@ -80,9 +81,11 @@ def test_smollm2_o1_perplexity(tmp_path: Path) -> None:
     out = tmp_path / "smollm2-o1.onnx"
     config = sqonnx.QuantizeConfig(level=sqonnx.Level.O1, calibration=sqonnx.CalibrationConfig(num_samples=8))
     report = sqonnx.quantize(fp32, out, config)
-    # Every quantized layer fused into MatMulIntegerToFloat (Llama has no biases); the 62 float MatMuls
-    # are attention's activation x activation products, the LM head and the tied embedding.
-    assert report.kernels is not None and report.kernels.integer_kernels == {"MatMulIntegerToFloat": 210}
+    # Every quantized layer, the LM head included, fused into MatMulIntegerToFloat (Llama has no biases); the
+    # 61 float MatMuls are attention's 60 activation x activation products and the rotary embedding's
+    # inv_freq x positions.
+    assert report.kernels is not None and report.kernels.integer_kernels == {"MatMulIntegerToFloat": 211}
+    assert report.kernels.float_linear == 61
     windows = eval_windows(fp32.parent, 512, 4)
     base = perplexity(fp32, windows)
     quantized = perplexity(out, windows)
