@@ -137,6 +137,13 @@ def greedy_tokens(model_path: Path, prompt: np.ndarray, new_tokens: int) -> tupl
     return tokens, elapsed + time.perf_counter() - start
 
 
+def next_token_choices(model_path: Path, tokens: np.ndarray) -> np.ndarray:
+    """The greedy next token after every prefix of `tokens`, from one forward pass (batch 1)."""
+    sess = session(model_path)
+    feeds = feeds_for_tokens(_inputs(model_path), tokens, cache_dims(model_path.parent))
+    return sess.run(["logits"], feeds)[0][0].argmax(axis=-1)
+
+
 def greedy_agreement(reference: list[int], other: list[int]) -> tuple[float, int]:
     """Share of identical tokens position by position, and the index of the first different one (len when
     none): after a divergence the two texts continue from different contexts, so the share counts only
