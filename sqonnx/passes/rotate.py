@@ -429,15 +429,7 @@ def _match_fused_norm(node: ir.Node, hidden: int) -> _Norm | str:
     axis = node.attributes.get_int("axis", -1)
     if axis != -1 and (axis < 0 or _rank(node.inputs[0]) != axis + 1):
         return f"{name} normalizes from axis {axis}, not over the channels (the last axis) alone"
-    if not is_channel_vector(node, 1, hidden):
-        return f"{name} has no constant weight over the {hidden} channels"
-    reason = _used_outputs(node, (1,))
-    if reason:
-        return reason
-    readers = _norm_readers(node.outputs[0], hidden)
-    if isinstance(readers, str):
-        return readers
-    return _Norm(node.outputs[0], (node, 1), readers, (node,))
+    return _fused_norm(node, 1, (1,), hidden)
 
 
 def _match_skip_norm(node: ir.Node, plan: _Plan) -> _Norm | str:
@@ -447,19 +439,27 @@ def _match_skip_norm(node: ir.Node, plan: _Plan) -> _Norm | str:
     recorded in `plan.biases`). The stream may be either of the first two inputs; the caller walks the other."""
     hidden = plan.hidden
     name = node.name or node.op_type
-    if len(node.inputs) < 3 or not is_channel_vector(node, 2, hidden):
+    if len(node.inputs) < 3:
         return f"{name} has no constant weight over the {hidden} channels"
     if len(node.inputs) > 3 and node.inputs[3] is not None:
         if not is_channel_vector(node, 3, hidden):
             return f"{name} adds a bias that is not a constant vector over the {hidden} channels"
         plan.biases.append((node, 3))
-    reason = _used_outputs(node, (1, 2))
+    return _fused_norm(node, 2, (1, 2), hidden)
+
+
+def _fused_norm(node: ir.Node, weight: int, statistics: tuple[int, ...], hidden: int) -> _Norm | str:
+    """A fused norm node whose input `weight` is gamma, whose `statistics` outputs (mean, inverse std) nobody
+    reads, and whose output 0 only linear layers read."""
+    if not is_channel_vector(node, weight, hidden):
+        return f"{node.name or node.op_type} has no constant weight over the {hidden} channels"
+    reason = _used_outputs(node, statistics)
     if reason:
         return reason
     readers = _norm_readers(node.outputs[0], hidden)
     if isinstance(readers, str):
         return readers
-    return _Norm(node.outputs[0], (node, 2), readers, (node,))
+    return _Norm(node.outputs[0], (node, weight), readers, (node,))
 
 
 def _norm_readers(value: ir.Value, hidden: int) -> tuple[LinearLayer, ...] | str:
