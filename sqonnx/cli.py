@@ -123,7 +123,7 @@ def quantize(
             verify_fusion=verify, optimize=optimize, keep_float_budget=keep_float_budget)
         if report_json is not None:
             _check_writable_file(report_json, "--report-json")
-        report = quantize_model(model, output, config, progress=sys.stderr.isatty())
+        report = quantize_model(model, output, config, progress=True)
         if report_json is not None:
             try:
                 report_json.write_text(json.dumps(report.to_dict(), indent=2, default=str))

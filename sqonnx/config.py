@@ -61,6 +61,11 @@ class Unabsorbed(str, enum.Enum):
 DEFAULT_EXCLUDE: tuple[str, ...] = ()
 
 
+# 256 MB of weights per block: SmolLM2 (540 MB) runs as 3 blocks, a Llama-2-7B decoder layer (808 MB) as its
+# attention and MLP halves. Blocks add an onnxruntime session each (about a second of set-up on 7B shapes).
+DEFAULT_BLOCK_BYTES = 256 << 20
+
+
 @dataclass(frozen=True)
 class CalibrationConfig:
     """Where calibration samples come from and how many."""
@@ -120,6 +125,10 @@ class QuantizeConfig:
     # Leave the fewest most sensitive layers in float until the quality loss (perplexity ratio - 1, or
     # 1 - cosine) on calibration samples is at most this; None: quantize every layer not excluded.
     keep_float_budget: float | None = None
+    # The model is calibrated, smoothed, quantized and written one block of at most this many bytes of weights
+    # at a time (a decoder layer or two of a 7B model; a segment between two cuts can be larger): memory
+    # follows the block, not the model. See sqonnx.blocks.
+    block_bytes: int = DEFAULT_BLOCK_BYTES
 
     def __post_init__(self) -> None:
         if self.alpha != AUTO and not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
@@ -138,6 +147,8 @@ class QuantizeConfig:
             raise SqonnxError("--smooth-only contradicts --no-smooth; drop one")
         if self.smooth_only and self.keep_float_budget is not None:
             raise SqonnxError("--smooth-only writes a float model; --keep-float-budget has nothing to keep, drop it")
+        if self.block_bytes < 1:
+            raise SqonnxError(f"--block-size must be at least 1 MB, got {self.block_bytes >> 20} MB; try 256")
         for pattern in self.exclude:
             if not pattern:
                 raise SqonnxError("--exclude got an empty pattern; give a node-name glob like '*lm_head*'")

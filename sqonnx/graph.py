@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,11 +116,33 @@ def _check_initializers(model: ir.Model, path: Path) -> None:
                     tensor.release()
 
 
+# The float types a linear layer's weight may have: the model's own float type is kept for what stays float.
+FLOAT_TYPES = (np.float32, np.float16, ir.DataType.BFLOAT16.numpy())
+
+
 def constant(value: ir.Value | None) -> np.ndarray | None:
     """The array behind an initializer input, or None when the value is computed at run time."""
     if value is None or value.const_value is None or not value.is_initializer():
         return None
     return value.const_value.numpy()
+
+
+def is_constant(value: ir.Value | None) -> bool:
+    """Whether the value is an initializer (its data is not read)."""
+    return value is not None and value.const_value is not None and value.is_initializer()
+
+
+def constant_shape(value: ir.Value | None) -> tuple[tuple[int, ...], np.dtype] | None:
+    """Shape and numpy dtype of an initializer input, read without its data (a deferred rotation or a
+    memory-mapped weight stays untouched); None when the value is computed at run time."""
+    if value is None or value.const_value is None or not value.is_initializer():
+        return None
+    tensor = value.const_value
+    try:
+        dtype = tensor.dtype.numpy()
+    except (TypeError, ValueError):  # no numpy dtype (4-bit types, strings)
+        return None
+    return tuple(int(d) for d in tensor.shape), dtype
 
 
 @dataclass(frozen=True)
@@ -158,15 +181,26 @@ class LinearLayer:
         return self.node.inputs[2] if self.node.op_type == "Gemm" and len(self.node.inputs) > 2 else None
 
     @property
+    def shape(self) -> tuple[int, ...]:
+        """The weight's shape, read without its data."""
+        found = constant_shape(self.weight_value)
+        assert found is not None
+        return found[0]
+
+    @property
     def in_channels(self) -> int:
-        return int(self.weight.shape[self.in_axis])
+        return self.shape[self.in_axis]
+
+    @property
+    def out_channels(self) -> int:
+        return self.shape[1 - self.in_axis]
 
 
 def as_linear_layer(node: ir.Node) -> LinearLayer | None:
     if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm"):
         return None
-    weight = constant(node.inputs[1]) if len(node.inputs) > 1 else None
-    if weight is None or weight.ndim != 2 or weight.dtype != np.float32:
+    weight = constant_shape(node.inputs[1]) if len(node.inputs) > 1 else None
+    if weight is None or len(weight[0]) != 2 or weight[1] not in FLOAT_TYPES:
         return None
     if node.op_type == "MatMul":
         return LinearLayer(node, in_axis=0)
@@ -176,7 +210,7 @@ def as_linear_layer(node: ir.Node) -> LinearLayer | None:
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     if bias is not None and attrs.get_float("beta", 1.0) != 1.0:
         return None
-    if bias is not None and constant(bias) is None:
+    if bias is not None and not is_constant(bias):
         return None
     return LinearLayer(node, in_axis=1 if attrs.get_int("transB", 0) else 0)
 
@@ -186,30 +220,75 @@ def find_linear_layers(graph: ir.Graph) -> list[LinearLayer]:
     return [layer for node in graph if (layer := as_linear_layer(node)) is not None]
 
 
-def set_constant_input(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, suffix: str) -> None:
-    """Give `node.inputs[index]` a new value `array`.
+@dataclass(frozen=True)
+class Deferred:
+    """An array computed when it is first read (`compute` runs again on every read): a rotated weight of a
+    block that has not been reached yet costs no memory."""
+
+    compute: Callable[[], np.ndarray]
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+
+def deferred(source: ir.TensorProtocol, transform: Callable[[np.ndarray], np.ndarray],
+             shape: tuple[int, ...] | None = None) -> Deferred:
+    """`transform` of `source`'s array (of `shape`, default the source's), computed on read, in `source`'s dtype;
+    a memory-mapped `source` is released after each read, so its pages leave the process's resident memory."""
+    def compute() -> np.ndarray:
+        array = source.numpy()
+        try:
+            result = np.asarray(transform(array)).astype(array.dtype, copy=False)
+            return result.copy() if np.may_share_memory(result, array) else result
+        finally:
+            del array
+            release(source)
+
+    return Deferred(compute, source.dtype.numpy(), shape if shape is not None else tuple(source.shape))
+
+
+def release(tensor: ir.TensorProtocol | None) -> None:
+    """Unmap a memory-mapped tensor (its pages no longer count in RSS); others are left alone."""
+    if isinstance(tensor, ir.ExternalTensor):
+        with contextlib.suppress(BufferError):  # an array still viewing the map keeps it open
+            tensor.release()
+
+
+def set_constant_input(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray | Deferred,
+                       suffix: str, *, keep_dtype: bool = True) -> None:
+    """Give `node.inputs[index]` a new value `array` (computed on read when `Deferred`), in the old value's
+    dtype unless `keep_dtype` is False.
 
     The initializer is rewritten in place when this node is its only reader; otherwise (tied or shared
     weights) the node gets its own copy named `<original><suffix>`, so no other node changes.
     """
     old = node.inputs[index]
     assert old is not None and old.name is not None
-    array = _contiguous(array, old.const_value.dtype.numpy() if old.const_value else None)
+    if not isinstance(array, Deferred):
+        dtype = old.const_value.dtype.numpy() if old.const_value and keep_dtype else None
+        array = _contiguous(array, dtype)
     if len(old.uses()) == 1 and not old.is_graph_output() and not old.is_graph_input():
-        old.const_value = ir.tensor(array, name=old.name)
+        old.const_value = _tensor(array, str(old.name))
+        old.dtype = old.const_value.dtype
         return
     node.replace_input_with(index, add_initializer(graph, f"{old.name}{suffix}", array))
 
 
-def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+def _tensor(array: np.ndarray | Deferred, name: str) -> ir.TensorProtocol:
+    if isinstance(array, Deferred):
+        return ir.LazyTensor(lambda: ir.tensor(array.compute(), name=name), dtype=ir.DataType.from_numpy(array.dtype),
+                             shape=ir.Shape(array.shape), name=name)
+    return ir.tensor(array, name=name)
+
+
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray | Deferred) -> ir.Value:
     """Register a new initializer under a deterministic name (made unique if it is taken)."""
     unique = name
     counter = 1
     while unique in graph.initializers:
         unique = f"{name}_{counter}"
         counter += 1
-    tensor = ir.tensor(_contiguous(array), name=unique)
-    value = ir.Value(name=unique, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype),
+    tensor = _tensor(array if isinstance(array, Deferred) else _contiguous(array), unique)
+    value = ir.Value(name=unique, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype),
                      const_value=tensor)
     graph.register_initializer(value)
     return value

@@ -1,20 +1,24 @@
-"""Atomic saving: the output file appears whole and checked, or not at all."""
+"""Atomic, streaming saving: the output file appears whole and checked, or not at all."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
 from sqonnx.errors import SqonnxError
+from sqonnx.graph import release
 from sqonnx.pause import pause_point
 
 # Protobuf cannot serialize a model over 2 GiB; keep a margin for the graph itself.
@@ -27,81 +31,277 @@ def check_output_path(input_path: Path, output_path: Path) -> None:
     if output_path.is_dir():
         raise SqonnxError(f"output path {output_path} is a folder; give a file name ending in .onnx")
     folder = output_path.parent
-    if not folder.is_dir():
-        raise SqonnxError(f"output folder {folder} does not exist; create it first")
-    if not os.access(folder, os.W_OK):
-        raise SqonnxError(f"output folder {folder} is not writable; choose another --output")
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), folder)
+    if not existing.is_dir():
+        raise SqonnxError(f"output folder {folder}: {existing} is a file; choose another --output")
+    if not os.access(existing, os.W_OK):
+        raise SqonnxError(f"output folder {existing} is not writable; choose another --output")
 
 
-def save_atomically(model: ir.Model, output_path: Path, validate: Callable[[Path], None],
-                    external_data: bool = False, companions: dict[str, bytes] | None = None) -> int:
-    """Save to a staging folder beside the output, check, then move into place. Returns bytes written.
+class StreamingWriter:
+    """Writes the output block by block, then moves it into place atomically.
+
+    `add` writes a finished block's tensors to a data file in a staging folder beside the output (named
+    `.sqonnx-<pid>-*`) and keeps only the block's graph, whose tensors now point into that file; `finish`
+    assembles the model from the blocks' graphs, checks it, and moves it into place. Nothing is held or copied
+    whole: peak memory is one block, and the staging folder holds the output and the scratch files of the run
+    (`scratch`), removed on the way out whatever happens. A process killed with SIGKILL leaves its staging
+    folder, which the next save into that folder removes.
 
     Weights go to a data file beside the output when asked (the input had external data) or when the model
-    would not fit in one protobuf. Two renames (data file, then .onnx) are not atomic together, so the data
-    file is named after its content, `<output>.<digest>.data`: the new .onnx refers to its own data file,
-    the previous .onnx keeps its own until the new one has replaced it, and only then are stale data files
-    removed. A process killed at any point leaves the previous model or the new one at `output_path`, both
-    whole. Moving into place holds a lock on the folder, so two processes writing the same output never
-    remove each other's data file; the last one to finish wins. `companions` (file name -> bytes, e.g. an
-    onnxruntime-genai config) are staged too and moved in before the .onnx.
+    would not fit in one protobuf; otherwise they are read back into one .onnx file. Two renames (data file,
+    then .onnx) are not atomic together, so the data file is named after its content, `<output>.<digest>.data`
+    (the digest of every tensor's name, type, shape and bytes, in the order written): the new .onnx refers to
+    its own data file, the previous .onnx keeps its own until the new one has replaced it, and only then are
+    stale data files removed. A process killed at any point leaves the previous model or the new one at
+    `output_path`, both whole. Moving into place holds a lock on the folder, so two processes writing the
+    same output never remove each other's data file; the last one to finish wins. `companions` (file name ->
+    bytes, e.g. an onnxruntime-genai config) are staged too and moved in before the .onnx.
     """
-    tensor_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value)
-    external_data = external_data or tensor_bytes > EXTERNAL_DATA_BYTES
-    if not external_data:  # weights memory-mapped from a working copy must go inline into the one file
-        ir.external_data.load_to_model(model)
-    folder = output_path.parent
-    remove_stale_staging(folder)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=folder))
-    except OSError as exc:
-        raise SqonnxError(f"cannot write in {folder}: {exc.strerror}") from None
-    try:
-        data_name = f"{output_path.name}.{weights_digest(model)}.data" if external_data else None
-        staged = tmp / output_path.name
+
+    def __init__(self, output_path: Path, external: bool, companions: dict[str, bytes] | None = None) -> None:
+        self.output_path = output_path
+        self.external = external
+        self.companions = companions or {}
+        folder = output_path.parent
+        self.created = _missing_folders(folder)
         try:
-            ir.save(model, staged, external_data=data_name)
+            folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise SqonnxError(f"cannot write {output_path}: {exc.strerror}") from None
+            raise SqonnxError(f"cannot create output folder {folder}: {exc.strerror}; choose another --output") \
+                from None
+        remove_stale_staging(folder)
+        try:
+            self.staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=folder))
+        except OSError as exc:
+            self._remove_created()
+            raise SqonnxError(f"cannot write in {folder}: {exc.strerror}") from None
+        self.scratch = self.staging / "scratch"
+        self.scratch.mkdir()
+        self.blocks: list[ir.Model] = []
+        self._open()
+
+    def __enter__(self) -> StreamingWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+        shutil.rmtree(self.staging, ignore_errors=True)
+        if exc[0] is not None:
+            self._remove_created()
+
+    def _open(self) -> None:
+        self._data_path = self.staging / PARTIAL_DATA
+        self._file = open(self._data_path, "wb")  # noqa: SIM115 (closed in close())
+        self._offset = 0
+        self._digest = hashlib.sha256()
+        self._written: dict[str, tuple[int, ir.ExternalTensor]] = {}  # name -> (id of its source tensor, ref)
+        self.blocks = []
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+    def restart(self) -> None:
+        """Forget what was written (a later pass writes the blocks again)."""
+        self.close()
+        self._open()
+
+    @property
+    def bytes_written(self) -> int:
+        return self._offset
+
+    def add(self, block: ir.Model, shared: set[int]) -> None:
+        """Write `block`'s tensors (but the smallest, which stay in its graph) and keep its graph. `shared`: ids
+        of the tensors the full model holds for the whole run; one of them read by several blocks is written
+        once (an id is compared only while its tensor is alive, so it cannot stand for another)."""
+        graph = block.graph
+        for value in list(graph.initializers.values()):
+            tensor = value.const_value
+            if tensor is None:
+                continue
+            if tensor.nbytes < INLINE_BYTES:
+                if isinstance(tensor, (ir.ExternalTensor, ir.LazyTensor)):  # in the .onnx, not in another file
+                    value.const_value = ir.tensor(tensor.numpy(), name=value.name)
+                continue
+            name = str(value.name)
+            known = self._written.get(name)
+            if known is not None and known[0] == id(tensor) and id(tensor) in shared:
+                value.const_value = known[1]
+                continue
+            if known is not None:  # the same name, changed in this block only: a tensor of its own
+                value.name = name = _unique(name, self._written, graph)
+            value.const_value = self._write(tensor, name)
+            self._written[name] = (id(tensor), value.const_value)
+        self.blocks.append(block)
+
+    def _write(self, tensor: ir.TensorProtocol, name: str) -> ir.ExternalTensor:
+        padding = (-self._offset) % ALIGNMENT if tensor.nbytes >= ALIGN_FROM_BYTES else 0
+        try:
+            length = self._append(tensor, name, padding)
+        finally:
+            release(tensor)
+        offset = self._offset + padding
+        self._offset = offset + length
+        return ir.ExternalTensor(PARTIAL_DATA, offset, length, tensor.dtype, shape=ir.Shape(tensor.shape),
+                                 name=name, base_dir=str(self.staging))
+
+    def _append(self, tensor: ir.TensorProtocol, name: str, padding: int) -> int:
+        data = np.ascontiguousarray(tensor.numpy()).reshape(-1).view(np.uint8)
+        self._digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        self._digest.update(data)
+        try:
+            self._file.write(b"\0" * padding)
+            self._file.write(data)
+        except OSError as exc:
+            raise SqonnxError(_no_space(self.output_path.parent, exc, self._offset)) from None
+        return int(data.nbytes)
+
+    def finish(self, skeleton: ir.Model, metadata: dict[str, str]) -> int:
+        """Assemble the model from the blocks (inputs, outputs and header from `skeleton`), check it and move it
+        into place. Returns the bytes written."""
+        self.close()
+        external = self.external or self._offset > EXTERNAL_DATA_BYTES
+        data_name = f"{self.output_path.name}.{self._digest.hexdigest()[:_DIGEST_CHARS]}.data" if external else None
+        if data_name is not None:
+            os.replace(self._data_path, self.staging / data_name)
+        for block in self.blocks:
+            for value in block.graph.initializers.values():
+                ref = value.const_value
+                if isinstance(ref, ir.ExternalTensor) and ref.location == PARTIAL_DATA:
+                    value.const_value = (ir.ExternalTensor(data_name, ref.offset, ref.length, ref.dtype,
+                                                           shape=ref.shape, name=ref.name, base_dir=str(self.staging))
+                                         if data_name is not None else ir.tensor(_read(self._data_path, ref),
+                                                                                 name=ref.name))
+        proto = _assemble(skeleton, self.blocks, metadata)
+        staged = self.staging / self.output_path.name
+        try:
+            with open(staged, "wb") as handle:
+                handle.write(proto.SerializeToString())
+        except OSError as exc:
+            raise SqonnxError(_no_space(self.output_path.parent, exc, self._offset)) from None
+        del proto
+        if data_name is None:
+            self._data_path.unlink(missing_ok=True)
         check_onnx(staged)
-        validate(staged)
-        written = staged.stat().st_size + ((tmp / data_name).stat().st_size if data_name else 0)
-        for name, content in (companions or {}).items():
+        written = staged.stat().st_size + ((self.staging / data_name).stat().st_size if data_name else 0)
+        folder = self.output_path.parent
+        for name, content in self.companions.items():
             try:
-                (tmp / name).write_bytes(content)
+                (self.staging / name).write_bytes(content)
             except OSError as exc:
                 raise SqonnxError(f"cannot write {folder / name}: {exc.strerror}") from None
         pause_point("staged")
         with _folder_lock(folder):
             if data_name is not None:
-                os.replace(tmp / data_name, folder / data_name)
+                os.replace(self.staging / data_name, folder / data_name)
                 pause_point("data-moved")
-            for name in companions or {}:
-                os.replace(tmp / name, folder / name)
-            os.replace(staged, output_path)
+            for name in self.companions:
+                os.replace(self.staging / name, folder / name)
+            os.replace(staged, self.output_path)
             pause_point("onnx-moved")
-            for stale in stale_data_files(output_path, keep=data_name):
+            for stale in stale_data_files(self.output_path, keep=data_name):
                 stale.unlink(missing_ok=True)
+        self.created = []  # the folder now holds the output
         return written
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def _remove_created(self) -> None:
+        for folder in self.created:  # innermost first; only if nothing else was put there
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+PARTIAL_DATA = "weights.partial.data"
+INLINE_BYTES = 1024  # smaller tensors stay in the .onnx (shapes, scales, zero points, norm weights of tiny models)
+ALIGNMENT = 4096  # large tensors start on a page: onnxruntime can map them instead of copying
+ALIGN_FROM_BYTES = 1 << 20
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """The folders `mkdir(parents=True)` would create, innermost first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _unique(name: str, taken: dict[str, object], graph: ir.Graph) -> str:
+    counter = 1
+    while f"{name}.{counter}" in taken or f"{name}.{counter}" in graph.initializers:
+        counter += 1
+    return f"{name}.{counter}"
+
+
+def _read(path: Path, ref: ir.ExternalTensor) -> np.ndarray:
+    with open(path, "rb") as handle:
+        handle.seek(ref.offset or 0)
+        raw = handle.read(ref.length or 0)
+    return np.frombuffer(raw, dtype=ref.dtype.numpy()).reshape(tuple(ref.shape))
+
+
+def _no_space(folder: Path, exc: OSError, written: int) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return _space_message(folder, written)
+    return f"cannot write in {folder}: {exc.strerror}"
+
+
+def no_space(folder: Path, writer: StreamingWriter | None) -> str:
+    """The one-line error for a folder that filled up while sqonnx wrote there."""
+    return _space_message(folder, writer.bytes_written if writer is not None else 0)
+
+
+def _space_message(folder: Path, written: int) -> str:
+    free = shutil.disk_usage(folder).free
+    return (f"no space left in {folder} after writing {written / 1e6:.0f} MB of the output "
+            f"({free / 1e6:.0f} MB free); free some space there or write the output elsewhere")
+
+
+def _assemble(skeleton: ir.Model, blocks: list[ir.Model], metadata: dict[str, str]) -> onnx.ModelProto:
+    """One model from the blocks' graphs, linked by value names; inputs, outputs and header from `skeleton`."""
+    graph = skeleton.graph
+    proto = onnx.ModelProto()
+    proto.ir_version = skeleton.ir_version
+    proto.producer_name = skeleton.producer_name or ""
+    proto.producer_version = skeleton.producer_version or ""
+    if skeleton.domain:
+        proto.domain = skeleton.domain
+    if skeleton.model_version is not None:
+        proto.model_version = skeleton.model_version
+    if skeleton.doc_string:
+        proto.doc_string = skeleton.doc_string
+    opsets = dict(graph.opset_imports)
+    proto.graph.name = graph.name or "main_graph"
+    proto.graph.input.extend(ir.serde.serialize_value(v) for v in graph.inputs)
+    proto.graph.output.extend(ir.serde.serialize_value(v) for v in graph.outputs)
+    ends = {v.name for v in (*graph.inputs, *graph.outputs)}
+    initializers: set[str] = set()
+    infos: set[str] = set(ends)
+    for block in blocks:
+        part = ir.serde.serialize_model(block)
+        for opset in part.opset_import:
+            opsets.setdefault(opset.domain, opset.version)
+        proto.graph.node.extend(part.graph.node)
+        for tensor in part.graph.initializer:
+            if tensor.name not in initializers:
+                initializers.add(tensor.name)
+                proto.graph.initializer.append(tensor)
+        for info in (*part.graph.input, *part.graph.output, *part.graph.value_info):
+            if info.name not in infos:
+                infos.add(info.name)
+                proto.graph.value_info.append(info)
+    for domain, version in sorted(opsets.items()):
+        entry = proto.opset_import.add()
+        entry.domain, entry.version = domain, version
+    proto.functions.extend(ir.serde.serialize_function(f) for f in skeleton.functions.values())
+    for key, value in {**skeleton.metadata_props, **metadata}.items():
+        prop = proto.metadata_props.add()
+        prop.key, prop.value = key, value
+    return proto
 
 
 STAGING_PREFIX = ".sqonnx-"
 _DIGEST_CHARS = 16
-
-
-def weights_digest(model: ir.Model) -> str:
-    """A digest of every initializer (name, type, shape, bytes): names the data file after its content, so the
-    same weights give the same file name (byte-identical output) and different weights never share one."""
-    digest = hashlib.sha256()
-    for name, value in sorted(model.graph.initializers.items()):
-        tensor = value.const_value
-        if tensor is None:
-            continue
-        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
-        digest.update(tensor.tobytes())
-    return digest.hexdigest()[:_DIGEST_CHARS]
 
 
 def stale_data_files(output_path: Path, keep: str | None) -> list[Path]:

@@ -38,6 +38,8 @@ class QuantizeReport:
     input_bytes: int = 0
     output_bytes: int = 0
     seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase (load, calibrate, ...)
+    peak_rss_bytes: int = 0
 
     @property
     def quantized_layers(self) -> list[LayerReport]:
@@ -73,6 +75,9 @@ class QuantizeReport:
             f"  worst outlier ratio (channel max / median) before -> after smoothing: "
             f"{ratio_before:.1f} -> {ratio_after:.1f}",
             f"  size: {self.input_bytes / 1e6:.1f} MB -> {self.output_bytes / 1e6:.1f} MB in {self.seconds:.1f} s",
+            *([f"  {self.settings['blocks']}"] if "blocks" in self.settings else []),
+            f"  peak memory {self.peak_rss_bytes / 1e9:.2f} GB; "
+            + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.phases.items()),
         ]
         if self.kernels is not None:
             lines.append(f"  onnxruntime CPU: {self.kernels.summary()}")

@@ -96,7 +96,8 @@ def _bad_cases(tmp: Path, block: Path, feeds: Path) -> dict[str, tuple[list[str 
         "no tokenizer": ([block, "-o", out], "no tokenizer.json beside the model"),
         "alpha": ([block, "-o", out, "--alpha", "1.5"], "--alpha must be between 0 and 1"),
         "output is input": ([block, "-o", block, "--calib-data", feeds], "is the input model"),
-        "no such folder": ([block, "-o", tmp / "missing" / "q.onnx", "--calib-data", feeds], "does not exist"),
+        "output folder under a file": ([block, "-o", block / "sub" / "q.onnx", "--calib-data", feeds],
+                                       "is a file; choose another --output"),
         "unwritable": ([block, "-o", "/proc/q.onnx", "--calib-data", feeds], "/proc"),
         "full range on a portable target": ([block, "-o", out, "--full-range", "--calib-data", feeds],
                                             "--full-range saturates int16"),
@@ -115,7 +116,7 @@ def _bad_cases(tmp: Path, block: Path, feeds: Path) -> dict[str, tuple[list[str 
 
 CASES = ["missing external data", "not onnx", "truncated onnx", "old opset", "missing model",
          "nothing to quantize", "everything excluded", "npz names", "npz shape", "npz dtype", "missing data",
-         "no tokenizer", "alpha", "output is input", "no such folder", "unwritable",
+         "no tokenizer", "alpha", "output is input", "output folder under a file", "unwritable",
          "full range on a portable target", "static and dynamic", "level contradicts flag",
          "negative keep-float budget", "level auto and static", "smooth-only without smoothing"]
 
@@ -149,27 +150,64 @@ def test_nan_in_calibration_data(tmp_path: Path, block: Path) -> None:
     assert not (tmp_path / "q.onnx").exists()
 
 
+class _FailingFile:
+    """A data file whose first write stops half-way with `error` (what a full disk or Ctrl-C does)."""
+
+    def __init__(self, handle: object, error: BaseException) -> None:
+        self.handle, self.error = handle, error
+
+    def write(self, data: object) -> int:
+        self.handle.write(b"partial")  # type: ignore[attr-defined]
+        raise self.error
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.handle, name)
+
+
+def _failing_writes(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
+    from sqonnx.output import StreamingWriter
+
+    real_open = StreamingWriter._open
+
+    def failing_open(self: StreamingWriter) -> None:
+        real_open(self)
+        self._file = _FailingFile(self._file, error)  # type: ignore[assignment]
+
+    monkeypatch.setattr(StreamingWriter, "_open", failing_open)
+
+
 def test_disk_full_leaves_nothing(tmp_path: Path, block: Path, feeds: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that fails for lack of space (faked here; `test_full_tmpfs_leaves_nothing` fills a real one): one
+    error naming the folder and the space, no output, no staging folder, and the folders sqonnx created are gone."""
     import errno
 
     import sqonnx as api
-    import sqonnx.output
 
-    out = tmp_path / "out"
-    out.mkdir()
-    real_save = sqonnx.output.ir.save
-
-    def full_disk(model: object, path: Path, **kwargs: object) -> None:
-        if out not in Path(path).parents:  # the calibrator's own copy in TMPDIR is written normally
-            return real_save(model, path, **kwargs)
-        Path(path).write_bytes(b"partial")  # what a write cut short leaves behind
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(sqonnx.output.ir, "save", full_disk)
+    out = tmp_path / "out" / "deeper"
+    _failing_writes(monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
     config = api.QuantizeConfig(calibration=api.CalibrationConfig(data=feeds, num_samples=2))
-    with pytest.raises(api.SqonnxError, match="No space left on device"):
+    with pytest.raises(api.SqonnxError, match=f"no space left in {out} after writing 0 MB of the output"):
         api.quantize(block, out / "q.onnx", config)
-    assert list(out.iterdir()) == []
+    assert not (tmp_path / "out").exists()
+
+
+def test_full_tmpfs_leaves_nothing(tmp_path: Path, block: Path, feeds: Path) -> None:
+    """A real size-limited folder (a 4 KB tmpfs, mounted as root where the machine allows it) that fills up while
+    the output is written: one line, exit 2, nothing left in it."""
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root, or no CAP_SYS_ADMIN)")
+    try:
+        result = sqonnx("quantize", block, "-o", mount / "q.onnx", "--calib-data", feeds, "--num-samples", "2")
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: no space left in {mount}"), result.stderr
+        assert list(mount.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
 
 
 @pytest.mark.parametrize(("point", "signal_name", "code", "message"), [
@@ -198,19 +236,10 @@ def test_ctrl_c_while_saving_leaves_nothing(tmp_path: Path, block: Path, feeds: 
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C arriving in the middle of writing the output: the staged file and its folder go away."""
     import sqonnx as api
-    import sqonnx.output
 
     out = tmp_path / "out"
     out.mkdir()
-    real_save = sqonnx.output.ir.save
-
-    def interrupted(model: object, path: Path, **kwargs: object) -> None:
-        if out not in Path(path).parents:
-            return real_save(model, path, **kwargs)
-        Path(path).write_bytes(b"half a model")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(sqonnx.output.ir, "save", interrupted)
+    _failing_writes(monkeypatch, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         api.quantize(block, out / "q.onnx", api.QuantizeConfig(calibration=api.CalibrationConfig(data=feeds)))
     assert list(out.iterdir()) == []

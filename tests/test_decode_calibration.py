@@ -15,6 +15,7 @@ from sqonnx import CalibrationConfig, QuantizeConfig
 from sqonnx.calibrators import channel_max, collect_channel_max
 from sqonnx.calibrators.data import cache_dims, calibration_feeds, decode_chains, feeds_for_tokens
 from sqonnx.graph import find_linear_layers
+from sqonnx.session import Session
 from tests import zoo
 from tests.test_cli import sqonnx as run_cli
 from tests.test_genai import SEQ, build_genai, generate
@@ -81,13 +82,13 @@ def test_free_running_decode_feeds_the_models_greedy_tokens(tmp_path: Path, monk
     assert [chain.steps for chain in feeds.decode] == [3, 3, 2, 2]
     assert feeds.description == f"built-in pydoc topics, 8 x {SEQ} tokens + 10 decode steps"
     runs: list[dict[str, np.ndarray]] = []
-    real_run = channel_max._session_run
+    real_run = Session.run
 
     def counted(session, fetch, feed, where):  # noqa: ANN001, ANN202
         runs.append(feed)
         return real_run(session, fetch, feed, where)
 
-    monkeypatch.setattr(channel_max, "_session_run", counted)
+    monkeypatch.setattr(Session, "run", counted)
     activations = _activations(model)
     decoded = collect_channel_max(model, activations, feeds.decode, len(feeds.decode), progress=False)
     prompt = SEQ // 2
@@ -123,19 +124,20 @@ def test_quantize_calibrates_decode_steps_with_alpha_auto(tmp_path: Path, monkey
     held-out ones, then the decode chains (prompts and single tokens)."""
     path = build_genai(tmp_path / "genai")
     lengths: list[int] = []
-    real_run = channel_max._session_run
+    real_run = channel_max.StatisticsSession.run
 
-    def counted(session, fetch, feed, where):  # noqa: ANN001, ANN202
+    def counted(session, feed, **kwargs):  # noqa: ANN001, ANN202
         lengths.append(feed["input_ids"].shape[1])
-        return real_run(session, fetch, feed, where)
+        return real_run(session, feed, **kwargs)
 
-    monkeypatch.setattr(channel_max, "_session_run", counted)
+    monkeypatch.setattr(channel_max.StatisticsSession, "run", counted)
     config = QuantizeConfig(alpha="auto", calibration=CalibrationConfig(num_samples=8, seq_len=SEQ, decode_steps=8))
     (tmp_path / "out").mkdir()
     report = sqonnx.quantize(path, tmp_path / "out" / "model.onnx", config)
     assert report.calibration == f"built-in pydoc topics, 8 x {SEQ} tokens + 8 decode steps"
     assert "per group" in str(report.settings["alpha"])
-    # 8 samples less 2 held out, then 4 chains of a prompt and 2 single tokens.
+    # 8 samples less 2 held out, then 4 chains of a prompt and 2 single tokens (teacher-forced with the tokens
+    # the FP model generated first).
     assert lengths == [SEQ] * 6 + [SEQ // 2, 1, 1] * 4
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from sqonnx.passes.prepare import load_prepared
 from sqonnx.passes.rotate import ROTATED_KEY, RotatePass, RotatePassResult, RotationResult, rotate_model
-from sqonnx.rotation import hadamard, orthogonal
+from sqonnx.rotation import block_diagonal, hadamard, orthogonal, rotate_columns, rotate_rows
 from tests import zoo
 
 RMS_DECODERS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3", "mixtral")
@@ -60,11 +60,48 @@ def test_rotation_matrices_are_orthogonal_and_seeded() -> None:
     h = hadamard(8)
     np.testing.assert_array_equal(h @ h.T, 8 * np.eye(8))
     for n, kind in ((64, "randomized Hadamard"), (576, "random orthogonal")):
-        q, found = orthogonal(n, seed=3)
-        assert found == kind
+        rotation = orthogonal(n, seed=3)
+        assert rotation.kind == kind
+        q = rotation.matrix()
         np.testing.assert_allclose(q @ q.T, np.eye(n), atol=1e-12)
-        np.testing.assert_array_equal(q, orthogonal(n, seed=3)[0])
-        assert not np.array_equal(q, orthogonal(n, seed=4)[0])
+        np.testing.assert_array_equal(q, orthogonal(n, seed=3).matrix())
+        assert not np.array_equal(q, orthogonal(n, seed=4).matrix())
+
+
+@pytest.mark.parametrize("n", [2, 8, 64, 128, 2048])
+def test_fast_hadamard_equals_the_dense_product(n: int) -> None:
+    """H_n as two Kronecker factors, applied to rows and columns in chunks, equals the dense float64 product
+    Q^T diag(w) W and W Q (the ways a rotation touches readers and writers), for either weight layout."""
+    rotation = orthogonal(n, seed=1)
+    q = hadamard(n) * rotation.signs[None, :] / np.sqrt(n)  # type: ignore[attr-defined]
+    np.testing.assert_allclose(rotation.matrix(), q, atol=1e-14)
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((n, 37)).astype(np.float32)
+    scale = rng.uniform(0.5, 2.0, n)
+    expected = (q.T @ (scale[:, None] * weight.astype(np.float64))).astype(np.float32)
+    np.testing.assert_allclose(rotate_rows(weight, 0, rotation, scale), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(rotate_rows(np.ascontiguousarray(weight.T), 1, rotation, scale), expected.T,
+                               rtol=1e-6, atol=1e-6)
+    writer = rng.standard_normal((37, n)).astype(np.float32)
+    expected = (writer.astype(np.float64) @ q).astype(np.float32)
+    np.testing.assert_allclose(rotate_columns(writer, 1, rotation), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(rotate_columns(np.ascontiguousarray(writer.T), 0, rotation), expected.T,
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_block_diagonal_rotation_equals_the_dense_matrix() -> None:
+    """R2's per-head rotation (identity outside the value columns) equals the dense block-diagonal product."""
+    h = orthogonal(8, seed=2).matrix()
+    rotation = block_diagonal(h, count=3, size=40, offset=16)
+    dense = np.eye(40)
+    for head in range(3):
+        start = 16 + 8 * head
+        dense[start:start + 8, start:start + 8] = h
+    np.testing.assert_allclose(rotation.matrix(), dense, atol=1e-14)
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((40, 5))
+    np.testing.assert_allclose(rotation.left_transpose(weight), dense.T @ weight, atol=1e-12)
+    np.testing.assert_allclose(rotation.right(weight.T), weight.T @ dense, atol=1e-12)
 
 
 @pytest.mark.parametrize("family", zoo.pytest_params(RMS_DECODERS))

@@ -1,32 +1,32 @@
-"""Per-channel max|x| of chosen activations, recorded while onnxruntime runs the FP model.
+"""Per-channel max|x| of chosen activations, recorded while onnxruntime runs the FP model (or one block of it).
 
 Instead of fetching whole activations ([batch, seq, hidden] per layer per sample), the calibrator adds
 Abs -> Reshape([-1, C]) -> ReduceMax(axis 0) for each one, so onnxruntime hands back C numbers per
 tensor and memory stays flat however many samples run. Channels are the last axis of transformer
 activations (onnxruntime's own calibrator assumes axis 1, the image layout).
 
-A sample is a feed dict, or a `DecodeChain` that the same session drives (its prompt, then one token at a
-time on the cache the previous run returned): every run adds to the maxima; rows and probes come from
-feed dicts only.
+`StatisticsSession` is one session over a block with those outputs added; the caller decides what each run is
+fed (a sample's inputs and the values carried from the block before) and what else it fetches. A
+half-precision model is run in float32 (sqonnx.session). `collect_statistics` drives a whole small model
+over samples, decode chains included (tests, and models that are one block).
 """
 
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
+import onnx_ir.passes.common as common_passes
 
 from sqonnx.calibrators.data import DecodeChain
 from sqonnx.calibrators.probes import Probe, add_probe, read_map
 from sqonnx.errors import SqonnxError
 from sqonnx.graph import add_initializer
 from sqonnx.pause import pause_point
+from sqonnx.session import open_session
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +43,148 @@ class ActivationStats:
     rows: dict[str, np.ndarray] = field(default_factory=dict)
     maps: dict[str, np.ndarray] = field(default_factory=dict)  # probe name -> column per channel (see probes)
 
+    def update(self, other: ActivationStats) -> None:
+        self.channel_max.update(other.channel_max)
+        self.rows.update(other.rows)
+        self.maps.update(other.maps)
+
 
 Sample = dict[str, np.ndarray] | DecodeChain
+
+
+class StatisticsSession:
+    """One onnxruntime session over `model` with statistics outputs: the per-channel maxima of `activations`
+    (name -> channels) and `keep_rows` rows of each, taken evenly from the first `row_samples` samples. Its
+    other outputs are `outputs` (values the caller fetches: carried to the next block, a decode step's cache).
+
+    onnxruntime runs every node of a session whatever a run fetches, so the session holds only what these
+    outputs need: a block's LM head, for one, is not computed while calibrating (its input's maxima are)."""
+
+    def __init__(self, model: ir.Model, activations: dict[str, int], *, keep_rows: int = 0, row_samples: int = 1,
+                 outputs: Sequence[str] = (), what: str = "the model") -> None:
+        clone = model.clone()
+        graph = clone.graph
+        # ReduceMax takes its axes as an input from opset 18 on, as an attribute before.
+        axes_as_input = graph.opset_imports.get("", 0) >= 18
+        values = _values(graph)
+        self.names = list(activations)
+        maxima = [_channel_max(graph, values[name], channels, index, axes_as_input)
+                  for index, (name, channels) in enumerate(activations.items())]
+        self.max_outputs = [str(out.name) for out in maxima]
+        self.inputs = {str(v.name) for v in graph.inputs}
+        self.row_outputs = [name for name in self.names if name not in self.inputs] if keep_rows else []
+        wanted = [values[name] for name in dict.fromkeys([*outputs, *self.row_outputs])]
+        graph.outputs.clear()
+        graph.outputs.extend([*maxima, *wanted])
+        common_passes.RemoveUnusedNodesPass()(clone)
+        self.session = open_session(clone, float32=True, what=what)
+        self.keep_rows = keep_rows
+        self.row_samples = max(row_samples, 1)
+        self.per_sample = -(-keep_rows // self.row_samples) if keep_rows else 0
+        self.maxima: dict[str, np.ndarray] = {}
+        self.rows: dict[str, list[np.ndarray]] = {name: [] for name in self.names} if keep_rows else {}
+
+    def run(self, feeds: dict[str, np.ndarray], *, sample: int, rows: bool = True, fetch: Sequence[str] = (),
+            where: str = "a calibration sample") -> dict[str, np.ndarray]:
+        """One run, added to the statistics; rows are kept from it when `rows` and it is one of the first
+        `row_samples` samples. Returns the `fetch` outputs."""
+        keep = rows and self.per_sample > 0 and sample < self.row_samples
+        row_fetch = self.row_outputs if keep else []
+        names = [*self.max_outputs, *row_fetch, *fetch]
+        results = iter(self.session.run(names, feeds, where))
+        maxima = [next(results) for _ in self.max_outputs]
+        fetched_rows = {name: next(results) for name in row_fetch}
+        returned = {name: next(results) for name in fetch}
+        _add_maxima(self.maxima, self.names, maxima, where)
+        if keep:
+            for name in self.names:
+                activation = fetched_rows[name] if name in fetched_rows else feeds[name]
+                flat = activation.reshape(-1, activation.shape[-1])
+                picked = np.linspace(0, len(flat) - 1, min(self.per_sample, len(flat))).astype(np.int64)
+                self.rows[name].append(np.clip(flat[picked], -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16))
+        return returned
+
+    def close(self) -> None:
+        """Free the session (its pre-packed weights) before the next one opens."""
+        self.session = None  # type: ignore[assignment]
+
+    def statistics(self) -> ActivationStats:
+        kept = {name: np.concatenate(parts)[:self.keep_rows] for name, parts in self.rows.items() if parts}
+        return ActivationStats(dict(self.maxima), kept)
+
+
+def read_probes(model: ir.Model, probes: Sequence[Probe], feeds: dict[str, np.ndarray],
+                what: str = "the model") -> dict[str, np.ndarray]:
+    """The channel map of each probe, read in one run of `feeds` (the first sample) through a session that holds
+    only the probes' replays and what they read."""
+    if not probes:
+        return {}
+    clone = model.clone()
+    graph = clone.graph
+    axes_as_input = graph.opset_imports.get("", 0) >= 18
+    values = _values(graph)
+    added: dict[str, list[str]] = {}
+    outputs: list[ir.Value] = []
+    for index, probe in enumerate(probes):
+        moved = _rebind(probe, values)
+        _, found = add_probe(graph, moved, index, axes_as_input)
+        outputs += found
+        added[probe.name] = [str(v.name) for v in found]
+    graph.outputs.clear()
+    graph.outputs.extend(outputs)
+    common_passes.RemoveUnusedNodesPass()(clone)
+    session = open_session(clone, float32=True, what=what)
+    names = [name for names in added.values() for name in names]
+    results = dict(zip(names, session.run(names, feeds, "the first calibration sample"), strict=True))
+    maps: dict[str, np.ndarray] = {}
+    for probe in probes:
+        found = read_map(probe, *[results[name] for name in added[probe.name]])
+        if found is None:
+            logger.info("no clean channel map for %s", probe.name)
+        else:
+            maps[probe.name] = found
+    return maps
+
+
+def _values(graph: ir.Graph) -> dict[str, ir.Value]:
+    values = {str(v.name): v for node in graph for v in (*node.inputs, *node.outputs) if v is not None}
+    values.update({str(v.name): v for v in graph.inputs})
+    return values
+
+
+def _rebind(probe: Probe, values: dict[str, ir.Value]) -> Probe:
+    """The probe on the clone of its model: its values and nodes looked up by name."""
+    def node_of(node: ir.Node) -> ir.Node:
+        found = values[str(node.outputs[0].name)].producer()
+        assert found is not None
+        return found
+
+    return Probe(probe.name, values[str(probe.start.name)], probe.columns,
+                 tuple((node_of(node), live, out) for node, live, out in probe.moves),
+                 values[str(probe.target.name)], probe.channels,
+                 tuple((step, tuple((node_of(reader), index) for reader, index in readers))
+                       for step, readers in probe.splits))
+
+
+def _channel_max(graph: ir.Graph, value: ir.Value, channels: int, index: int, axes_as_input: bool) -> ir.Value:
+    shape = add_initializer(graph, f"sqonnx_calib_shape_{index}", np.array([-1, channels], np.int64))
+    absolute = ir.Node("", "Abs", [value], name=f"sqonnx_calib_abs_{index}")
+    flat = ir.Node("", "Reshape", [absolute.outputs[0], shape], name=f"sqonnx_calib_reshape_{index}")
+    attributes: dict[str, ir.Attr] = {"keepdims": ir.AttrInt64("keepdims", 0)}
+    reduce_inputs = [flat.outputs[0]]
+    if axes_as_input:
+        reduce_inputs.append(add_initializer(graph, f"sqonnx_calib_axes_{index}", np.array([0], np.int64)))
+    else:
+        attributes["axes"] = ir.AttrInt64s("axes", [0])
+    reduce = ir.Node("", "ReduceMax", reduce_inputs, attributes, name=f"sqonnx_calib_max_{index}")
+    out = reduce.outputs[0]
+    out.name = f"sqonnx_calib_max_{index}_output"
+    out.dtype = ir.DataType.FLOAT
+    out.shape = ir.Shape([channels])
+    absolute.outputs[0].name = f"sqonnx_calib_abs_{index}_output"
+    flat.outputs[0].name = f"sqonnx_calib_reshape_{index}_output"
+    graph.extend([absolute, flat, reduce])
+    return out
 
 
 def collect_channel_max(model: ir.Model, activations: dict[str, int], feeds: Iterable[Sample],
@@ -56,156 +196,40 @@ def collect_channel_max(model: ir.Model, activations: dict[str, int], feeds: Ite
 def collect_statistics(model: ir.Model, activations: dict[str, int], feeds: Iterable[Sample],
                        total: int, progress: bool = True, keep_rows: int = 0,
                        probes: Sequence[Probe] = ()) -> ActivationStats:
-    """Channel maxima over all samples, plus `keep_rows` rows per activation taken evenly from the
-    first ROW_SAMPLES samples (memory: keep_rows x channels x 2 bytes per activation), plus the channel
-    map of each probe, read on the first sample."""
-    graph = model.graph
-    # ReduceMax takes its axes as an input from opset 18 on, as an attribute before.
-    axes_as_input = graph.opset_imports.get("", 0) >= 18
-    values = {str(v.name): v for node in graph for v in node.inputs if v is not None}
-    values.update({str(v.name): v for v in graph.inputs})
-    added_nodes: list[ir.Node] = []
-    added_outputs: list[ir.Value] = []
-    initializers_before = set(graph.initializers)
-    output_names: dict[str, str] = {}
-    for index, (name, channels) in enumerate(activations.items()):
-        value = values[name]
-        shape = add_initializer(graph, f"sqonnx_calib_shape_{index}", np.array([-1, channels], np.int64))
-        absolute = ir.Node("", "Abs", [value], name=f"sqonnx_calib_abs_{index}")
-        flat = ir.Node("", "Reshape", [absolute.outputs[0], shape], name=f"sqonnx_calib_reshape_{index}")
-        attributes: dict[str, ir.Attr] = {"keepdims": ir.AttrInt64("keepdims", 0)}
-        reduce_inputs = [flat.outputs[0]]
-        if axes_as_input:
-            axes = add_initializer(graph, f"sqonnx_calib_axes_{index}", np.array([0], np.int64))
-            reduce_inputs.append(axes)
-        else:
-            attributes["axes"] = ir.AttrInt64s("axes", [0])
-        reduce = ir.Node("", "ReduceMax", reduce_inputs, attributes, name=f"sqonnx_calib_max_{index}")
-        out = reduce.outputs[0]
-        out.name = f"sqonnx_calib_max_{index}_output"
-        out.dtype = ir.DataType.FLOAT
-        out.shape = ir.Shape([channels])
-        graph.extend([absolute, flat, reduce])
-        graph.outputs.append(out)
-        added_nodes += [absolute, flat, reduce]
-        added_outputs.append(out)
-        output_names[name] = str(out.name)
-    probe_outputs: dict[str, list[str]] = {}
-    for index, probe in enumerate(probes):
-        nodes, outputs = add_probe(graph, probe, index, axes_as_input)
-        added_nodes += nodes
-        graph.outputs.extend(outputs)
-        added_outputs += outputs
-        probe_outputs[probe.name] = [str(v.name) for v in outputs]
-    row_outputs: list[ir.Value] = []
-    if keep_rows:
-        for name in activations:
-            if not values[name].is_graph_output() and not values[name].is_graph_input():
-                graph.outputs.append(values[name])
-                row_outputs.append(values[name])
-    try:
-        with tempfile.TemporaryDirectory(prefix="sqonnx-calib-") as tmp:
-            path = Path(tmp) / "calibration.onnx"
-            try:
-                ir.save(model, path, external_data="calibration.onnx.data")
-            except OSError as exc:
-                raise SqonnxError(f"cannot write the calibration copy of the model in {tmp}: {exc.strerror}; "
-                                  "free some space or point TMPDIR elsewhere") from None
-            session = _session(path)
-            stats, probed = _run(session, output_names, feeds, total, progress, keep_rows, probe_outputs)
-    finally:
-        for out in row_outputs + added_outputs:
-            graph.outputs.remove(out)
-        graph.remove(added_nodes, safe=True)
-        for name in [name for name in graph.initializers if name not in initializers_before]:
-            graph.initializers.pop(name)
-    for probe in probes:
-        found = read_map(probe, *probed[probe.name]) if probe.name in probed else None
-        if found is None:
-            logger.info("no clean channel map for %s", probe.name)
-        else:
-            stats.maps[probe.name] = found
-    return stats
-
-
-def _session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    # Fatal only: a sample that does not fit the model is reported as one error line (below), not also as
-    # onnxruntime's own log line on stderr.
-    options.log_severity_level = 4
-    # Pre-packed copies of the weights cost memory (~200 MB on SmolLM2) and calibration is not latency-bound.
-    options.add_session_config_entry("session.disable_prepacking", "1")
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise SqonnxError(f"onnxruntime cannot run the model for calibration: {str(exc).splitlines()[0]}") from None
-
-
-def _run(session: ort.InferenceSession, output_names: dict[str, str], feeds: Iterable[Sample],
-         total: int, progress: bool, keep_rows: int = 0, probe_outputs: dict[str, list[str]] | None = None,
-         ) -> tuple[ActivationStats, dict[str, list[np.ndarray]]]:
-    names = list(output_names)
-    fetch = [output_names[n] for n in names]
-    probe_outputs = probe_outputs or {}
-    probe_fetch = [name for outputs in probe_outputs.values() for name in outputs]
-    probed: dict[str, list[np.ndarray]] = {}
-    maxima: dict[str, np.ndarray] = {}
-    rows: dict[str, list[np.ndarray]] = {name: [] for name in names} if keep_rows else {}
-    row_samples = min(ROW_SAMPLES, total)
-    per_sample = -(-keep_rows // row_samples) if keep_rows else 0
+    """Statistics of a whole model over samples: feed dicts, or decode chains the session drives (their
+    prompt, then single tokens on the cache the run before returned). See `StatisticsSession`."""
+    samples = list(feeds)
+    chain_outputs = sorted({name for s in samples if isinstance(s, DecodeChain) for name in s.fetch})
+    calibration = StatisticsSession(model, activations, keep_rows=keep_rows, row_samples=min(ROW_SAMPLES, total),
+                                    outputs=chain_outputs)
+    first: dict[str, np.ndarray] | None = None
     from rich.progress import Progress
 
     with Progress(transient=True, disable=not progress) as bar:
         task = bar.add_task("calibrating", total=total)
-        for sample, feed in enumerate(feeds):
+        for sample, feed in enumerate(samples):
             if isinstance(feed, DecodeChain):
-                _decode(session, feed, names, fetch, maxima, sample)
-                bar.advance(task)
-                continue
-            keep = sample < row_samples and per_sample > 0
-            from_graph = [name for name in names if name not in feed] if keep else []
-            # Probes read the first sample only: later ones may be decode-shaped (a non-empty cache
-            # joins the labels with unlabelled past tokens).
-            extra = probe_fetch if sample == 0 else []
-            results = _session_run(session, fetch + from_graph + extra, feed, f"calibration sample {sample}")
-            if extra:
-                values = iter(results[len(results) - len(extra):])
-                probed = {name: [next(values) for _ in outputs] for name, outputs in probe_outputs.items()}
-                results = results[:len(results) - len(extra)]
-            if keep:
-                fetched = dict(zip(from_graph, results[len(names):], strict=True))
-                for name in names:
-                    activation = fetched[name] if name in fetched else feed[name]
-                    flat = activation.reshape(-1, activation.shape[-1])
-                    picked = np.linspace(0, len(flat) - 1, min(per_sample, len(flat))).astype(np.int64)
-                    rows[name].append(np.clip(flat[picked], -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16))
-                results = results[:len(names)]
-            _add_maxima(maxima, names, results, f"calibration sample {sample}")
+                _decode(calibration, feed, sample)
+            else:
+                first = feed if first is None else first
+                calibration.run(feed, sample=sample, where=f"calibration sample {sample}")
             bar.advance(task)
             if sample == 0:
                 pause_point("calibration")
-    kept = {name: np.concatenate(parts)[:keep_rows] for name, parts in rows.items() if parts}
-    return ActivationStats(maxima, kept), probed
+    stats = calibration.statistics()
+    if probes and first is not None:
+        stats.maps.update(read_probes(model, probes, first))
+    return stats
 
 
-def _decode(session: ort.InferenceSession, chain: DecodeChain, names: list[str], fetch: list[str],
-            maxima: dict[str, np.ndarray], sample: int) -> None:
+def _decode(calibration: StatisticsSession, chain: DecodeChain, sample: int) -> None:
     """Run `chain`'s prompt, then its single tokens, each fed the cache the run before returned."""
     feed = chain.prompt
     for step in range(chain.steps + 1):
         where = f"calibration sample {sample} (decode step {step}; --decode-steps 0 calibrates prefill only)"
-        results = _session_run(session, fetch + chain.fetch, feed, where)
-        _add_maxima(maxima, names, results[:len(fetch)], where)
+        fetched = calibration.run(feed, sample=sample, rows=False, fetch=chain.fetch, where=where)
         if step < chain.steps:
-            feed = chain.next_feeds(feed, dict(zip(chain.fetch, results[len(fetch):], strict=True)), step)
-
-
-def _session_run(session: ort.InferenceSession, fetch: list[str], feed: dict[str, np.ndarray],
-                 where: str) -> list[np.ndarray]:
-    try:
-        return session.run(fetch, feed)
-    except Exception as exc:
-        raise SqonnxError(f"{where} does not fit the model: {str(exc).splitlines()[0]}") from None
+            feed = chain.next_feeds(feed, fetched, step)
 
 
 def _add_maxima(maxima: dict[str, np.ndarray], names: list[str], results: list[np.ndarray], where: str) -> None:

@@ -197,6 +197,27 @@ class DecodeChain:
     def fetch(self) -> list[str]:
         return [*self.present.values(), *([LOGITS] if self.forced is None else [])]
 
+    def with_tokens(self, tokens: np.ndarray) -> DecodeChain:
+        """The same chain, teacher-forced with `tokens` (generated beforehand by the model itself)."""
+        return DecodeChain(self.prompt, self.steps, self.present, np.asarray(tokens, np.int64))
+
+    def step_feeds(self, step: int) -> dict[str, np.ndarray]:
+        """Model inputs of single-token step `step` (from 0) of a teacher-forced chain, without the cache (the
+        caller feeds the cache the run before returned)."""
+        assert self.forced is not None
+        prompt = self.prompt["input_ids"].shape[1]
+        feeds: dict[str, np.ndarray] = {}
+        for name, array in self.prompt.items():
+            if name == "input_ids":
+                feeds[name] = np.full((1, 1), self.forced[step], array.dtype)
+            elif name == "attention_mask":
+                feeds[name] = np.ones((1, prompt + step + 1), array.dtype)
+            elif name == "position_ids":
+                feeds[name] = np.full((1, 1), prompt + step, array.dtype)
+            elif name == "token_type_ids":
+                feeds[name] = array[:, -1:]
+        return feeds
+
     def next_feeds(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
                    step: int) -> dict[str, np.ndarray]:
         """Feeds of single-token step `step` (from 0), after a run on `feeds` returned `outputs`."""

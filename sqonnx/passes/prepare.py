@@ -7,7 +7,8 @@ initializer, so Constant nodes are lifted to initializers and Identity nodes rem
 passes). A constant that ends up shared is copied before any fold changes it for one reader
 (`graph.set_constant_input`). The passes are deterministic, so calibration statistics keyed by value
 name stay valid for every copy prepared this way. A weight read through Transpose(constant) (a tied LM
-head) becomes a constant of its own (`passes/transposed.py`).
+head) becomes a constant of its own (`passes/transposed.py`). Every value gets an element type
+(`passes/dtypes.py`), so that any block of the graph runs as a model of its own.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from sqonnx.passes.dtypes import InferDtypesPass
 from sqonnx.passes.transposed import FoldTransposedConstantsPass
 
 
@@ -25,6 +27,7 @@ def prepare(model: ir.Model) -> ir.Model:
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
         common_passes.IdentityEliminationPass(),
         FoldTransposedConstantsPass(),
+        InferDtypesPass(),
     )(model)
     return model
 

@@ -63,16 +63,27 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from sqonnx.graph import LinearLayer, add_initializer, as_linear_layer, constant, find_linear_layers, set_constant_input
+from sqonnx.graph import (
+    FLOAT_TYPES,
+    LinearLayer,
+    add_initializer,
+    as_linear_layer,
+    constant,
+    constant_shape,
+    deferred,
+    find_linear_layers,
+    is_constant,
+    set_constant_input,
+)
 from sqonnx.passes.absorbers._columns import ColumnPath, walk_to_linear
 from sqonnx.passes.absorbers.base import Site, is_channel_vector, value_uses
 from sqonnx.passes.absorbers.gqa import GroupQueryAttentionAbsorber
-from sqonnx.rotation import block_diagonal, orthogonal, rotate_columns, rotate_rows, scaled_rotation
+from sqonnx.rotation import Orthogonal, block_diagonal, orthogonal, rotate_columns, rotate_rows, scaled_rotation
 
 logger = logging.getLogger(__name__)
 
 ROTATED_KEY = "sqonnx.rotated"
-_FLOAT = ir.DataType.FLOAT.value
+_FLOATS = (ir.DataType.FLOAT.value, ir.DataType.FLOAT16.value, ir.DataType.BFLOAT16.value)
 _ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Cast", "Softmax", "Sigmoid", "Relu", "Neg", "Exp", "Sqrt", "Pow",
                 "Where", "Equal", "Less", "Greater", "GreaterOrEqual", "LessOrEqual", "And", "Or", "Not", "Tanh")
 
@@ -146,11 +157,14 @@ class RotatePass(ir.passes.InPlacePass):
     Expects a prepared model (`passes.prepare`: constants as initializers, no Identity). A model already
     rotated (metadata `sqonnx.rotated`) is left as it is."""
 
-    def __init__(self, seed: int = 0, heads: HeadLayout | None = None, per_head: bool = True) -> None:
+    def __init__(self, seed: int = 0, heads: HeadLayout | None = None, per_head: bool = True,
+                 online: bool = True) -> None:
+        """`online`: accept run-time rotations after post-norms (else such a model is left alone, with a reason)."""
         super().__init__()
         self.seed = seed
         self.heads = heads
         self.per_head = per_head
+        self.online = online
 
     def call(self, model: ir.Model) -> RotatePassResult:
         if ROTATED_KEY in model.metadata_props:
@@ -161,6 +175,10 @@ class RotatePass(ir.passes.InPlacePass):
         plan = find_stream(graph)
         if isinstance(plan, str):
             return RotatePassResult(model, False, RotationResult(False, plan))
+        if plan.post_norms and not self.online:
+            why = (f"it would need {len(plan.post_norms)} run-time rotations after post-norms; pass --rotate to "
+                   "accept them")
+            return RotatePassResult(model, False, RotationResult(False, why))
         pairs: list[_HeadPair] = []
         head_reason = "disabled"
         head_dim = 0
@@ -171,10 +189,11 @@ class RotatePass(ir.passes.InPlacePass):
             else:
                 pairs, head_dim = found
                 head_reason = ""
-        q, kind = orthogonal(plan.hidden, self.seed)
+        q = orthogonal(plan.hidden, self.seed)
+        kind = q.kind
         online = _rotate_stream(graph, plan, q)
         if pairs:
-            h, _ = orthogonal(head_dim, self.seed + 1)
+            h = orthogonal(head_dim, self.seed + 1).matrix()
             for pair in pairs:
                 _rotate_heads(graph, pair, h, head_dim)
         result = RotationResult(
@@ -190,15 +209,17 @@ class RotatePass(ir.passes.InPlacePass):
         return RotatePassResult(model, True, result)
 
 
-def rotate_model(model: ir.Model, seed: int = 0, model_dir: Path | None = None) -> RotationResult:
+def rotate_model(model: ir.Model, seed: int = 0, model_dir: Path | None = None,
+                 online: bool = True) -> RotationResult:
     """Rotate `model` in place (R1, and R2 where the head layout is known); the result says what was
-    rotated, or why nothing was. `model_dir`: where config.json lies (head counts for R2)."""
+    rotated, or why nothing was. `model_dir`: where config.json lies (head counts for R2). `online`: accept
+    run-time rotations after post-norms."""
     layout = HeadLayout.from_config(model_dir)
     if isinstance(layout, str):
-        result = RotatePass(seed, per_head=False)(model)
+        result = RotatePass(seed, per_head=False, online=online)(model)
         assert isinstance(result, RotatePassResult)
         return _with_head_reason(result.rotation, layout)
-    result = RotatePass(seed, layout)(model)
+    result = RotatePass(seed, layout, online=online)(model)
     assert isinstance(result, RotatePassResult)
     return result.rotation
 
@@ -236,9 +257,9 @@ def find_stream(graph: ir.Graph) -> _Plan | str:
     gather = _embedding(graph)
     if gather is None:
         return "no embedding Gather (a 2-D float table indexed by token ids) starts a residual stream"
-    table = constant(gather.inputs[0])
+    table = constant_shape(gather.inputs[0])
     assert table is not None
-    plan = _Plan(int(table.shape[1]), [gather])
+    plan = _Plan(table[0][1], [gather])
     stream: list[ir.Value] = [gather.outputs[0]]
     in_stream = {id(gather.outputs[0])}
     seen: set[int] = set()
@@ -281,7 +302,7 @@ def find_stream(graph: ir.Graph) -> _Plan | str:
                         "only residual Adds, RMSNorms (Pow/ReduceMean/Sqrt then Mul by the weight, or onnxruntime's "
                         "Simplified/SkipSimplifiedLayerNormalization) and Shape may")
             other = node.inputs[1 - use.idx]
-            if other is None or id(other) in in_stream or constant(other) is not None:
+            if other is None or id(other) in in_stream or is_constant(other):
                 return f"{node.name} adds '{other.name if other else None}' to the residual stream, not a branch"
             position_table = _table_lookup(other)
             if position_table is not None:
@@ -317,10 +338,10 @@ def _unsupported_norm(graph: ir.Graph) -> str:
 def _embedding(graph: ir.Graph) -> ir.Node | None:
     for node in graph:
         if node.op_type == "Gather" and node.domain == "" and node.attributes.get_int("axis", 0) == 0:
-            table = constant(node.inputs[0])
+            table = constant_shape(node.inputs[0])
             ids = node.inputs[1]
-            if table is not None and table.ndim == 2 and table.dtype == np.float32 and ids is not None \
-                    and constant(ids) is None:
+            if table is not None and len(table[0]) == 2 and table[1] in FLOAT_TYPES and ids is not None \
+                    and constant_shape(ids) is None:
                 return node
     return None
 
@@ -332,12 +353,12 @@ def _table_lookup(value: ir.Value) -> ir.Node | None:
         node = node.inputs[0].producer() if node.inputs[0] is not None else None
     if node is None or node.op_type != "Gather" or node.domain != "" or node.attributes.get_int("axis", 0) != 0:
         return None
-    table = constant(node.inputs[0])
-    return node if table is not None and table.ndim == 2 and table.dtype == np.float32 else None
+    table = constant_shape(node.inputs[0])
+    return node if table is not None and len(table[0]) == 2 and table[1] in FLOAT_TYPES else None
 
 
 def _is_float_cast(node: ir.Node) -> bool:
-    return node.op_type == "Cast" and node.domain == "" and node.attributes.get_int("to", 0) == _FLOAT
+    return node.op_type == "Cast" and node.domain == "" and node.attributes.get_int("to", 0) in _FLOATS
 
 
 def _is_scalar_mul(node: ir.Node, index: int) -> bool:
@@ -498,15 +519,15 @@ def _walk_branch(start: ir.Value, add: ir.Node, plan: _Plan) -> str:
         layer = as_linear_layer(node)
         op = node.op_type
         if layer is not None:
-            if layer.weight.shape[1 - layer.in_axis] != hidden:
-                return f"{layer.name} writes {layer.weight.shape[1 - layer.in_axis]} channels, not {hidden}"
+            if layer.out_channels != hidden:
+                return f"{layer.name} writes {layer.out_channels} channels, not {hidden}"
             plan.writers.append(layer)
             if layer.bias_value is not None:
                 if not is_channel_vector(node, 2, hidden, allow_scalar=True):
                     return f"{layer.name} has a bias that is not a vector over the {hidden} channels"
                 plan.biases.append((node, 2))
         elif op == "Add" and len(node.inputs) == 2:
-            const = [i for i in (0, 1) if constant(node.inputs[i]) is not None]
+            const = [i for i in (0, 1) if is_constant(node.inputs[i])]
             if len(const) == 2:
                 return f"{node.name} adds two constants on the branch into {add.name}"
             if const:
@@ -751,20 +772,22 @@ def _value_columns(path: ColumnPath, layout: HeadLayout | None, heads: int, size
 # --- the rewrite ----------------------------------------------------------------------------------------
 
 
-def _rotate_stream(graph: ir.Graph, plan: _Plan, q: np.ndarray) -> list[str]:
-    """Apply R1; returns the names of the MatMuls added after post-norms."""
+def _rotate_stream(graph: ir.Graph, plan: _Plan, q: Orthogonal) -> list[str]:
+    """Apply R1; returns the names of the MatMuls added after post-norms. Weights are rotated when they are read
+    (`graph.deferred`): a block of a large model holds only its own rotated weights."""
     hidden = plan.hidden
     for norm in plan.norms:
         scale = _norm_weight(norm, hidden)
         for layer in norm.readers:
-            set_constant_input(graph, layer.node, 1, rotate_rows(layer.weight, layer.in_axis, q, scale), "_rotated")
+            set_constant_input(graph, layer.node, 1, _rotated_rows(layer, q, scale), "_rotated")
         if norm.weight is not None:
             mul, index = norm.weight
             array = constant(mul.inputs[index])
             assert array is not None
             set_constant_input(graph, mul, index, np.ones((*array.shape[:-1], hidden), array.dtype), "_folded")
     for layer in plan.writers:
-        set_constant_input(graph, layer.node, 1, rotate_columns(layer.weight, 1 - layer.in_axis, q), "_rotated")
+        set_constant_input(graph, layer.node, 1, _rotated_columns(layer.weight_value, 1 - layer.in_axis, q),
+                           "_rotated")
     for node, index in plan.biases:
         array = constant(node.inputs[index])
         assert array is not None
@@ -772,10 +795,21 @@ def _rotate_stream(graph: ir.Graph, plan: _Plan, q: np.ndarray) -> list[str]:
             continue  # a zero
         set_constant_input(graph, node, index, rotate_columns(array, -1, q), "_rotated")
     for gather in plan.tables:
-        array = constant(gather.inputs[0])
-        assert array is not None
-        set_constant_input(graph, gather, 0, rotate_columns(array, 1, q), "_rotated")
+        assert gather.inputs[0] is not None
+        set_constant_input(graph, gather, 0, _rotated_columns(gather.inputs[0], 1, q), "_rotated")
     return [_online_rotation(graph, mul, index, q) for mul, index in plan.post_norms]
+
+
+def _rotated_rows(layer: LinearLayer, q: Orthogonal, scale: np.ndarray | None):  # -> Deferred
+    source = layer.weight_value.const_value
+    assert source is not None
+    in_axis = layer.in_axis
+    return deferred(source, lambda weight: rotate_rows(weight, in_axis, q, scale))
+
+
+def _rotated_columns(value: ir.Value, out_axis: int, q: Orthogonal):  # -> Deferred
+    assert value.const_value is not None
+    return deferred(value.const_value, lambda weight: rotate_columns(weight, out_axis, q))
 
 
 def _norm_weight(norm: _Norm, hidden: int) -> np.ndarray | None:
@@ -787,13 +821,13 @@ def _norm_weight(norm: _Norm, hidden: int) -> np.ndarray | None:
     return np.broadcast_to(array.reshape(-1) if array.size > 1 else array.ravel(), (hidden,)).astype(np.float64)
 
 
-def _online_rotation(graph: ir.Graph, mul: ir.Node, index: int, q: np.ndarray) -> str:
+def _online_rotation(graph: ir.Graph, mul: ir.Node, index: int, q: Orthogonal) -> str:
     """Replace a post-norm's Mul(x, w) by MatMul(x, diag(w) Q): nothing after it could take Q."""
     array = constant(mul.inputs[index])
     x = mul.inputs[1 - index]
     assert array is not None and x is not None
     name = f"{mul.name}_rotation" if mul.name else f"{mul.outputs[0].name}_rotation"
-    weight = add_initializer(graph, f"{name}.weight", scaled_rotation(array.reshape(-1), q))
+    weight = add_initializer(graph, f"{name}.weight", scaled_rotation(array.reshape(-1), q).astype(array.dtype))
     matmul = ir.Node("", "MatMul", [x, weight], name=name, num_outputs=1)
     matmul.outputs[0].name = f"{mul.outputs[0].name}_rotated"
     matmul.outputs[0].type = mul.outputs[0].type
@@ -812,7 +846,8 @@ def _rotate_heads(graph: ir.Graph, pair: _HeadPair, h: np.ndarray, head_dim: int
     """R2: value columns of every KV head times H (and their biases), o_proj rows of every query head times H^T."""
     layer = pair.path.layer
     columns = block_diagonal(h, pair.kv_heads, size=pair.path.out_columns, offset=pair.first)
-    set_constant_input(graph, layer.node, 1, rotate_columns(layer.weight, 1 - layer.in_axis, columns), "_rotated")
+    set_constant_input(graph, layer.node, 1, _rotated_columns(layer.weight_value, 1 - layer.in_axis, columns),
+                       "_rotated")
     biases = [(add, index) for add, index in pair.path.column_adds]
     if layer.bias_value is not None:
         biases.append((layer.node, 2))
@@ -824,6 +859,5 @@ def _rotate_heads(graph: ir.Graph, pair: _HeadPair, h: np.ndarray, head_dim: int
         elif float(array.ravel()[0]) != 0.0:
             full = np.full(pair.path.out_columns, array.ravel()[0], array.dtype)
             set_constant_input(graph, node, index, rotate_columns(full, -1, columns), "_rotated")
-    rows = block_diagonal(h, pair.heads)
     output = pair.output
-    set_constant_input(graph, output.node, 1, rotate_rows(output.weight, output.in_axis, rows), "_rotated")
+    set_constant_input(graph, output.node, 1, _rotated_rows(output, block_diagonal(h, pair.heads), None), "_rotated")

@@ -165,7 +165,7 @@ def _scale_weight_rows(graph: ir.Graph, group: SmoothingGroup, scales: np.ndarra
             use.idx == 1 and id(use.node) in group_nodes and group_nodes[id(use.node)].in_axis == layer.in_axis
             for use in value.uses())
         if tied_only_here:
-            value.const_value = ir.tensor(scaled.astype(np.float32), name=value.name)
+            value.const_value = ir.tensor(scaled.astype(layer.weight.dtype), name=value.name)
             scaled_in_place.add(id(value))
         else:
             set_constant_input(graph, layer.node, 1, scaled, suffix="_smoothed")

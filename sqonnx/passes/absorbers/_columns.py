@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from sqonnx.calibrators import ActivationStats
-from sqonnx.graph import LinearLayer, as_linear_layer, constant, set_constant_input
+from sqonnx.graph import LinearLayer, as_linear_layer, constant, is_constant, set_constant_input
 from sqonnx.passes.absorbers.base import SHAPE_ONLY_OPS, Absorber, Probe, is_channel_vector, single_reader, value_uses
 from sqonnx.smoothing import along
 
@@ -49,7 +49,7 @@ class ColumnPath:
 
     @property
     def out_columns(self) -> int:
-        return int(self.layer.weight.shape[1 - self.layer.in_axis])
+        return self.layer.out_channels
 
     def probe(self, target: ir.Value, channels: int) -> Probe | None:
         if not self.moves:
@@ -179,11 +179,11 @@ def _walk(x: ir.Value, value: ir.Value, channels: int, attention: bool, crossed:
                 return None
             moves.append((node, live, _output_index(node, value)))
         elif op == "MatMul" and attention and not crossed and len(inputs) == 2 and inputs[1] is not None \
-                and constant(inputs[1]) is None and inputs[0] is not None and constant(inputs[0]) is None:
+                and not is_constant(inputs[1]) and inputs[0] is not None and not is_constant(inputs[0]):
             crossed, live = True, 1
             moves.append((node, 1, 0))
         elif op == "Add" and len(inputs) == 2:
-            const_index = next((i for i in (1, 0) if constant(inputs[i]) is not None), None)
+            const_index = next((i for i in (1, 0) if is_constant(inputs[i])), None)
             if const_index is None:
                 return None
             adds.append((node, const_index, len(moves)))
@@ -192,7 +192,7 @@ def _walk(x: ir.Value, value: ir.Value, channels: int, attention: bool, crossed:
             passes.append(op)
             live = 0
         elif op == "Mul" and not attention and not moves and len(inputs) == 2:
-            const_index = next((i for i in (1, 0) if constant(inputs[i]) is not None), None)
+            const_index = next((i for i in (1, 0) if is_constant(inputs[i])), None)
             if const_index is not None:
                 if not is_channel_vector(node, const_index, channels, allow_scalar=True):
                     return None
@@ -221,7 +221,7 @@ def _path(layer: LinearLayer, output: ir.Value, moves: list[tuple[ir.Node, int, 
           adds: list[tuple[ir.Node, int, int]], passes: list[str], channels: int,
           splits: list[tuple[ir.Node, tuple[tuple[ir.Node, int], ...]]]) -> ColumnPath | None:
     total = len(moves)
-    out_columns = int(layer.weight.shape[1 - layer.in_axis])
+    out_columns = layer.out_channels
     channel_adds, column_adds = [], []
     for add, index, seen in adds:
         if seen == 0:
@@ -249,7 +249,7 @@ def _moving_input(node: ir.Node) -> int | None:
     op = node.op_type
     if op == "Concat":
         live = [i for i, v in enumerate(node.inputs) if v is not None and not v.is_graph_input()
-                and constant(v) is None]
+                and not is_constant(v)]
         return live[0] if len(live) == 1 else None
     if op in SPLITTING_OPS and not all(v is None or _shape_derived(v) for v in node.inputs[1:]):
         return None  # data-dependent indices
@@ -259,7 +259,7 @@ def _moving_input(node: ir.Node) -> int | None:
 def _shape_derived(value: ir.Value, depth: int = 0) -> bool:
     """A constant, or computed only from constants and tensor shapes (Phi-3 and GPT-NeoX slice their fused
     outputs at size // 2 or at head_dim multiples read off Shape)."""
-    if constant(value) is not None:
+    if is_constant(value):
         return True
     node = value.producer()
     if node is None or depth > 16:

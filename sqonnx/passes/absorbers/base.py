@@ -23,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from sqonnx.calibrators.probes import Probe
-from sqonnx.graph import constant
+from sqonnx.graph import FLOAT_TYPES, constant
 
 if TYPE_CHECKING:
     from sqonnx.calibrators import ActivationStats
@@ -99,7 +99,7 @@ def is_channel_vector(node: ir.Node, index: int, channels: int, *, allow_scalar:
     if index >= len(node.inputs) or node.inputs[index] is None:
         return False
     array = constant(node.inputs[index])
-    if array is None or array.dtype != np.float32:
+    if array is None or array.dtype not in FLOAT_TYPES:
         return False
     if array.ndim == 0:
         return allow_scalar

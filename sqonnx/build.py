@@ -1,0 +1,118 @@
+"""Smooth and quantize one block (or a whole small model) whose calibration statistics are known.
+
+The block is a model of its own (`streaming.extract_block`): the passes find their groups on it, fold 1/s,
+choose each group's level and static range from the statistics, and insert the integer ops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from sqonnx.calibrators import ActivationStats
+from sqonnx.config import Level, QuantizeConfig
+from sqonnx.passes.float_islands import FloatIslandsPass
+from sqonnx.passes.insert_integer_matmul import InsertIntegerMatMulPass
+from sqonnx.passes.insert_qdq import InsertQDQPass, LayerQuantization
+from sqonnx.passes.smooth import GroupResult, SmoothPass
+from sqonnx.passes.smoothing_groups import find_smoothing_groups
+from sqonnx.passes.transposed import RestoreTransposedCopiesPass
+from sqonnx.report import LayerReport
+from sqonnx.search import AlphaSearch, choose_level, group_error, static_range
+
+
+@dataclass
+class Built:
+    """A smoothed and quantized block in memory, before it is saved."""
+
+    model: ir.Model
+    layer_reports: list[LayerReport]
+    plan: list[LayerQuantization]
+    # Per quantized layer: its output error when only it is quantized, on calibration rows, in the output's own
+    # units (--keep-float-budget ranks layers by it); filled when `sensitivities` is asked for.
+    sensitivity: dict[str, float]
+
+
+def build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quantized: set[str],
+          sensitivities: bool = False) -> Built:
+    """Smooth and quantize `model` (a fresh copy of a block) with its calibration statistics."""
+    graph = model.graph
+    channel_max = stats.channel_max
+    scheme = AlphaSearch(stats.rows, config.alpha_grid, config.level, config.weight_qmax, config.per_channel,
+                         config.calib_method)
+    originals = {layer.name: (layer.weight, layer.in_axis) for group in find_smoothing_groups(graph)
+                 for layer in group.layers} if sensitivities else {}
+    if config.smooth:
+        alpha = 0.0 if config.alpha_auto else float(config.alpha)
+        # --smooth-only: the quantizer that takes over is not ours to judge; every exact fold is made.
+        smooth = SmoothPass(stats, quantized, alpha, config.unabsorbed, scheme if config.alpha_auto else None,
+                            None if config.smooth_only else scheme)
+        smooth(model)
+        results = smooth.results
+    else:
+        results = [GroupResult(g, None, "", "not smoothed: --no-smooth") for g in find_smoothing_groups(graph)]
+
+    plan: list[LayerQuantization] = []
+    layer_reports: list[LayerReport] = []
+    sensitivity: dict[str, float] = {}
+    for result in results:
+        group = result.group
+        act_max = channel_max.get(str(group.activation.name))
+        rows = stats.rows.get(str(group.activation.name))
+        static_max, level, why = 0.0, config.level, ""
+        if act_max is not None and any(layer.name in quantized for layer in group.layers):
+            scales = result.scales if result.scales is not None else np.ones_like(act_max)
+            smoothed_rows = None if rows is None else rows.astype(np.float32) / scales
+            static_max = static_range(config.calib_method, act_max / scales, smoothed_rows)
+            if config.level_auto and smoothed_rows is not None:
+                level, static_error, token_error = choose_level(
+                    smoothed_rows, act_max / scales, [(ly.weight, ly.in_axis) for ly in group.layers], scheme)
+                why = f"O3 error {static_error:.2g} vs per-token {token_error:.2g} on calibration rows"
+            if sensitivities and rows is not None:
+                for layer in group.layers:
+                    if layer.name in quantized and layer.name in originals:
+                        sensitivity[layer.name] = group_error(rows.astype(np.float32), act_max,
+                                                              [originals[layer.name]], result.alpha, scheme,
+                                                              relative=False)
+        for layer in group.layers:
+            is_quantized = layer.name in quantized and not config.smooth_only
+            layer_reports.append(_layer_report(layer.name, result, act_max, is_quantized, static_max,
+                                               level.value if is_quantized else "", why if is_quantized else ""))
+            if is_quantized:
+                plan.append(LayerQuantization(layer, static_max, level))
+    opset = graph.opset_imports.get("", graph.opset_imports.get("ai.onnx", 0))
+    FloatIslandsPass([item.layer for item in plan])(model)
+    # O1 has no Q/DQ spelling: its layers always get integer ops, the others the configured form.
+    integer = [item for item in plan if config.integer_form or item.level is Level.O1]
+    InsertIntegerMatMulPass(integer, config.weight_qmax, config.per_channel, config.level, opset)(model)
+    InsertQDQPass([item for item in plan if not (config.integer_form or item.level is Level.O1)],
+                  config.weight_qmax, config.per_channel)(model)
+    ir.passes.Sequential(
+        RestoreTransposedCopiesPass(),
+        common_passes.RemoveUnusedNodesPass(),
+        common_passes.TopologicalSortPass(),
+    )(model)
+    return Built(model, layer_reports, plan, sensitivity)
+
+
+def _layer_report(name: str, result: GroupResult, act_max: np.ndarray | None, quantized: bool,
+                  static_max: float, level: str, level_reason: str) -> LayerReport:
+    scales = result.scales
+    before = act_max if act_max is not None else np.zeros(1, np.float32)
+    after = before / scales if scales is not None else before
+    return LayerReport(
+        name=name, activation=str(result.group.activation.name), quantized=quantized,
+        smoothing=result.method, folded_into=result.folded_into,
+        scale_min=float(scales.min()) if scales is not None else None,
+        scale_max=float(scales.max()) if scales is not None else None,
+        activation_max_before=float(before.max()), activation_max_after=float(after.max()),
+        outlier_ratio_before=_outlier_ratio(before), outlier_ratio_after=_outlier_ratio(after),
+        alpha=result.alpha, static_range=static_max, level=level, level_reason=level_reason)
+
+
+def _outlier_ratio(channel_max: np.ndarray) -> float:
+    median = float(np.median(channel_max))
+    return float(channel_max.max()) / median if median > 0 else float("inf") if channel_max.max() > 0 else 1.0

@@ -1,0 +1,91 @@
+"""The front end `quantize` and `inspect` share: the model as the passes will see it, and its samples.
+
+Optimize (optional), normalize the graph, read the calibration samples, generate the decode chains' tokens
+with the FP model, rotate the residual stream (deferred: weights turn when their block is read), cut the
+graph into blocks. `inspect` thus describes the very graph `quantize` smooths.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx_ir as ir
+
+from sqonnx.blocks import Partition, partition
+from sqonnx.calibrators import CalibrationFeeds, calibration_feeds
+from sqonnx.config import QuantizeConfig
+from sqonnx.errors import SqonnxError
+from sqonnx.graph import find_linear_layers, load_model
+from sqonnx.optimize import fuse_transformer_ops
+from sqonnx.passes.prepare import prepare
+from sqonnx.passes.rotate import RotationResult, rotate_model
+from sqonnx.progress import Progress
+from sqonnx.streaming import Samples, generate_tokens
+
+logger = logging.getLogger(__name__)
+
+# The residual-stream rotation is random but fixed: the same model and options give the same bytes.
+ROTATION_SEED = 0
+
+# Calibration samples --alpha auto keeps back to compare whole models (a quarter of them at most).
+ALPHA_SELECTION_SAMPLES = 8
+
+# Decode chains are generated with every block's session kept open when the model's weights fit in this.
+GENERATE_IN_MEMORY_BYTES = 1 << 30
+
+
+@dataclass
+class Prepared:
+    model: ir.Model
+    partition: Partition
+    samples: Samples
+    feeds: CalibrationFeeds
+    rotation: RotationResult
+    quantized: set[str]
+    fused: dict[str, int] = field(default_factory=dict)
+
+
+def prepare_model(model: ir.Model, model_path: Path, config: QuantizeConfig, workdir: Path,
+                  progress: Progress) -> Prepared:
+    fused: dict[str, int] = {}
+    if config.optimize:
+        with progress.phase("optimize"):
+            source, fused = fuse_transformer_ops(model_path, workdir)
+            model = load_model(source)
+    with progress.phase("load"):
+        model = prepare(model)
+        layers = find_linear_layers(model.graph)
+        if not any(not config.is_excluded(layer.name) for layer in layers):
+            raise SqonnxError(f"{model_path.name} has no MatMul/Gemm with a constant float weight to quantize"
+                              + (" outside --exclude patterns" if layers else ""))
+        feeds = calibration_feeds(model.graph, model_path.parent, config.calibration)
+    chains = feeds.decode
+    if chains:
+        with progress.phase("decode tokens"):
+            whole = partition(model.graph, config.block_bytes)
+            chains = generate_tokens(model, whole, chains, workdir, whole.total_bytes <= GENERATE_IN_MEMORY_BYTES)
+    with progress.phase("rotate"):
+        rotation = _rotate(model, model_path, config)
+    quantized = {layer.name for layer in find_linear_layers(model.graph)
+                 if not config.is_excluded(layer.name)} - set(rotation.online)
+    with progress.phase("load"):
+        blocks = partition(model.graph, config.block_bytes)
+    if blocks.reason and progress.enabled and blocks.total_bytes > config.block_bytes:
+        print(f"the whole model is one block ({blocks.total_bytes / 1e6:.0f} MB at once): {blocks.reason}",
+              file=progress.stream, flush=True)
+    # --alpha auto judges whole models on samples the statistics have not seen (in-sample, the static
+    # ranges fit those very samples and the tightest α always wins).
+    held_out = min(ALPHA_SELECTION_SAMPLES, feeds.count // 4) if config.alpha_auto and config.smooth \
+        and not config.smooth_only else 0
+    return Prepared(model, blocks, Samples(feeds, held_out, chains), feeds, rotation, quantized, fused)
+
+
+def _rotate(model: ir.Model, model_path: Path, config: QuantizeConfig) -> RotationResult:
+    """Rotate the residual stream where the graph allows it exactly (see passes/rotate.py). By default a graph
+    that would need run-time rotations (Gemma 3's post-norms) is left alone; `--rotate` accepts them (they
+    stay float)."""
+    if config.rotate is False or (config.rotate is None and not config.smooth):
+        return RotationResult(False, "--no-rotate" if config.rotate is False else "--no-smooth")
+    return rotate_model(model, ROTATION_SEED, model_path.parent, online=config.rotate is True)

@@ -1,0 +1,275 @@
+"""The passes over the blocks of a model that quantize it: calibrate, smooth and quantize, judge, write.
+
+The first pass calibrates every block on every sample and writes the requested build. `--alpha auto` judges
+its candidates (per-group α and single α values) on held-back samples as extra tracks of that pass, and
+rewrites the output if a single α wins; `--keep-float-budget` runs a pass per trial (statistics reused, no
+calibration), then rewrites the output with the chosen float layers. Each block is freed before the next
+one is read, so memory follows the largest block.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from sqonnx.blocks import Block, Partition
+from sqonnx.build import build
+from sqonnx.calibrators.carry import Carry
+from sqonnx.calibrators.channel_max import ActivationStats
+from sqonnx.config import QuantizeConfig
+from sqonnx.graph import find_linear_layers
+from sqonnx.kernels import KernelCheck, count_kernels
+from sqonnx.errors import SqonnxError
+from sqonnx.output import StreamingWriter, no_space
+from sqonnx.passes.smoothing_groups import find_smoothing_groups, statistics_needed
+from sqonnx.progress import Progress
+from sqonnx.report import LayerReport
+from sqonnx.session import open_session
+from sqonnx.streaming import (
+    CARRY_MEMORY_BYTES,
+    BlockRunner,
+    Comparison,
+    Samples,
+    calibrate_block,
+    extract_block,
+    release_block,
+    run_track_block,
+    time_fp_block,
+)
+from sqonnx.target import worst_int16_pair_in_graph
+
+logger = logging.getLogger(__name__)
+
+# Activation rows kept from calibration for the α search and clipping (float16: 512 x 1536 x 2 bytes =
+# 1.5 MB for SmolLM2's widest activation, 110 MB over its 120 activations).
+KEPT_ROWS = 512
+# Single α values --alpha auto's per-group choice must beat on the whole model (within --alpha-range).
+UNIFORM_ALPHAS = (0.25, 0.5, 0.75)
+# Calibration samples --keep-float-budget measures each trial on.
+EVAL_SAMPLES = 4
+
+
+@dataclass
+class Track:
+    """One way of building the INT8 model, judged on evaluation samples (`keys`) against the FP model."""
+
+    name: str
+    config: QuantizeConfig
+    float_layers: frozenset[str] = frozenset()
+    keys: set[int] = field(default_factory=set)
+    comparison: Comparison = field(default_factory=Comparison)
+    timed: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PassResult:
+    layer_reports: list[LayerReport] = field(default_factory=list)
+    quantized_layers: int = 0
+    sensitivity: dict[str, float] = field(default_factory=dict)
+    kernels: KernelCheck | None = None
+    worst_pair: int = 0
+    fp_seconds: float = 0.0
+
+
+@dataclass
+class KeepFloatTrial:
+    float_layers: list[str]
+    quality_loss: float
+    speedup: float  # FP time / this model's time, one forward of the first evaluation sample (block by block)
+
+
+@dataclass
+class Outcome:
+    """What the passes chose and wrote."""
+
+    config: QuantizeConfig
+    result: PassResult
+    alpha_trials: dict[str, float] = field(default_factory=dict)
+    keep_float: list[KeepFloatTrial] = field(default_factory=list)
+
+
+class Pipeline:
+    def __init__(self, model: ir.Model, part: Partition, samples: Samples, quantized: set[str], workdir: Path,
+                 progress: Progress, verify: bool) -> None:
+        self.model, self.part, self.samples = model, part, samples
+        self.quantized = quantized
+        self.workdir = workdir
+        self.progress = progress
+        self.verify = verify
+        self.runner = BlockRunner(part, samples)
+        self.fp_carry = Carry(workdir / "carry", CARRY_MEMORY_BYTES)
+        self.references = Carry(workdir / "references", CARRY_MEMORY_BYTES)
+        self.stats: dict[int, Path | ActivationStats] = {}
+        self.shared = {id(v.const_value) for v in model.graph.initializers.values()}
+
+    def quantize(self, config: QuantizeConfig, writer: StreamingWriter) -> Outcome:
+        samples = self.samples
+        primary = Track("per group" if config.alpha_auto else "requested", config, keys=set(samples.held_out_keys))
+        tracks = [primary]
+        if samples.held_out and not config.smooth_only:
+            low, high = config.alpha_range
+            tracks += [Track(str(alpha), replace(config, alpha=alpha), keys=set(samples.held_out_keys))
+                       for alpha in UNIFORM_ALPHAS if low <= alpha <= high]
+        keep_float = config.keep_float_budget is not None
+        eval_keys = set(range(min(EVAL_SAMPLES, samples.calibration_count))) if keep_float else set()
+        trial0 = primary
+        if keep_float and samples.held_out:
+            trial0 = Track("keep-float 0", config, keys=eval_keys)
+            tracks.append(trial0)
+        elif keep_float:
+            primary.keys = eval_keys
+        references = set().union(*(t.keys for t in tracks))
+        result = self.run_pass("quantizing", tracks, primary, writer, calibrate=True, references=references,
+                               keep_stats=keep_float or len(tracks) > 1, timing_key=min(eval_keys) if keep_float
+                               else None)
+        outcome = Outcome(config, result)
+        if samples.held_out and not config.smooth_only:
+            judged = [t for t in tracks if t is not trial0 or t is primary]
+            outcome.alpha_trials = {t.name: t.comparison.output_error for t in judged}
+            best = min(judged, key=lambda t: t.comparison.output_error)
+            logger.info("--alpha auto: %s", ", ".join(f"{k} {v:.4f}" for k, v in outcome.alpha_trials.items()))
+            if best is not primary:
+                outcome.config = best.config
+                writer.restart()
+                outcome.result = self.run_pass("writing", [], Track(best.name, best.config), writer)
+        if keep_float:
+            self._keep_float(outcome, trial0, result, eval_keys, writer)
+        return outcome
+
+    def _keep_float(self, outcome: Outcome, trial0: Track, first: PassResult, eval_keys: set[int],
+                    writer: StreamingWriter) -> None:
+        """Leave the most sensitive layers in float, 1, 2, 4, ... until the quality loss fits the budget."""
+        config = outcome.config
+        budget = config.keep_float_budget
+        assert budget is not None
+        ranking = sorted(first.sensitivity, key=lambda name: -first.sensitivity[name])
+        fp_seconds = first.fp_seconds
+        trial = trial0 if config is trial0.config else None
+        count = 0
+        while True:
+            chosen = frozenset(ranking[:count])
+            if trial is None:
+                trial = Track(f"keep-float {count}", config, chosen, keys=eval_keys)
+                self.run_pass(f"keep-float trial {count}", [trial], None, None)
+            loss = trial.comparison.quality_loss
+            speed = fp_seconds / trial.timed["seconds"] if trial.timed.get("seconds") else 0.0
+            outcome.keep_float.append(KeepFloatTrial(list(ranking[:count]), loss, speed))
+            logger.info("keep-float: %d layers in float -> quality loss %.4f", count, loss)
+            if loss <= budget or count >= len(ranking) // 2:
+                break
+            count = 1 if count == 0 else 2 * count
+            trial = None
+        if outcome.keep_float[-1].quality_loss > budget:
+            logger.warning("--keep-float-budget %.3g not met with %d of %d layers in float (loss %.4f); keeping those",
+                           budget, count, len(ranking), outcome.keep_float[-1].quality_loss)
+        if chosen:
+            writer.restart()
+            outcome.result = self.run_pass("writing", [], Track("chosen", config, chosen), writer)
+
+    def run_pass(self, label: str, tracks: list[Track], write: Track | None, writer: StreamingWriter | None, *,
+                 calibrate: bool = False, references: set[int] | frozenset[int] = frozenset(),
+                 keep_stats: bool = False, timing_key: int | None = None) -> PassResult:
+        """One pass over the blocks: calibrate (first pass), build and judge each track, write `write`."""
+        result = PassResult(kernels=KernelCheck() if self.verify and write is not None else None)
+        builds = [*tracks, *([write] if write is not None and write not in tracks else [])]
+        carries = {id(t): Carry(self.workdir / f"track-{n}", CARRY_MEMORY_BYTES) for n, t in enumerate(builds)}
+        progress = self.progress
+        progress.start_pass(label, self.part.blocks)
+        for block in self.part.blocks:
+            runs = self.samples.total_runs if calibrate else sum(len(t.keys) for t in builds)
+            with progress.block(block, runs):
+                fp = extract_block(self.model, block)
+                here = {layer.name for layer in find_linear_layers(fp.graph)} & self.quantized
+                if calibrate:
+                    stats = self._calibrate(block, fp, here, references, builds)
+                    if keep_stats:
+                        self._keep(block.index, stats)
+                    if timing_key is not None:
+                        timed: dict[str, float] = {}
+                        with progress.phase("calibrate"):
+                            time_fp_block(self.runner, block, fp, self.fp_carry, timing_key, timed)
+                        result.fp_seconds += timed.get("seconds", 0.0)
+                else:
+                    stats = self._load(block.index)
+                for number, track in enumerate(builds):
+                    last = number == len(builds) - 1
+                    self._build_track(block, fp if last else fp.clone(), stats, here, track, track is write,
+                                      carries[id(track)], writer, result)
+                self.runner.finish_block(block, self.fp_carry)
+                for carry in carries.values():
+                    self.runner.finish_block(block, carry)
+                del fp
+                release_block(self.model, block)
+        for carry in carries.values():
+            carry.clear()
+        return result
+
+    def _calibrate(self, block: Block, fp: ir.Model, here: set[str], references: set[int] | frozenset[int],
+                   builds: list[Track]) -> ActivationStats:
+        config = builds[0].config
+        with self.progress.phase("calibrate"):
+            request = statistics_needed(find_smoothing_groups(fp.graph), here)
+            keep_rows = KEPT_ROWS if config.needs_rows else 0
+            return calibrate_block(self.runner, block, fp, request.channel_max, request.probes, keep_rows,
+                                   self.fp_carry, set(references), self.references, self.progress.tick)
+
+    def _build_track(self, block: Block, fp: ir.Model, stats: ActivationStats, here: set[str], track: Track,
+                     written: bool, carry: Carry, writer: StreamingWriter | None, result: PassResult) -> None:
+        with self.progress.phase("smooth and quantize"):
+            built = build(fp, track.config, stats, here - track.float_layers,
+                          sensitivities=written and track.config.keep_float_budget is not None)
+        if written:
+            result.layer_reports += built.layer_reports
+            result.quantized_layers += len(built.plan)
+            result.sensitivity.update(built.sensitivity)
+            result.worst_pair = max(result.worst_pair, worst_int16_pair_in_graph(built.model.graph))
+        check = written and result.kernels is not None and bool(built.plan) and not track.config.smooth_only
+        if track.keys or check:
+            with self.progress.phase("check"):
+                optimized = self.workdir / f"kernels-{block.index}.onnx" if check else None
+                try:
+                    session = open_session(built.model, optimized_path=optimized,
+                                           what=f"the quantized block {block.index} ({block.label})")
+                except SqonnxError as exc:
+                    if optimized is not None and "Failed to write" in str(exc):  # the scratch folder is full
+                        raise SqonnxError(no_space(self.workdir.parent.parent, writer)) from None
+                    raise
+                if optimized is not None and result.kernels is not None:
+                    result.kernels.add(count_kernels(optimized))
+                if track.keys:
+                    run_track_block(self.runner, block, session, carry, track.keys, self.references,
+                                    track.comparison, track.timed)
+                del session
+        if written and writer is not None:
+            with self.progress.phase("write"):
+                writer.add(built.model, self.shared)
+
+    def _keep(self, index: int, stats: ActivationStats) -> None:
+        """Statistics of a block for later passes: on disk when they are large (rows of wide activations)."""
+        size = sum(a.nbytes for a in itertools.chain(stats.channel_max.values(), stats.rows.values()))
+        if size < (16 << 20):
+            self.stats[index] = stats
+            return
+        path = self.workdir / f"stats-{index}.npz"
+        arrays = {f"max/{k}": v for k, v in stats.channel_max.items()}
+        arrays |= {f"rows/{k}": v for k, v in stats.rows.items()}
+        arrays |= {f"maps/{k}": v for k, v in stats.maps.items()}
+        np.savez(path, **arrays)
+        self.stats[index] = path
+
+    def _load(self, index: int) -> ActivationStats:
+        kept = self.stats[index]
+        if isinstance(kept, ActivationStats):
+            return kept
+        stats = ActivationStats({})
+        with np.load(kept) as archive:
+            for key in archive.files:
+                kind, name = key.split("/", 1)
+                getattr(stats, {"max": "channel_max", "rows": "rows", "maps": "maps"}[kind])[name] = archive[key]
+        return stats
+

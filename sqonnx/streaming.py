@@ -1,0 +1,419 @@
+"""Running a model block by block (see `sqonnx.blocks`): the samples, the values carried between blocks, and
+the passes that calibrate, build, judge and write one block at a time.
+
+A block is worked on as a model of its own: `extract_block` clones its nodes with the values that cross its
+borders as inputs and outputs, and computes its deferred weights (rotations) then; the full model keeps
+only the graph and memory-mapped or deferred weights. Each run of a sample through a block is fed the
+sample's model inputs and the values the earlier blocks left for it (`Carry`), and leaves the values later
+blocks read. A decode chain's steps also feed the block the key/value cache its own run before returned.
+
+One pass (`BlockStream.run_pass`) goes over the blocks once: calibrate the FP block on every sample (the first
+pass only; later passes reuse the statistics), build each track's INT8 block (a config and the layers kept in
+float), run the track's evaluation samples through it, write one track's block to the output, free the block.
+`--alpha auto` judges its candidates as tracks of the first pass; `--keep-float-budget` runs a pass per trial.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from sqonnx.blocks import Block, Partition
+from sqonnx.calibrators.carry import Carry, Key
+from sqonnx.calibrators.channel_max import ROW_SAMPLES, ActivationStats, StatisticsSession, read_probes
+from sqonnx.calibrators.data import CalibrationFeeds, DecodeChain
+from sqonnx.calibrators.probes import Probe
+from sqonnx.graph import release
+from sqonnx.passes.upcast import upcast_to_float32
+from sqonnx.pause import pause_point
+from sqonnx.session import Session, has_half_floats, open_session
+
+logger = logging.getLogger(__name__)
+
+# Carried values stay in memory up to this; beyond, in files in the scratch folder.
+CARRY_MEMORY_BYTES = 512 << 20
+
+
+@dataclass(frozen=True)
+class Run:
+    """One onnxruntime run: a prefill sample (step 0), or a step of a decode chain (prompt 0, tokens 1..)."""
+
+    key: Key
+    feeds: dict[str, np.ndarray]  # the model inputs of this run (a decode step's cache comes from the block)
+    rows: bool  # calibration rows may be taken from it
+
+
+@dataclass
+class Sequence:
+    """A sample: runs that follow each other through a block, the later ones fed the cache of the one before
+    (`recurrent`: cache input -> the output that returns it one token longer)."""
+
+    index: int
+    counted: bool  # adds to the statistics (held-back samples only pass through)
+    make_runs: Callable[[], Iterator[Run]]
+    recurrent: dict[str, str] = field(default_factory=dict)
+
+    def runs(self) -> Iterator[Run]:
+        return self.make_runs()
+
+
+class Samples:
+    """The calibration samples (the last `held_out` of them only pass through, for judging whole models) and the
+    decode chains (teacher-forced with the model's own greedy tokens, generated beforehand)."""
+
+    def __init__(self, feeds: CalibrationFeeds, held_out: int, chains: list[DecodeChain]) -> None:
+        self.feeds = feeds
+        self.count = feeds.count
+        self.held_out = held_out
+        self.chains = chains
+        self.calibration_count = self.count - held_out
+        self.row_samples = min(ROW_SAMPLES, self.calibration_count)
+
+    @property
+    def held_out_keys(self) -> list[int]:
+        return list(range(self.calibration_count, self.count))
+
+    @property
+    def total_runs(self) -> int:
+        return self.count + sum(chain.steps + 1 for chain in self.chains)
+
+    def sequences(self, only: set[int] | None = None) -> Iterator[Sequence]:
+        """Every sample in order (or those with index in `only`), model inputs made afresh."""
+        for index, feed in enumerate(iter(self.feeds)):
+            if only is None or index in only:
+                yield Sequence(index, index < self.calibration_count,
+                               lambda index=index, feed=feed: iter([Run((index, 0), feed, True)]))
+        for number, chain in enumerate(self.chains):
+            index = self.count + number
+            if only is None or index in only:
+                yield Sequence(index, True, lambda index=index, chain=chain: _chain_runs(index, chain),
+                               dict(chain.present))
+
+
+def _chain_runs(index: int, chain: DecodeChain) -> Iterator[Run]:
+    yield Run((index, 0), chain.prompt, False)
+    for step in range(chain.steps):
+        yield Run((index, step + 1), chain.step_feeds(step), False)
+
+
+def extract_block(model: ir.Model, block: Block) -> ir.Model:
+    """Block `block` of `model` as a model of its own (new nodes and values, the same tensors), with its
+    deferred weights computed: what crosses into it are inputs, what later blocks or the model's outputs read
+    are outputs."""
+    graph = model.graph
+    values: dict[str, ir.Value] = {str(v.name): v for v in graph.inputs}
+    for node in block.nodes:
+        for value in node.inputs:
+            if value is not None:
+                values.setdefault(str(value.name), value)
+        for out in node.outputs:
+            values[str(out.name)] = out
+    initializers = {id(v): v for node in block.nodes for v in node.inputs if v is not None and v.is_initializer()}
+    view = ir.GraphView([values[name] for name in block.inputs], [values[name] for name in block.outputs],
+                        nodes=block.nodes, initializers=tuple(initializers.values()),
+                        opset_imports=dict(graph.opset_imports), name=f"{graph.name or 'graph'}_block{block.index}")
+    clone = view.clone()
+    for value in clone.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.LazyTensor):
+            value.const_value = ir.tensor(tensor.numpy(), name=value.name)
+            if value.meta.get("sqonnx.transposed_tensor") is tensor:
+                value.meta["sqonnx.transposed_tensor"] = value.const_value
+    part = ir.Model(clone, ir_version=model.ir_version, producer_name=model.producer_name,
+                    producer_version=model.producer_version, domain=model.domain, model_version=model.model_version,
+                    functions=list(model.functions.values()))
+    part.metadata_props.update(model.metadata_props)
+    return part
+
+
+def release_block(model: ir.Model, block: Block) -> None:
+    """Unmap the memory-mapped weights `block` read (their pages leave the process's resident memory)."""
+    for node in block.nodes:
+        for value in node.inputs:
+            if value is not None and value.is_initializer():
+                release(value.const_value)
+
+
+@dataclass
+class Comparison:
+    """A model's first output against the FP model's, summed over evaluation samples: relative L2 error, and the
+    quality loss (perplexity ratio - 1 for a language model with `logits` and `input_ids`, else 1 - cosine)."""
+
+    squared_error: float = 0.0
+    squared_reference: float = 0.0
+    nll_reference: float = 0.0
+    nll: float = 0.0
+    tokens: int = 0
+    cosines: list[float] = field(default_factory=list)
+    language_model: bool = True
+
+    def add(self, name: str, reference: np.ndarray, output: np.ndarray, feeds: dict[str, np.ndarray]) -> None:
+        ref, out = reference.astype(np.float64), output.astype(np.float64)
+        self.squared_error += float(np.sum((out - ref) ** 2))
+        self.squared_reference += float(np.sum(ref ** 2))
+        a, b = ref.ravel(), out.ravel()
+        self.cosines.append(float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30)))
+        ids = feeds.get("input_ids")
+        if name != "logits" or ids is None or ids.shape[1] < 2:
+            self.language_model = False
+            return
+        tokens = ids[0, 1:]
+        self.nll_reference += _nll(ref[0, :-1], tokens)
+        self.nll += _nll(out[0, :-1], tokens)
+        self.tokens += len(tokens)
+
+    @property
+    def output_error(self) -> float:
+        return float(np.sqrt(self.squared_error / max(self.squared_reference, 1e-30)))
+
+    @property
+    def quality_loss(self) -> float:
+        if self.language_model and self.tokens:
+            return float(np.exp((self.nll - self.nll_reference) / self.tokens)) - 1.0
+        return 1.0 - float(np.mean(self.cosines)) if self.cosines else 0.0
+
+
+def _nll(logits: np.ndarray, tokens: np.ndarray) -> float:
+    top = logits.max(axis=-1, keepdims=True)
+    log_z = np.log(np.exp(logits - top).sum(axis=-1)) + top[:, 0]
+    return float((log_z - logits[np.arange(len(tokens)), tokens]).sum())
+
+
+class BlockRunner:
+    """Runs samples through one block's session, feeding each run the values carried in and keeping the
+    values later blocks read."""
+
+    def __init__(self, part: Partition, samples: Samples) -> None:
+        self.part = part
+        self.samples = samples
+        readers_after: dict[int, set[str]] = {}
+        for block in part.blocks:
+            readers_after[block.index] = {name for later in part.blocks[block.index + 1:] for name in later.inputs}
+        self.readers_after = readers_after
+        self.last_reader = part.last_reader()
+
+    def carried_out(self, block: Block) -> list[str]:
+        return [name for name in block.outputs if name in self.readers_after[block.index]]
+
+    def feeds(self, block: Block, run: Run, carry: Carry, state: dict[str, np.ndarray],
+              recurrent: dict[str, str]) -> dict[str, np.ndarray]:
+        feeds = {name: array for name, array in run.feeds.items() if not (run.key[1] and name in recurrent)}
+        for name in block.inputs:
+            if name in recurrent and run.key[1]:
+                feeds[name] = state[recurrent[name]]
+            elif name not in feeds and carry.has(run.key, name):
+                feeds[name] = carry.get(run.key, name)
+        return feeds
+
+    def forward(self, block: Block, run_one: Callable[[Sequence, Run, dict[str, np.ndarray], list[str]],
+                                                      dict[str, np.ndarray]],
+                carry: Carry, only: set[int] | None = None, extra: Callable[[Sequence, Run], list[str]] | None = None,
+                after_run: Callable[[Sequence, Run, dict[str, np.ndarray], dict[str, np.ndarray]], None] | None = None,
+                ) -> None:
+        """Every run of the samples (or those in `only`) through `block`, in order; `run_one(sequence, run, feeds,
+        fetch)` runs one and returns the fetched outputs. The carried values go to `carry`."""
+        out_names = self.carried_out(block)
+        produced = set(block.outputs)
+        for sequence in self.samples.sequences(only):
+            state: dict[str, np.ndarray] = {}
+            presents = [p for p in sequence.recurrent.values() if p in produced]
+            for run in sequence.runs():
+                feeds = self.feeds(block, run, carry, state, sequence.recurrent)
+                wanted = [*out_names, *presents, *(extra(sequence, run) if extra else [])]
+                fetched = run_one(sequence, run, feeds, list(dict.fromkeys(wanted)))
+                for name in out_names:
+                    carry.put(run.key, name, fetched[name])
+                state = {name: fetched[name] for name in presents}
+                if after_run is not None:
+                    after_run(sequence, run, feeds, fetched)
+
+    def finish_block(self, block: Block, carry: Carry) -> None:
+        carry.drop({name for name, last in self.last_reader.items() if last <= block.index})
+
+
+def calibrate_block(runner: BlockRunner, block: Block, model: ir.Model, activations: dict[str, int],
+                    probes: list[Probe], keep_rows: int, carry: Carry, references: set[int],
+                    reference_carry: Carry, tick: Callable[[], None]) -> ActivationStats:
+    """Statistics of `block` (its FP model) over the counted samples, and the carried values for the next blocks
+    from every sample. The FP model's first output is kept (in `reference_carry`) for the samples in
+    `references`, which (with the held-back samples) run in a plain session of their own, so that the
+    statistics session need not compute that output for every sample."""
+    samples = runner.samples
+    what = f"block {block.index} ({block.label})"
+    if has_half_floats(model):
+        model = upcast_to_float32(model)  # once for the sessions below
+    produced = set(block.outputs)
+    presents = sorted({p for chain in samples.chains for p in chain.present.values()} & produced)
+    carried = runner.carried_out(block)
+    counted = {s.index for s in samples.sequences() if s.counted}
+    session = StatisticsSession(model, activations, keep_rows=keep_rows, row_samples=samples.row_samples,
+                                outputs=[*carried, *presents], what=what)
+
+    def run_counted(sequence: Sequence, run: Run, feeds: dict[str, np.ndarray],
+                    fetch: list[str]) -> dict[str, np.ndarray]:
+        where = f"calibration sample {sequence.index}" + (
+            f" (decode step {run.key[1]}; --decode-steps 0 calibrates prefill only)" if sequence.recurrent else "")
+        fetched = session.run(feeds, sample=sequence.index, rows=run.rows, fetch=fetch, where=where)
+        tick()
+        if sequence.index == 0 and run.key[1] == 0:
+            pause_point("calibration")
+        return fetched
+
+    runner.forward(block, run_counted, carry, only=counted)
+    stats = session.statistics()
+    session.close()
+    if probes and counted:
+        first = next(runner.samples.sequences({min(counted)}))
+        run = next(first.runs())
+        stats.maps.update(read_probes(model, probes, runner.feeds(block, run, carry, {}, {}), what))
+    first_output = reference_output(runner.part)
+    wanted = references if first_output in produced else set()
+    plain_keys = ({s.index for s in samples.sequences()} - counted) | wanted
+    if plain_keys:
+        outputs = [*carried, *presents, *([first_output] if wanted else [])]
+        plain = open_session(_pruned(model, outputs), what=what)
+
+        def run_plain(sequence: Sequence, run: Run, feeds: dict[str, np.ndarray],
+                      fetch: list[str]) -> dict[str, np.ndarray]:
+            fetch = [*fetch, first_output] if sequence.index in wanted and run.key[1] == 0 else fetch
+            fetched = dict(zip(fetch, plain.run(fetch, feeds, f"calibration sample {sequence.index}"), strict=True))
+            if first_output in fetch:
+                reference_carry.put(run.key, first_output, fetched[first_output])
+            tick()
+            return fetched
+
+        runner.forward(block, run_plain, carry, only=plain_keys)
+    return stats
+
+
+def _pruned(model: ir.Model, outputs: list[str]) -> ir.Model:
+    """A copy of `model` that computes only `outputs` (onnxruntime runs every node of a session)."""
+    clone = model.clone()
+    values = {str(v.name): v for node in clone.graph for v in node.outputs}
+    values.update({str(v.name): v for v in clone.graph.inputs})
+    clone.graph.outputs.clear()
+    clone.graph.outputs.extend(values[name] for name in dict.fromkeys(outputs))
+    common_passes.RemoveUnusedNodesPass()(clone)
+    return clone
+
+
+def reference_output(part: Partition) -> str:
+    """The output models are compared on: the model's first output (`logits` for a language model)."""
+    return part.graph_outputs[0]
+
+
+def run_track_block(runner: BlockRunner, block: Block, session: Session, carry: Carry, keys: set[int],
+                    reference_carry: Carry, comparison: Comparison, timed: dict[str, float]) -> None:
+    """The evaluation samples `keys` through a track's INT8 block; at the block that makes the first output,
+    compare it with the FP model's. `timed['seconds']` adds the run time of the first of them."""
+    first_output = reference_output(runner.part)
+    produces = first_output in block.outputs
+    first = min(keys) if keys else -1
+
+    def run_one(sequence: Sequence, run: Run, feeds: dict[str, np.ndarray], fetch: list[str]) -> dict[str, np.ndarray]:
+        fetch = [*fetch, first_output] if produces and first_output not in fetch else fetch
+        start = time.perf_counter()
+        results = session.run(fetch, feeds, f"evaluation sample {sequence.index}")
+        if sequence.index == first:
+            timed["seconds"] = timed.get("seconds", 0.0) + time.perf_counter() - start
+        fetched = dict(zip(fetch, results, strict=True))
+        if produces:
+            comparison.add(first_output, reference_carry.get(run.key, first_output), fetched[first_output],
+                           feeds)
+        return fetched
+
+    runner.forward(block, run_one, carry, only=keys)
+
+
+def time_fp_block(runner: BlockRunner, block: Block, model: ir.Model, carry: Carry, key: int,
+                  timed: dict[str, float]) -> None:
+    """The FP block's run time on sample `key` (plain session, no statistics): the speed reference."""
+    session = open_session(model, float32=False, what=f"block {block.index}")
+    scratch = Carry(carry.folder / "timing", CARRY_MEMORY_BYTES)
+
+    def run_one(sequence: Sequence, run: Run, feeds: dict[str, np.ndarray], fetch: list[str]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        results = session.run(fetch or session.output_names[:1], feeds, f"sample {sequence.index}")
+        timed["seconds"] = timed.get("seconds", 0.0) + time.perf_counter() - start
+        return dict(zip(fetch, results, strict=False))
+
+    source = _ReadOnly(carry, scratch)
+    runner.forward(block, run_one, source, only={key})  # type: ignore[arg-type]
+    scratch.clear()
+
+
+class _ReadOnly:
+    """Reads from one carry, writes to another (a timing run must not replace the calibration's values)."""
+
+    def __init__(self, source: Carry, sink: Carry) -> None:
+        self.source, self.sink = source, sink
+
+    def has(self, key: Key, name: str) -> bool:
+        return self.source.has(key, name)
+
+    def get(self, key: Key, name: str) -> np.ndarray:
+        return self.source.get(key, name)
+
+    def put(self, key: Key, name: str, array: np.ndarray) -> None:
+        self.sink.put(key, name, array)
+
+
+def generate_tokens(model: ir.Model, part: Partition, chains: list[DecodeChain], workdir: Path,
+                    keep_sessions: bool) -> list[DecodeChain]:
+    """The decode chains teacher-forced with the FP model's own greedy tokens: one pass over the blocks per
+    step (all chains together), the key/value cache of each block carried from the pass before. With
+    `keep_sessions` (a model that fits in memory) each block's session is opened once."""
+    if not chains:
+        return chains
+    samples = Samples(CalibrationFeeds(0, lambda: iter(()), ""), 0, [])
+    runner = BlockRunner(part, samples)
+    carry = Carry(workdir / "generate", CARRY_MEMORY_BYTES)
+    caches = Carry(workdir / "generate-cache", CARRY_MEMORY_BYTES)
+    tokens: list[list[int]] = [[] for _ in chains]
+    sessions: dict[int, Session] = {}
+    logits_name = "logits"
+    for step in range(max(chain.steps for chain in chains) + 1):
+        active = [i for i, chain in enumerate(chains) if step <= chain.steps and (step == 0 or tokens[i])]
+        for block in part.blocks:
+            session = sessions.get(block.index) or open_session(
+                extract_block(model, block), float32=True, what=f"block {block.index} ({block.label})")
+            if keep_sessions:
+                sessions[block.index] = session
+            out_names = runner.carried_out(block)
+            for i in active:
+                chain = chains[i]
+                feeds = dict(chain.prompt) if step == 0 else _step_inputs(chain, step, tokens[i])
+                for name in block.inputs:
+                    if name in chain.present and step:
+                        feeds[name] = caches.get((i, 0), chain.present[name])
+                    elif name not in feeds and carry.has((i, 0), name):
+                        feeds[name] = carry.get((i, 0), name)
+                presents = [p for p in chain.present.values() if p in block.outputs]
+                wanted = [*out_names, *presents, *([logits_name] if logits_name in block.outputs else [])]
+                where = f"decode chain {i}, step {step} (--decode-steps 0 calibrates prefill only)"
+                fetched = dict(zip(wanted, session.run(wanted, feeds, where), strict=True))
+                for name in out_names:
+                    carry.put((i, 0), name, fetched[name])
+                for name in presents:
+                    caches.put((i, 0), name, fetched[name])
+                if logits_name in fetched and step < chain.steps:
+                    tokens[i].append(int(fetched[logits_name][0, -1].argmax()))
+            if not keep_sessions:
+                del session
+                release_block(model, block)
+            runner.finish_block(block, carry)
+    carry.clear()
+    caches.clear()
+    return [chain.with_tokens(np.asarray(found, np.int64)) for chain, found in zip(chains, tokens, strict=True)]
+
+
+def _step_inputs(chain: DecodeChain, step: int, tokens: list[int]) -> dict[str, np.ndarray]:
+    """Model inputs of step `step` (1-based: after the prompt) of a chain being generated."""
+    return DecodeChain(chain.prompt, chain.steps, chain.present, np.asarray(tokens, np.int64)).step_feeds(step - 1)
