@@ -22,14 +22,14 @@ from sqonnx.build import build
 from sqonnx.calibrators.carry import Carry
 from sqonnx.calibrators.channel_max import ActivationStats
 from sqonnx.config import QuantizeConfig
+from sqonnx.errors import SqonnxError
 from sqonnx.graph import find_linear_layers
 from sqonnx.kernels import KernelCheck, count_kernels
-from sqonnx.errors import SqonnxError
 from sqonnx.output import StreamingWriter, no_space
 from sqonnx.passes.smoothing_groups import find_smoothing_groups, statistics_needed
-from sqonnx.progress import Progress
+from sqonnx.progress import Progress, free_memory
 from sqonnx.report import LayerReport
-from sqonnx.session import open_session
+from sqonnx.session import PREPACK_TOKENS, open_session
 from sqonnx.streaming import (
     CARRY_MEMORY_BYTES,
     BlockRunner,
@@ -183,7 +183,8 @@ class Pipeline:
         for block in self.part.blocks:
             runs = self.samples.total_runs if calibrate else sum(len(t.keys) for t in builds)
             with progress.block(block, runs):
-                fp = extract_block(self.model, block)
+                with progress.phase("read and rotate"):
+                    fp = extract_block(self.model, block)
                 here = {layer.name for layer in find_linear_layers(fp.graph)} & self.quantized
                 if calibrate:
                     stats = self._calibrate(block, fp, here, references, builds)
@@ -205,6 +206,7 @@ class Pipeline:
                     self.runner.finish_block(block, carry)
                 del fp
                 release_block(self.model, block)
+                free_memory()
         for carry in carries.values():
             carry.clear()
         return result
@@ -234,6 +236,7 @@ class Pipeline:
                 optimized = self.workdir / f"kernels-{block.index}.onnx" if check else None
                 try:
                     session = open_session(built.model, optimized_path=optimized,
+                                           prepack=self.samples.tokens(len(track.keys)) >= PREPACK_TOKENS,
                                            what=f"the quantized block {block.index} ({block.label})")
                 except SqonnxError as exc:
                     if optimized is not None and "Failed to write" in str(exc):  # the scratch folder is full

@@ -9,6 +9,7 @@ On a terminal a bar also counts the runs inside the block.
 
 from __future__ import annotations
 
+import gc
 import resource
 import sys
 import time
@@ -69,8 +70,9 @@ class Progress:
             elapsed = time.perf_counter() - self._pass_started
             left = elapsed * (self._total_bytes - self._done_bytes) / self._done_bytes
             print(f"{self._pass}: block {block.index + 1}/{self._count} ({block.label}, "
-                  f"{block.weight_bytes / 1e6:.0f} MB) in {time.perf_counter() - start:.1f} s; "
-                  f"{_duration(elapsed)} so far, about {_duration(left)} left", file=self.stream, flush=True)
+                  f"{block.weight_bytes / 1e6:.0f} MB) in {time.perf_counter() - start:.1f} s, memory "
+                  f"{rss_bytes() / 1e9:.2f} GB; {_duration(elapsed)} so far, about {_duration(left)} left",
+                  file=self.stream, flush=True)
 
     def tick(self) -> None:
         if self._bar is not None:
@@ -85,6 +87,40 @@ class Progress:
 def peak_rss_bytes() -> int:
     """The process's peak resident memory so far (Linux reports kilobytes)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def free_memory() -> None:
+    """Give a finished block's memory back: graphs are reference cycles (nodes <-> values), freed only when the
+    cycle collector runs, which it otherwise rarely does; and glibc keeps freed blocks of a few MB in its heap
+    (its mmap threshold grows with the sizes freed), so without a trim the resident memory creeps up block
+    after block (TinyLlama: 0.17 -> 0.66 GB over 24 blocks)."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc():  # -> ctypes.CDLL | None
+    try:
+        import ctypes
+        import ctypes.util
+
+        name = ctypes.util.find_library("c")
+        library = ctypes.CDLL(name) if name else None
+        return library if library is not None and hasattr(library, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def rss_bytes() -> int:
+    """The process's resident memory now (Linux; 0 where /proc is not there)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return 0
 
 
 def _duration(seconds: float) -> str:

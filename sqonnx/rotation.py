@@ -2,8 +2,9 @@
 
 An orthogonal Q (Q Q^T = I) rotates the residual stream x into x Q. Linear layers that read the stream
 (through a norm whose weight w has been folded into them) take W' = Q^T diag(w) W, layers that write
-into it take W' = W Q (and b' = b Q), so every product is unchanged: (x Q)(Q^T W) = x W. All products
-are taken in float64 and rounded once to the weight's dtype.
+into it take W' = W Q (and b' = b Q), so every product is unchanged: (x Q)(Q^T W) = x W. Products are
+taken in float64 (float32 for a Hadamard, whose ±1 sums lose nothing there) and rounded once to the weight's
+dtype.
 
 Q is a randomized Hadamard matrix H diag(±1) / sqrt(n) (QuaRot) when n is a power of two: every entry
 has the same magnitude, so one large channel is spread evenly over all n. Otherwise (SmolLM2: 576 =
@@ -40,6 +41,9 @@ class Orthogonal:
     """An n x n orthogonal Q, applied without necessarily forming it."""
 
     kind: str
+    # The precision products are taken in: a Hadamard product sums ±1 multiples (two stages of a few dozen
+    # terms), so float32 keeps it within a float32 rounding of the exact result at half the cost.
+    work_dtype: type = np.float64
 
     @property
     def n(self) -> int:
@@ -83,6 +87,7 @@ class RandomizedHadamard(Orthogonal):
 
     signs: np.ndarray
     kind: str = "randomized Hadamard"
+    work_dtype: type = np.float32
 
     @property
     def n(self) -> int:
@@ -90,11 +95,15 @@ class RandomizedHadamard(Orthogonal):
 
     def left_transpose(self, m: np.ndarray) -> np.ndarray:
         # Q^T m = diag(signs) H m / sqrt(n)  (H is symmetric)
-        return self.signs[:, None] * _hadamard_times(m) / np.sqrt(self.n)
+        out = _hadamard_times(m)
+        out *= (self.signs / np.sqrt(self.n)).astype(out.dtype)[:, None]
+        return out
 
     def right(self, m: np.ndarray) -> np.ndarray:
-        # m Q = (H m^T)^T diag(signs) / sqrt(n)
-        return _hadamard_times(m.T).T * self.signs[None, :] / np.sqrt(self.n)
+        # m Q = (m H) diag(signs) / sqrt(n)
+        out = _times_hadamard(m)
+        out *= (self.signs / np.sqrt(self.n)).astype(out.dtype)[None, :]
+        return out
 
 
 @dataclass(frozen=True)
@@ -131,13 +140,29 @@ class BlockDiagonal(Orthogonal):
 
 
 def _hadamard_times(m: np.ndarray) -> np.ndarray:
-    """H_n m for a float64 [n, k] array, as H_a (H_b m) over m reshaped to [a, b, k] (H_n = H_a ⊗ H_b)."""
+    """H_n m for an [n, k] array, as H_a (H_b m) over m reshaped to [a, b, k] (H_n = H_a ⊗ H_b)."""
     n, k = m.shape
+    h_a, h_b = _factors(n, m.dtype)
+    a, b = h_a.shape[0], h_b.shape[0]
+    inner = np.matmul(h_b, m.reshape(a, b, k))  # H_b on the second index, for each first index
+    return (h_a @ inner.reshape(a, b * k)).reshape(n, k)
+
+
+def _times_hadamard(m: np.ndarray) -> np.ndarray:
+    """m H_n for a [k, n] array, over m reshaped to [k, a, b]: H_b on the last index, then H_a on the middle one
+    (a matrix product broadcast over the rows), with no transposed copy."""
+    k, n = m.shape
+    h_a, h_b = _factors(n, m.dtype)
+    a, b = h_a.shape[0], h_b.shape[0]
+    inner = m.reshape(k, a, b) @ h_b  # H_b is symmetric
+    return np.matmul(h_a, inner).reshape(k, n)
+
+
+def _factors(n: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Sylvester factors H_a, H_b of H_n (a b = n, both powers of two as close as can be)."""
     bits = n.bit_length() - 1
     a, b = 1 << (bits // 2), 1 << (bits - bits // 2)
-    h_a, h_b = _sylvester(a), _sylvester(b)
-    inner = np.matmul(h_b, m.reshape(a, b, k))  # H_b on the second index
-    return (h_a @ inner.reshape(a, b * k)).reshape(n, k)
+    return _sylvester(a).astype(dtype), _sylvester(b).astype(dtype)
 
 
 _SYLVESTER: dict[int, np.ndarray] = {}
@@ -162,9 +187,9 @@ def rotate_rows(weight: np.ndarray, in_axis: int, q: Orthogonal, scale: np.ndarr
     """Q^T diag(scale) W along the input axis of a 2-D weight ([in, out] when in_axis is 0)."""
     w = weight.T if in_axis else weight  # [in, out] view
     out = np.empty(w.shape, dtype=weight.dtype)
-    factor = None if scale is None else np.asarray(scale, np.float64)[:, None]
+    factor = None if scale is None else np.asarray(scale, q.work_dtype)[:, None]
     for columns in _chunks(w.shape[0], w.shape[1]):
-        part = w[:, columns].astype(np.float64)
+        part = w[:, columns].astype(q.work_dtype)
         if factor is not None:
             part *= factor
         out[:, columns] = q.left_transpose(part)
@@ -175,12 +200,12 @@ def rotate_columns(weight: np.ndarray, out_axis: int, q: Orthogonal) -> np.ndarr
     """W Q along the output axis of a 2-D weight ([out, in] when out_axis is 0), or b Q for a bias
     (out_axis -1; any leading axes of size 1)."""
     if weight.ndim != 2:
-        flat = np.asarray(weight, np.float64).reshape(-1, weight.shape[-1])
+        flat = np.asarray(weight, q.work_dtype).reshape(-1, weight.shape[-1])
         return q.right(flat).reshape(weight.shape).astype(weight.dtype)
     w = weight if out_axis in (1, -1) else weight.T  # [rows, out] view
     out = np.empty(w.shape, dtype=weight.dtype)
     for rows in _chunks(w.shape[1], w.shape[0]):
-        out[rows] = q.right(w[rows].astype(np.float64))
+        out[rows] = q.right(w[rows].astype(q.work_dtype))
     return np.ascontiguousarray(out.T) if out_axis == 0 else out
 
 

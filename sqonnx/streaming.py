@@ -33,7 +33,7 @@ from sqonnx.calibrators.probes import Probe
 from sqonnx.graph import release
 from sqonnx.passes.upcast import upcast_to_float32
 from sqonnx.pause import pause_point
-from sqonnx.session import Session, has_half_floats, open_session
+from sqonnx.session import PREPACK_TOKENS, Session, has_half_floats, open_session
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,12 @@ class Samples:
         self.chains = chains
         self.calibration_count = self.count - held_out
         self.row_samples = min(ROW_SAMPLES, self.calibration_count)
+
+    def tokens(self, count: int) -> int:
+        """Tokens in `count` samples (a sample's length: its widest model input), plus the decode steps."""
+        first = next(iter(self.feeds), None)
+        length = max((a.shape[-1] for a in first.values() if a.ndim), default=1) if first else 1
+        return count * length + sum(chain.steps for chain in self.chains)
 
     @property
     def held_out_keys(self) -> list[int]:
@@ -254,7 +260,8 @@ def calibrate_block(runner: BlockRunner, block: Block, model: ir.Model, activati
     carried = runner.carried_out(block)
     counted = {s.index for s in samples.sequences() if s.counted}
     session = StatisticsSession(model, activations, keep_rows=keep_rows, row_samples=samples.row_samples,
-                                outputs=[*carried, *presents], what=what)
+                                outputs=[*carried, *presents], what=what,
+                                prepack=samples.tokens(len(counted)) >= PREPACK_TOKENS)
 
     def run_counted(sequence: Sequence, run: Run, feeds: dict[str, np.ndarray],
                     fetch: list[str]) -> dict[str, np.ndarray]:
@@ -278,7 +285,8 @@ def calibrate_block(runner: BlockRunner, block: Block, model: ir.Model, activati
     plain_keys = ({s.index for s in samples.sequences()} - counted) | wanted
     if plain_keys:
         outputs = [*carried, *presents, *([first_output] if wanted else [])]
-        plain = open_session(_pruned(model, outputs), what=what)
+        plain = open_session(_pruned(model, outputs), what=what,
+                             prepack=samples.tokens(len(plain_keys)) >= PREPACK_TOKENS)
 
         def run_plain(sequence: Sequence, run: Run, feeds: dict[str, np.ndarray],
                       fetch: list[str]) -> dict[str, np.ndarray]:
@@ -383,7 +391,7 @@ def generate_tokens(model: ir.Model, part: Partition, chains: list[DecodeChain],
         active = [i for i, chain in enumerate(chains) if step <= chain.steps and (step == 0 or tokens[i])]
         for block in part.blocks:
             session = sessions.get(block.index) or open_session(
-                extract_block(model, block), float32=True, what=f"block {block.index} ({block.label})")
+                extract_block(model, block), float32=True, prepack=False, what=f"block {block.index} ({block.label})")
             if keep_sessions:
                 sessions[block.index] = session
             out_names = runner.carried_out(block)

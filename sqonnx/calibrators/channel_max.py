@@ -61,7 +61,7 @@ class StatisticsSession:
     outputs need: a block's LM head, for one, is not computed while calibrating (its input's maxima are)."""
 
     def __init__(self, model: ir.Model, activations: dict[str, int], *, keep_rows: int = 0, row_samples: int = 1,
-                 outputs: Sequence[str] = (), what: str = "the model") -> None:
+                 outputs: Sequence[str] = (), what: str = "the model", prepack: bool = True) -> None:
         clone = model.clone()
         graph = clone.graph
         # ReduceMax takes its axes as an input from opset 18 on, as an attribute before.
@@ -77,7 +77,7 @@ class StatisticsSession:
         graph.outputs.clear()
         graph.outputs.extend([*maxima, *wanted])
         common_passes.RemoveUnusedNodesPass()(clone)
-        self.session = open_session(clone, float32=True, what=what)
+        self.session = open_session(clone, float32=True, prepack=prepack, what=what)
         self.keep_rows = keep_rows
         self.row_samples = max(row_samples, 1)
         self.per_sample = -(-keep_rows // self.row_samples) if keep_rows else 0
@@ -133,7 +133,7 @@ def read_probes(model: ir.Model, probes: Sequence[Probe], feeds: dict[str, np.nd
     graph.outputs.clear()
     graph.outputs.extend(outputs)
     common_passes.RemoveUnusedNodesPass()(clone)
-    session = open_session(clone, float32=True, what=what)
+    session = open_session(clone, float32=True, prepack=False, what=what)  # one run
     names = [name for names in added.values() for name in names]
     results = dict(zip(names, session.run(names, feeds, "the first calibration sample"), strict=True))
     maps: dict[str, np.ndarray] = {}

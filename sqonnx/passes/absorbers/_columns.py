@@ -71,7 +71,10 @@ class ColumnPath:
         factors = np.ones(self.out_columns, np.float64)
         factors[columns] = scales
         layer = self.layer
-        set_constant_input(graph, layer.node, 1, layer.weight / along(factors, 1 - layer.in_axis), suffix="_smoothed")
+        weight = layer.weight
+        # Divided in the weight's own precision when it is float32 (one rounding, as in float64 then rounded).
+        divisor = along(factors.astype(np.float32) if weight.dtype == np.float32 else factors, 1 - layer.in_axis)
+        set_constant_input(graph, layer.node, 1, weight / divisor, suffix="_smoothed")
         if layer.bias_value is not None:
             _divide_constant(graph, layer.node, 2, factors)
         for add, index in self.column_adds:
