@@ -107,6 +107,9 @@ def quantize(
     ] = False,
     verify: Annotated[bool, typer.Option("--verify/--no-verify",
                                          help="Ask onnxruntime which CPU kernels the output runs")] = True,
+    block_size: Annotated[float, typer.Option(
+        "--block-size", help="MB of weights worked on at once: the model is calibrated, quantized and written "
+                             "block by block along its residual stream; less memory, more sessions")] = 256,
 ) -> None:
     """Quantize MODEL to INT8 with SmoothQuant."""
     with _user_errors("interrupted: no output written"):
@@ -120,7 +123,8 @@ def quantize(
             exclude=tuple(exclude) if exclude else DEFAULT_EXCLUDE, unabsorbed=unabsorbed,
             calibration=CalibrationConfig(data=calib_data, num_samples=num_samples, seq_len=seq_len,
                                           decode_steps=decode_steps),
-            verify_fusion=verify, optimize=optimize, keep_float_budget=keep_float_budget)
+            verify_fusion=verify, optimize=optimize, keep_float_budget=keep_float_budget,
+            block_bytes=_block_bytes(block_size))
         if report_json is not None:
             _check_writable_file(report_json, "--report-json")
         report = quantize_model(model, output, config, progress=True)
@@ -191,6 +195,12 @@ def _check_writable_file(path: Path, option: str) -> None:
         raise SqonnxError(f"{option} {path} is a folder; give a file name such as report.json")
     if not path.parent.is_dir():
         raise SqonnxError(f"{option} {path}: folder {path.parent} does not exist; create it first")
+
+
+def _block_bytes(megabytes: float) -> int:
+    if not megabytes > 0:
+        raise SqonnxError(f"--block-size must be a positive number of MB, got {megabytes}; try 256")
+    return max(1, int(megabytes * (1 << 20)))
 
 
 def _alpha(text: str) -> float | str:

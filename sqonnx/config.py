@@ -148,7 +148,8 @@ class QuantizeConfig:
         if self.smooth_only and self.keep_float_budget is not None:
             raise SqonnxError("--smooth-only writes a float model; --keep-float-budget has nothing to keep, drop it")
         if self.block_bytes < 1:
-            raise SqonnxError(f"--block-size must be at least 1 MB, got {self.block_bytes >> 20} MB; try 256")
+            raise SqonnxError(f"--block-size must be a positive number of MB, got {self.block_bytes / (1 << 20)}; "
+                              "try 256")
         for pattern in self.exclude:
             if not pattern:
                 raise SqonnxError("--exclude got an empty pattern; give a node-name glob like '*lm_head*'")

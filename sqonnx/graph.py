@@ -268,7 +268,7 @@ def set_constant_input(graph: ir.Graph, node: ir.Node, index: int, array: np.nda
         array = _contiguous(array, dtype)
     if len(old.uses()) == 1 and not old.is_graph_output() and not old.is_graph_input():
         old.const_value = _tensor(array, str(old.name))
-        old.dtype = old.const_value.dtype
+        old.type = ir.TensorType(old.const_value.dtype)  # a fresh type: clones share type objects
         return
     node.replace_input_with(index, add_initializer(graph, f"{old.name}{suffix}", array))
 

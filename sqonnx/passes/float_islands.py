@@ -59,7 +59,7 @@ class FloatIslandsPass(ir.passes.InPlacePass):
             output.name = f"{layer.name}/output_float32"
             back = ir.Value(name=name, type=ir.TensorType(half), shape=output.shape)
             output.replace_all_uses_with(back, replace_graph_outputs=True)
-            output.dtype = ir.DataType.FLOAT
+            output.type = ir.TensorType(ir.DataType.FLOAT)  # its type object may be shared with a clone
             graph.insert_after(node, ir.node("Cast", [output], {"to": half}, name=f"{layer.name}/output_Cast",
                                              outputs=[back]))
         return ir.passes.PassResult(model, modified=modified)

@@ -53,6 +53,6 @@ def _upcast(graph: ir.Graph) -> bool:
 
 def _upcast_type(value: ir.Value) -> bool:
     if value.dtype in HALF_TYPES:
-        value.dtype = _FLOAT
+        value.type = ir.TensorType(_FLOAT)  # a clone shares its type objects with the original
         return True
     return False

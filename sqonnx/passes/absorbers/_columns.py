@@ -6,7 +6,7 @@ Between the layer and X there may be:
 * per-channel-linear ops, which commute with a per-channel factor: an Add of a constant bias (the bias
   divides too), a Mul by another activation or a constant ((a * b) / s = (a / s) * b), and positively
   homogeneous activations, ReLU(x / s) = ReLU(x) / s for s > 0 (OPT's fc1 -> ReLU -> fc2);
-* channel-moving ops (Reshape, Transpose, Split, Slice, Gather, Unsqueeze, Squeeze, Expand, Concat with
+* channel-moving ops (Reshape, Transpose, Split, Slice, Gather, Unsqueeze, Squeeze, Expand, float Cast, Concat with
   a cache input) and, in attention, the probabilities x V MatMul, which mixes tokens but never channels.
   Where X's channel c comes from is then not read off the graph's constants (head counts hide in shape
   subgraphs) but measured: calibration replays the moves on labelled columns (see `Probe`).
@@ -29,7 +29,10 @@ from sqonnx.passes.absorbers.base import SHAPE_ONLY_OPS, Absorber, Probe, is_cha
 from sqonnx.smoothing import along
 
 MOVING_OPS = ("Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Identity", "Split", "Slice", "Gather",
-              "Concat")
+              "Concat", "Cast")
+# A Cast moves no channel and scales nothing: between float types (an FP16 export casts v to float32 before
+# attention) it passes a per-channel factor through, up to the rounding of the narrower type.
+FLOAT_CASTS = (ir.DataType.FLOAT.value, ir.DataType.FLOAT16.value, ir.DataType.BFLOAT16.value)
 SPLITTING_OPS = ("Split", "Slice", "Gather")
 HOMOGENEOUS_OPS = ("Relu",)  # f(x / s) = f(x) / s for every s > 0
 
@@ -250,6 +253,10 @@ def _moving_input(node: ir.Node) -> int | None:
     """The input that carries the moved numbers; the others must be constants (or cache inputs for
     Concat, shape tensors for Reshape/Expand)."""
     op = node.op_type
+    if op == "Cast":
+        source = node.inputs[0]
+        float_in = source is not None and source.dtype is not None and source.dtype.value in FLOAT_CASTS
+        return 0 if float_in and node.attributes.get_int("to", 0) in FLOAT_CASTS else None
     if op == "Concat":
         live = [i for i, v in enumerate(node.inputs) if v is not None and not v.is_graph_input()
                 and not is_constant(v)]
