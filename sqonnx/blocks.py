@@ -13,9 +13,9 @@ float model input, through data, not through Shape) are the expensive ones to ca
 rotary tables, position ids) are computed once per sample and carried along as they are. A cut is allowed
 where
 
-* at most MAX_CROSSING hidden-state values cross it: the stream itself (after a residual Add), or the
-  stream and the branch about to be added to it (before onnxruntime's SkipSimplifiedLayerNormalization,
-  which adds and normalizes in one node, so the stream never exists alone), and
+* one hidden-state value crosses it, the stream itself (after a residual Add, before the norm that reads
+  it); in a graph with onnxruntime's fused Skip*LayerNormalization, which adds and normalizes in one node so
+  that the stream never exists alone, two: the stream and the branch about to be added to it; and
 * it separates no smoothing group from the node that absorbs its 1/s: from the absorber (a norm, up_proj,
   v_proj, GroupQueryAttention's packed projection) to the group's last linear layer the graph stays in one
   block, so every fold is made, and every channel map measured, inside one block.
@@ -36,8 +36,11 @@ import onnx_ir as ir
 
 from sqonnx.passes.smoothing_groups import find_smoothing_groups
 
-# Hidden-state values that may cross a cut: the stream, or the stream and the branch added to it next.
-MAX_CROSSING = 2
+# Hidden-state values that may cross a cut: the stream; with fused Skip*LayerNormalization (residual Add and
+# norm in one node) the stream and the branch it adds next.
+MAX_CROSSING = 1
+MAX_CROSSING_FUSED = 2
+SKIP_NORMS = ("SkipSimplifiedLayerNormalization", "SkipLayerNormalization")
 SHAPE_ONLY_OPS = ("Shape", "Size")
 _INTEGERS = (ir.DataType.INT64, ir.DataType.INT32, ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.BOOL)
 
@@ -94,7 +97,8 @@ def partition(graph: ir.Graph, budget: int) -> Partition:
                 steps[i + 1] += 1  # crosses every cut before nodes i+1 .. end
                 steps[end + 1] -= 1
     crossing = np.cumsum(steps)[:len(nodes) + 1]
-    allowed = crossing <= MAX_CROSSING
+    fused = any(node.op_type in SKIP_NORMS for node in nodes)
+    allowed = crossing <= (MAX_CROSSING_FUSED if fused else MAX_CROSSING)
     allowed[0] = allowed[len(nodes)] = False
     for start, end in _absorber_spans(graph, position):
         allowed[start + 1:end + 1] = False

@@ -258,24 +258,27 @@ def calibrate_block(runner: BlockRunner, block: Block, model: ir.Model, activati
     produced = set(block.outputs)
     presents = sorted({p for chain in samples.chains for p in chain.present.values()} & produced)
     carried = runner.carried_out(block)
-    counted = {s.index for s in samples.sequences() if s.counted}
-    session = StatisticsSession(model, activations, keep_rows=keep_rows, row_samples=samples.row_samples,
-                                outputs=[*carried, *presents], what=what,
-                                prepack=samples.tokens(len(counted)) >= PREPACK_TOKENS)
+    counted = {s.index for s in samples.sequences() if s.counted} if activations else set()
+    stats = ActivationStats({})
+    if counted:  # a block without linear layers has no statistics: its samples only pass through (below)
+        session = StatisticsSession(model, activations, keep_rows=keep_rows, row_samples=samples.row_samples,
+                                    outputs=[*carried, *presents], what=what,
+                                    prepack=samples.tokens(len(counted)) >= PREPACK_TOKENS)
 
-    def run_counted(sequence: Sequence, run: Run, feeds: dict[str, np.ndarray],
-                    fetch: list[str]) -> dict[str, np.ndarray]:
-        where = f"calibration sample {sequence.index}" + (
-            f" (decode step {run.key[1]}; --decode-steps 0 calibrates prefill only)" if sequence.recurrent else "")
-        fetched = session.run(feeds, sample=sequence.index, rows=run.rows, fetch=fetch, where=where)
-        tick()
-        if sequence.index == 0 and run.key[1] == 0:
-            pause_point("calibration")
-        return fetched
+        def run_counted(sequence: Sequence, run: Run, feeds: dict[str, np.ndarray],
+                        fetch: list[str]) -> dict[str, np.ndarray]:
+            where = f"calibration sample {sequence.index}" + (
+                f" (decode step {run.key[1]}; --decode-steps 0 calibrates prefill only)" if sequence.recurrent
+                else "")
+            fetched = session.run(feeds, sample=sequence.index, rows=run.rows, fetch=fetch, where=where)
+            tick()
+            if sequence.index == 0 and run.key[1] == 0:
+                pause_point("calibration")
+            return fetched
 
-    runner.forward(block, run_counted, carry, only=counted)
-    stats = session.statistics()
-    session.close()
+        runner.forward(block, run_counted, carry, only=counted)
+        stats = session.statistics()
+        session.close()
     if probes and counted:
         first = next(runner.samples.sequences({min(counted)}))
         run = next(first.runs())
@@ -283,6 +286,8 @@ def calibrate_block(runner: BlockRunner, block: Block, model: ir.Model, activati
     first_output = reference_output(runner.part)
     wanted = references if first_output in produced else set()
     plain_keys = ({s.index for s in samples.sequences()} - counted) | wanted
+    if not (carried or presents or wanted):
+        plain_keys = set()  # nothing later reads what this block makes
     if plain_keys:
         outputs = [*carried, *presents, *([first_output] if wanted else [])]
         plain = open_session(_pruned(model, outputs), what=what,

@@ -127,22 +127,29 @@ def spec_hash(family: str) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def model_dir(family: str) -> Path:
+def model_dir(family: str, dtype: str = "float32") -> Path:
     """Where `build` puts (or finds) the family's export: model.onnx and config.json."""
-    return cache_root() / f"{family}-{spec_hash(family)}"
+    return cache_root() / (f"{family}-{spec_hash(family)}" if dtype == "float32" else
+                           f"{family}-{dtype}-{spec_hash(family)}")
 
 
-def build(family: str) -> Path:
-    """The family's exported model.onnx, exported on first use and cached afterwards."""
+def build(family: str, dtype: str = "float32") -> Path:
+    """The family's exported model.onnx, exported on first use and cached afterwards. `dtype` "float16" or
+    "bfloat16": the same weights exported from the model cast to that type (what `optimum-cli --dtype fp16`
+    writes; optimum asks for a GPU there, the exporter itself does not)."""
     if family not in FAMILIES:
         raise KeyError(f"unknown zoo family '{family}'; known: {', '.join(FAMILIES)}")
-    target = model_dir(family)
+    target = model_dir(family, dtype)
     if (target / "model.onnx").exists():
         return target / "model.onnx"
     from models import export_into
 
     target.parent.mkdir(parents=True, exist_ok=True)
     model = make_model(family)
+    if dtype != "float32":
+        import torch
+
+        model = model.to(getattr(torch, dtype))
     with _exportable(family):
         return export_into(target, model, None, FAMILIES[family].task)
 

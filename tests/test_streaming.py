@@ -1,0 +1,144 @@
+"""Block by block (sqonnx.blocks, sqonnx.streaming): a model cut along its residual stream and quantized one block
+at a time makes the same decisions per layer and computes the same outputs as the same model quantized whole, for
+every family of the zoo, onnxruntime-genai's fused graph with decode-shaped calibration, and models in external
+data; the cut never separates a smoothing group from its absorber; memory does not grow with depth."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import sqonnx
+from sqonnx import CalibrationConfig, QuantizeConfig
+from sqonnx.blocks import partition
+from sqonnx.graph import load_model
+from sqonnx.passes.prepare import prepare
+from sqonnx.passes.smoothing_groups import find_smoothing_groups
+from tests import zoo
+from tests.large_model import build_stack
+from tests.test_genai import SEQ, build_genai
+
+ONE_BYTE = 1  # a block budget no segment fits in: every allowed cut is made
+
+
+def _decisions(report: sqonnx.QuantizeReport) -> list[tuple[object, ...]]:
+    return [(r.name, r.quantized, r.smoothing, r.folded_into, r.level, r.alpha) for r in report.layers]
+
+
+def _ranges(report: sqonnx.QuantizeReport) -> np.ndarray:
+    return np.array([r.static_range for r in report.layers])
+
+
+@pytest.mark.parametrize("family", zoo.pytest_params())
+def test_block_by_block_equals_whole(tmp_path: Path, family: str) -> None:
+    model = zoo.build(family)
+    calibration = CalibrationConfig(data=zoo.save_npz(model, tmp_path / "calib.npz", samples=4, seq=32, seed=0),
+                                    num_samples=4)
+    whole = sqonnx.quantize(model, tmp_path / "whole.onnx", QuantizeConfig(calibration=calibration))
+    blocks = sqonnx.quantize(model, tmp_path / "blocks.onnx", QuantizeConfig(calibration=calibration,
+                                                                             block_bytes=ONE_BYTE))
+    assert whole.settings["blocks"].startswith("one block: the whole model fits"), whole.settings["blocks"]
+    count = int(str(blocks.settings["blocks"]).split()[0])
+    assert count >= 2 * 2, blocks.settings["blocks"]  # every one of the 2 layers is cut at least twice
+    assert _decisions(blocks) == _decisions(whole)
+    np.testing.assert_allclose(_ranges(blocks), _ranges(whole), rtol=1e-4)
+    assert blocks.kernels is not None and whole.kernels is not None
+    assert blocks.kernels.integer_kernels == whole.kernels.integer_kernels
+    # The statistics agree to the last bits, not always in them (onnxruntime fuses a block's graph a little
+    # differently from the whole), so a rare activation rounds the other way: the difference between the two
+    # INT8 models must stay far below the INT8 model's own error against FP32.
+    feeds = zoo.feeds(model, 2, 32, seed=7)
+    fp32 = zoo.logits(model, feeds)
+    reference = zoo.logits(tmp_path / "whole.onnx", feeds)
+    difference = np.linalg.norm(zoo.logits(tmp_path / "blocks.onnx", feeds) - reference)
+    assert difference <= 0.1 * np.linalg.norm(reference - fp32), (difference, np.linalg.norm(reference - fp32))
+
+
+@pytest.mark.parametrize("family", zoo.pytest_params(["llama", "opt", "falcon", "phi3", "gpt2", "bert"]))
+def test_cuts_keep_every_group_with_its_absorber(family: str) -> None:
+    """Every node between an absorber and the last layer of its group is in one block, at any budget; decoder
+    cuts fall on the residual stream (one value crosses, or the stream and a branch)."""
+    model = prepare(load_model(zoo.build(family)))
+    part = partition(model.graph, ONE_BYTE)
+    owner = {id(node): block.index for block in part.blocks for node in block.nodes}
+    for group in find_smoothing_groups(model.graph):
+        if group.absorber is not None:
+            assert {owner[id(group.absorber.node)]} == {owner[id(layer.node)] for layer in group.layers}
+    if zoo.FAMILIES[family].is_decoder:
+        assert len(part.blocks) >= 4 and part.reason == ""
+
+
+def test_genai_decode_calibration_block_by_block(tmp_path: Path) -> None:
+    """onnxruntime-genai's fused graph (SkipSimplifiedLayerNormalization: two values cross each cut), calibrated
+    from text with decode chains: the chains' tokens are generated block by block, then each block runs them
+    teacher-forced on its own cache; the statistics and the output are those of the whole model."""
+    path = build_genai(tmp_path / "genai", layers=3, fused_norms=True)
+    config = CalibrationConfig(num_samples=8, seq_len=SEQ, decode_steps=8)
+    (tmp_path / "whole").mkdir()
+    whole = sqonnx.quantize(path, tmp_path / "whole" / "model.onnx", QuantizeConfig(calibration=config))
+    blocks = sqonnx.quantize(path, tmp_path / "blocks" / "model.onnx",
+                             QuantizeConfig(calibration=config, block_bytes=ONE_BYTE))
+    assert int(str(blocks.settings["blocks"]).split()[0]) >= 4
+    assert whole.calibration == blocks.calibration == f"built-in pydoc topics, 8 x {SEQ} tokens + 8 decode steps"
+    assert _decisions(blocks) == _decisions(whole)
+    np.testing.assert_allclose(_ranges(blocks), _ranges(whole), rtol=1e-4)
+    assert (tmp_path / "blocks" / "genai_config.json").exists()  # the folder genai loads, written as before
+
+
+def test_external_data_in_and_out_block_by_block(tmp_path: Path) -> None:
+    """A model in external data, quantized one layer per block: the output has its own data file named after its
+    content, refers to nothing of the input, and computes what the whole-model run computes."""
+    source = build_stack(tmp_path / "in" / "stack.onnx", layers=3, hidden=256)
+    x = np.random.default_rng(0).standard_normal((3, 1, 8, 256)).astype(np.float32)
+    np.savez(tmp_path / "feeds.npz", x=x[:2])
+    calibration = CalibrationConfig(data=tmp_path / "feeds.npz")
+    whole = tmp_path / "whole" / "q.onnx"
+    blocks = tmp_path / "blocks" / "q.onnx"
+    sqonnx.quantize(source, whole, QuantizeConfig(calibration=calibration))
+    report = sqonnx.quantize(source, blocks, QuantizeConfig(calibration=calibration, block_bytes=ONE_BYTE))
+    assert report.settings["blocks"].startswith("3 blocks"), report.settings["blocks"]
+    names = sorted(p.name for p in blocks.parent.iterdir())
+    assert len(names) == 2 and names[0] == "q.onnx" and names[1].startswith("q.onnx."), names
+    proto = onnx.load(str(blocks), load_external_data=False)
+    locations = {entry.value for tensor in proto.graph.initializer for entry in tensor.external_data
+                 if entry.key == "location"}
+    assert locations == {names[1]}
+    onnx.checker.check_model(str(blocks))
+    (tmp_path / "in" / "stack.onnx.data").unlink()  # the output must not read the input's weights
+    got = ort.InferenceSession(str(blocks)).run(None, {"x": x[2]})[0]
+    expected = ort.InferenceSession(str(whole)).run(None, {"x": x[2]})[0]
+    np.testing.assert_allclose(got, expected, atol=1e-5 * np.abs(expected).max())
+
+
+def _peak_rss(model: Path, out: Path, feeds: Path) -> int:
+    process = subprocess.Popen([sys.executable, "-m", "sqonnx", "quantize", str(model), "-o", str(out),
+                                "--calib-data", str(feeds), "--block-size", "16"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(process.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, process.stderr.read() if process.stderr else ""
+    return usage.ru_maxrss * 1024
+
+
+def test_memory_does_not_grow_with_depth(tmp_path: Path) -> None:
+    """Twice the layers, each a block of its own (5120 x 5120 float32 weights, 105 MB): the peak resident memory
+    of the whole run differs by less than one block's weights (it would double with the model if any step held
+    it whole)."""
+    hidden = 5120
+    block = hidden * hidden * 4
+    x = np.random.default_rng(0).standard_normal((2, 1, 8, hidden)).astype(np.float32)
+    np.savez(tmp_path / "feeds.npz", x=x)
+    peaks = []
+    for layers in (3, 6):
+        model = build_stack(tmp_path / f"m{layers}" / "model.onnx", layers=layers, hidden=hidden)
+        peaks.append(_peak_rss(model, tmp_path / f"q{layers}" / "model.onnx", tmp_path / "feeds.npz"))
+        for path in (model.parent, tmp_path / f"q{layers}"):
+            for file in path.iterdir():
+                file.unlink()
+    assert abs(peaks[1] - peaks[0]) < block, f"peak RSS {peaks[0] / 1e6:.0f} MB -> {peaks[1] / 1e6:.0f} MB"
