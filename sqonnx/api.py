@@ -54,7 +54,7 @@ def _quantize(model_path: Path, output_path: str | Path | None, config: Quantize
         front = prepare_model(model, model_path, config, writer.scratch, progress)
         del model
         pipeline = Pipeline(front.model, front.partition, front.samples, front.quantized, writer.scratch, progress,
-                            config.verify_fusion and not config.smooth_only)
+                            config.verify_fusion and not config.smooth_only, front.cache)
         outcome = pipeline.quantize(config, writer)
         settings = _settings(config, outcome, front)
         with progress.phase("save"):
@@ -85,6 +85,11 @@ def _settings(requested: QuantizeConfig, outcome: Outcome, front) -> dict[str, o
         kept = "per group" if config.alpha_auto else config.alpha
         settings["alpha"] = f"{settings['alpha']}: chose {kept} (output error on calibration samples: " + \
             ", ".join(f"{key} {loss:.4f}" for key, loss in outcome.alpha_trials.items()) + ")"
+    if requested.cache_dir is not None:
+        settings["cache"] = (f"{requested.cache_dir}: calibration of blocks 1-{result.resumed} reused"
+                             if result.resumed else f"{requested.cache_dir}: calibration kept for later runs")
+    if requested.sequential:
+        settings["sequential"] = "each block calibrated on the INT8 output of the blocks before it"
     if requested.optimize:
         settings["optimize"] = ", ".join(f"{n} {op}" for op, n in front.fused.items()) or "nothing fused"
     if outcome.keep_float:

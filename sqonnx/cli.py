@@ -107,6 +107,12 @@ def quantize(
     ] = False,
     verify: Annotated[bool, typer.Option("--verify/--no-verify",
                                          help="Ask onnxruntime which CPU kernels the output runs")] = True,
+    cache_dir: Annotated[Path | None, typer.Option(
+        help="Keep each finished block's calibration here: a killed run resumes, a rerun with another alpha, "
+             "level or target skips calibration")] = None,
+    sequential: Annotated[bool, typer.Option(
+        "--sequential", help="Calibrate each block on the INT8 output of the blocks before it (GPTQ's sequential "
+                             "mode) instead of the FP model's")] = False,
     block_size: Annotated[float, typer.Option(
         "--block-size", help="MB of weights worked on at once: the model is calibrated, quantized and written "
                              "block by block along its residual stream; less memory, more sessions")] = 256,
@@ -124,7 +130,7 @@ def quantize(
             calibration=CalibrationConfig(data=calib_data, num_samples=num_samples, seq_len=seq_len,
                                           decode_steps=decode_steps),
             verify_fusion=verify, optimize=optimize, keep_float_budget=keep_float_budget,
-            block_bytes=_block_bytes(block_size))
+            block_bytes=_block_bytes(block_size), cache_dir=cache_dir, sequential=sequential)
         if report_json is not None:
             _check_writable_file(report_json, "--report-json")
         report = quantize_model(model, output, config, progress=True)

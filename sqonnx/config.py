@@ -129,6 +129,12 @@ class QuantizeConfig:
     # at a time (a decoder layer or two of a 7B model; a segment between two cuts can be larger): memory
     # follows the block, not the model. See sqonnx.blocks.
     block_bytes: int = DEFAULT_BLOCK_BYTES
+    # Keep each finished block's calibration statistics and the values entering the next block here: a killed run
+    # resumes, a rerun with other choices skips calibration (see sqonnx.calibrators.cache).
+    cache_dir: Path | None = None
+    # Calibrate each block on the INT8 output of the blocks before it (GPTQ's sequential mode) instead of the FP
+    # model's: the static ranges then fit what the INT8 model really computes.
+    sequential: bool = False
 
     def __post_init__(self) -> None:
         if self.alpha != AUTO and not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):

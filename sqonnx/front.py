@@ -8,13 +8,15 @@ graph into blocks. `inspect` thus describes the very graph `quantize` smooths.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import onnx_ir as ir
 
 from sqonnx.blocks import Partition, partition
 from sqonnx.calibrators import CalibrationFeeds, calibration_feeds
+from sqonnx.calibrators.cache import CalibrationCache, data_identity, model_identity
 from sqonnx.config import QuantizeConfig
 from sqonnx.errors import SqonnxError
 from sqonnx.graph import find_linear_layers, load_model
@@ -45,10 +47,13 @@ class Prepared:
     rotation: RotationResult
     quantized: set[str]
     fused: dict[str, int] = field(default_factory=dict)
+    cache: CalibrationCache | None = None
 
 
 def prepare_model(model: ir.Model, model_path: Path, config: QuantizeConfig, workdir: Path,
                   progress: Progress) -> Prepared:
+    cache = CalibrationCache.open(config.cache_dir, _cache_key(model_path, model, config)) \
+        if config.cache_dir is not None else None
     fused: dict[str, int] = {}
     if config.optimize:
         with progress.phase("optimize"):
@@ -61,11 +66,22 @@ def prepare_model(model: ir.Model, model_path: Path, config: QuantizeConfig, wor
             raise SqonnxError(f"{model_path.name} has no MatMul/Gemm with a constant float weight to quantize"
                               + (" outside --exclude patterns" if layers else ""))
         feeds = calibration_feeds(model.graph, model_path.parent, config.calibration)
+    # --alpha auto judges whole models on samples the statistics have not seen (in-sample, the static
+    # ranges fit those very samples and the tightest α always wins).
+    held_out = min(ALPHA_SELECTION_SAMPLES, feeds.count // 4) if config.alpha_auto and config.smooth \
+        and not config.smooth_only else 0
     chains = feeds.decode
     if chains:
-        with progress.phase("decode tokens"):
-            whole = partition(model.graph, config.block_bytes)
-            chains = generate_tokens(model, whole, chains, workdir, whole.total_bytes <= GENERATE_IN_MEMORY_BYTES)
+        tokens = cache.tokens() if cache is not None else None
+        if tokens is not None and len(tokens) == len(chains):
+            chains = [chain.with_tokens(found) for chain, found in zip(chains, tokens, strict=True)]
+        else:
+            with progress.phase("decode tokens"):
+                whole = partition(model.graph, config.block_bytes)
+                chains = generate_tokens(model, whole, chains, workdir,
+                                         whole.total_bytes <= GENERATE_IN_MEMORY_BYTES)
+            if cache is not None:
+                cache.save_tokens([chain.forced for chain in chains if chain.forced is not None])
     with progress.phase("rotate"):
         rotation = _rotate(model, model_path, config)
     quantized = {layer.name for layer in find_linear_layers(model.graph)
@@ -75,11 +91,29 @@ def prepare_model(model: ir.Model, model_path: Path, config: QuantizeConfig, wor
     if blocks.reason and progress.enabled and blocks.total_bytes > config.block_bytes:
         print(f"the whole model is one block ({blocks.total_bytes / 1e6:.0f} MB at once): {blocks.reason}",
               file=progress.stream, flush=True)
-    # --alpha auto judges whole models on samples the statistics have not seen (in-sample, the static
-    # ranges fit those very samples and the tightest α always wins).
-    held_out = min(ALPHA_SELECTION_SAMPLES, feeds.count // 4) if config.alpha_auto and config.smooth \
-        and not config.smooth_only else 0
-    return Prepared(model, blocks, Samples(feeds, held_out, chains), feeds, rotation, quantized, fused)
+    return Prepared(model, blocks, Samples(feeds, held_out, chains), feeds, rotation, quantized, fused, cache)
+
+
+def _cache_key(model_path: Path, model: ir.Model, config: QuantizeConfig) -> dict[str, str]:
+    """What calibration statistics depend on (see sqonnx.calibrators.cache), named for the refusal message."""
+    data_files = sorted({Path(v.const_value.path) for v in model.graph.initializers.values()
+                         if isinstance(v.const_value, ir.ExternalTensor)})
+    calibration = config.calibration
+    try:
+        tool = version("sqonnx")
+    except PackageNotFoundError:
+        tool = "unknown"
+    return {
+        "model": model_identity(model_path, data_files),
+        "calibration data": f"{data_identity(calibration.data)} x{calibration.num_samples} len{calibration.seq_len} "
+                            f"decode{calibration.decode_steps}",
+        "rotation setting": f"rotate={config.rotate} smooth={config.smooth} smooth_only={config.smooth_only}",
+        "block size": str(config.block_bytes),
+        "--alpha auto setting (held-back samples)": str(config.alpha_auto and config.smooth and not config.smooth_only),
+        "--optimize setting": str(config.optimize),
+        "quantization options (--sequential)": repr(replace(config, cache_dir=None)) if config.sequential else "",
+        "sqonnx version": tool,
+    }
 
 
 def _rotate(model: ir.Model, model_path: Path, config: QuantizeConfig) -> RotationResult:

@@ -7,7 +7,8 @@ waits for the marker, then sends SIGINT, SIGTERM or SIGKILL, or deletes the mark
 writers released at once). Points: `calibration` (after the first
 calibration sample), `staged` (output written and checked in the staging folder, before it is moved),
 `data-moved` (the new weights file is in place, the .onnx not yet), `onnx-moved` (both in place, stale
-weights files not yet removed). Unset (always, outside tests), `pause_point` only reads one variable.
+weights files not yet removed), `block-<n>` (block n, from 0, calibrated and kept in --cache-dir).
+Unset (always, outside tests), `pause_point` only reads one variable.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import onnx_ir as ir
 
 from sqonnx.blocks import Block, Partition
 from sqonnx.build import build
+from sqonnx.calibrators.cache import CalibrationCache
 from sqonnx.calibrators.carry import Carry
 from sqonnx.calibrators.channel_max import ActivationStats
 from sqonnx.config import QuantizeConfig
@@ -27,6 +28,7 @@ from sqonnx.graph import find_linear_layers
 from sqonnx.kernels import KernelCheck, count_kernels
 from sqonnx.output import StreamingWriter, no_space
 from sqonnx.passes.smoothing_groups import find_smoothing_groups, statistics_needed
+from sqonnx.pause import pause_point
 from sqonnx.progress import Progress, free_memory
 from sqonnx.report import LayerReport
 from sqonnx.session import PREPACK_TOKENS, open_session
@@ -37,6 +39,7 @@ from sqonnx.streaming import (
     Samples,
     calibrate_block,
     extract_block,
+    forward_block,
     release_block,
     run_track_block,
     time_fp_block,
@@ -74,6 +77,7 @@ class PassResult:
     kernels: KernelCheck | None = None
     worst_pair: int = 0
     fp_seconds: float = 0.0
+    resumed: int = 0  # blocks whose calibration an earlier run left in --cache-dir
 
 
 @dataclass
@@ -95,7 +99,7 @@ class Outcome:
 
 class Pipeline:
     def __init__(self, model: ir.Model, part: Partition, samples: Samples, quantized: set[str], workdir: Path,
-                 progress: Progress, verify: bool) -> None:
+                 progress: Progress, verify: bool, cache: CalibrationCache | None = None) -> None:
         self.model, self.part, self.samples = model, part, samples
         self.quantized = quantized
         self.workdir = workdir
@@ -106,6 +110,7 @@ class Pipeline:
         self.references = Carry(workdir / "references", CARRY_MEMORY_BYTES)
         self.stats: dict[int, Path | ActivationStats] = {}
         self.shared = {id(v.const_value) for v in model.graph.initializers.values()}
+        self.cache = cache
 
     def quantize(self, config: QuantizeConfig, writer: StreamingWriter) -> Outcome:
         samples = self.samples
@@ -180,28 +185,43 @@ class Pipeline:
         carries = {id(t): Carry(self.workdir / f"track-{n}", CARRY_MEMORY_BYTES) for n, t in enumerate(builds)}
         progress = self.progress
         progress.start_pass(label, self.part.blocks)
+        resume = self._resume_point(references) if calibrate else -1
+        if calibrate:
+            result.resumed = resume + 1
         for block in self.part.blocks:
-            runs = self.samples.total_runs if calibrate else sum(len(t.keys) for t in builds)
+            runs = self.samples.total_runs if calibrate and block.index > resume else sum(len(t.keys) for t in builds)
             with progress.block(block, runs):
                 with progress.phase("read and rotate"):
                     fp = extract_block(self.model, block)
                 here = {layer.name for layer in find_linear_layers(fp.graph)} & self.quantized
-                if calibrate:
-                    stats = self._calibrate(block, fp, here, references, builds)
+                if calibrate and block.index > resume:
+                    stats = self._calibrate(block, fp, builds[0].config, references)
                     if keep_stats:
                         self._keep(block.index, stats)
+                    if self.cache is not None:
+                        self.cache.save_stats(block.index, stats)
                     if timing_key is not None:
                         timed: dict[str, float] = {}
                         with progress.phase("calibrate"):
                             time_fp_block(self.runner, block, fp, self.fp_carry, timing_key, timed)
                         result.fp_seconds += timed.get("seconds", 0.0)
+                elif calibrate:
+                    assert self.cache is not None
+                    stats = self.cache.stats(block.index) or ActivationStats({})
+                    result.fp_seconds = float("nan")  # resumed: the FP model's own time is not measured
+                    if keep_stats:
+                        self._keep(block.index, stats)
                 else:
                     stats = self._load(block.index)
                 for number, track in enumerate(builds):
                     last = number == len(builds) - 1
                     self._build_track(block, fp if last else fp.clone(), stats, here, track, track is write,
-                                      carries[id(track)], writer, result)
+                                      carries[id(track)], writer, result, calibrate and write is track)
                 self.runner.finish_block(block, self.fp_carry)
+                if self.cache is not None and calibrate and block.index > resume:
+                    with progress.phase("cache"):
+                        self.cache.save_carry(block.index, self.fp_carry)
+                    pause_point(f"block-{block.index}")
                 for carry in carries.values():
                     self.runner.finish_block(block, carry)
                 del fp
@@ -211,17 +231,36 @@ class Pipeline:
             carry.clear()
         return result
 
-    def _calibrate(self, block: Block, fp: ir.Model, here: set[str], references: set[int] | frozenset[int],
-                   builds: list[Track]) -> ActivationStats:
-        config = builds[0].config
+    def _resume_point(self, references: set[int] | frozenset[int]) -> int:
+        """The last block calibrated by an earlier run of the same key (--cache-dir), -1 when none; not past the
+        block before the one that makes the model's first output when this run compares outputs with the FP
+        model's (those are not kept)."""
+        if self.cache is None:
+            return -1
+        resume = self.cache.resume_after(len(self.part.blocks))
+        if references:
+            first = self.part.graph_outputs[0]
+            maker = next(b.index for b in self.part.blocks if first in b.outputs)
+            resume = min(resume, maker - 1)
+        if resume >= 0:
+            self.cache.load_carry(resume, self.fp_carry)
+            logger.info("--cache-dir: blocks 1-%d calibrated by an earlier run", resume + 1)
+        return resume
+
+    def _calibrate(self, block: Block, fp: ir.Model, config: QuantizeConfig,
+                   references: set[int] | frozenset[int]) -> ActivationStats:
+        """Statistics of every group of the block (excluded layers too: a cached block then serves any later
+        --exclude), with rows whenever a choice may need them or they are cached."""
         with self.progress.phase("calibrate"):
-            request = statistics_needed(find_smoothing_groups(fp.graph), here)
-            keep_rows = KEPT_ROWS if config.needs_rows else 0
+            every = {layer.name for layer in find_linear_layers(fp.graph)}
+            request = statistics_needed(find_smoothing_groups(fp.graph), every)
+            keep_rows = KEPT_ROWS if config.needs_rows or self.cache is not None else 0
             return calibrate_block(self.runner, block, fp, request.channel_max, request.probes, keep_rows,
                                    self.fp_carry, set(references), self.references, self.progress.tick)
 
     def _build_track(self, block: Block, fp: ir.Model, stats: ActivationStats, here: set[str], track: Track,
-                     written: bool, carry: Carry, writer: StreamingWriter | None, result: PassResult) -> None:
+                     written: bool, carry: Carry, writer: StreamingWriter | None, result: PassResult,
+                     calibrating: bool = False) -> None:
         with self.progress.phase("smooth and quantize"):
             built = build(fp, track.config, stats, here - track.float_layers,
                           sensitivities=written and track.config.keep_float_budget is not None)
@@ -231,7 +270,9 @@ class Pipeline:
             result.sensitivity.update(built.sensitivity)
             result.worst_pair = max(result.worst_pair, worst_int16_pair_in_graph(built.model.graph))
         check = written and result.kernels is not None and bool(built.plan) and not track.config.smooth_only
-        if track.keys or check:
+        # --sequential: the next block is calibrated on what this INT8 block computes from the INT8 blocks before
+        sequential = calibrating and track.config.sequential and bool(built.plan)
+        if track.keys or check or sequential:
             with self.progress.phase("check"):
                 optimized = self.workdir / f"kernels-{block.index}.onnx" if check else None
                 try:
@@ -247,6 +288,9 @@ class Pipeline:
                 if track.keys:
                     run_track_block(self.runner, block, session, carry, track.keys, self.references,
                                     track.comparison, track.timed)
+                if sequential:
+                    forward_block(self.runner, block, session, self.fp_carry, self.samples.counted_keys,
+                                  self.progress.tick)
                 del session
         if written and writer is not None:
             with self.progress.phase("write"):

@@ -76,6 +76,7 @@ class QuantizeReport:
             f"{ratio_before:.1f} -> {ratio_after:.1f}",
             f"  size: {self.input_bytes / 1e6:.1f} MB -> {self.output_bytes / 1e6:.1f} MB in {self.seconds:.1f} s",
             *([f"  {self.settings['blocks']}"] if "blocks" in self.settings else []),
+            *([f"  --cache-dir {self.settings['cache']}"] if "cache" in self.settings else []),
             f"  peak memory {self.peak_rss_bytes / 1e9:.2f} GB; "
             + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.phases.items()),
         ]

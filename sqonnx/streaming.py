@@ -83,6 +83,11 @@ class Samples:
         return count * length + sum(chain.steps for chain in self.chains)
 
     @property
+    def counted_keys(self) -> set[int]:
+        """The samples and decode chains the statistics count (all but the held-back samples)."""
+        return set(range(self.calibration_count)) | {self.count + i for i in range(len(self.chains))}
+
+    @property
     def held_out_keys(self) -> list[int]:
         return list(range(self.calibration_count, self.count))
 
@@ -341,6 +346,19 @@ def run_track_block(runner: BlockRunner, block: Block, session: Session, carry: 
             comparison.add(first_output, reference_carry.get(run.key, first_output), fetched[first_output],
                            feeds)
         return fetched
+
+    runner.forward(block, run_one, carry, only=keys)
+
+
+def forward_block(runner: BlockRunner, block: Block, session: Session, carry: Carry, keys: set[int],
+                  tick: Callable[[], None]) -> None:
+    """The samples `keys` through `block` in `session`, leaving what later blocks read in `carry` (replacing the
+    values there): --sequential feeds the next block the INT8 block's outputs."""
+
+    def run_one(sequence: Sequence, run: Run, feeds: dict[str, np.ndarray], fetch: list[str]) -> dict[str, np.ndarray]:
+        results = session.run(fetch, feeds, f"calibration sample {sequence.index}")
+        tick()
+        return dict(zip(fetch, results, strict=True))
 
     runner.forward(block, run_one, carry, only=keys)
 

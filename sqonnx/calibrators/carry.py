@@ -79,6 +79,10 @@ class Carry:
         for key, name in [k for k in (*self._memory, *self._files) if k[1] in names]:
             self.discard(key, name)
 
+    def entries(self) -> list[tuple[Key, str]]:
+        """Every (run key, value name) held."""
+        return sorted({*self._memory, *self._files})
+
     def names(self, key: Key) -> list[str]:
         return sorted({name for k, name in (*self._memory, *self._files) if k == key})
 

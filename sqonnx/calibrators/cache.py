@@ -1,0 +1,174 @@
+"""`--cache-dir`: each finished block's calibration statistics and the values entering the next block, on disk,
+so that a killed run resumes where it stopped and a rerun with other choices skips the forward passes.
+
+Calibration statistics depend on the model, the samples and the few options that change what runs through the
+model (rotation, the cut into blocks, the samples held back, decode steps); not on α, the level, the target,
+the form or --exclude: every group's statistics and rows are kept, whatever the run needs. With `--sequential`
+each block is calibrated on the INT8 output of the block before, so the statistics depend on every
+quantization option too, and the key holds them all. A cache made under another key is refused in one line.
+
+Layout: `manifest.json` (the key), `block-NNNN.npz` (statistics of block N), `carry-NNNN/` (every value alive
+after block N, per run: the residual stream and the mask, rotary tables, ... later blocks read), `tokens.npz`
+(the decode chains' generated tokens). Files are written under a temporary name and renamed, so a run killed
+while writing leaves nothing that looks finished; only the newest carry folder is kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sqonnx.calibrators.carry import Carry
+from sqonnx.calibrators.channel_max import ActivationStats
+from sqonnx.errors import SqonnxError
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+
+def file_digest(path: Path, limit: int | None = None) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        remaining = limit
+        while chunk := handle.read(1 << 24 if remaining is None else min(1 << 24, remaining)):
+            digest.update(chunk)
+            if remaining is not None:
+                remaining -= len(chunk)
+                if remaining <= 0:
+                    break
+    return digest.hexdigest()[:16]
+
+
+def model_identity(model_path: Path, data_files: list[Path]) -> str:
+    """The .onnx file's bytes, and each external data file's size and modification time (hashing 27 GB of
+    weights would take minutes; a rewritten data file has a new time)."""
+    parts = [file_digest(model_path)]
+    for path in sorted(data_files):
+        stat = path.stat()
+        parts.append(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def data_identity(data: Path | None) -> str:
+    if data is None:
+        from sqonnx.calibrators.data import pydoc_text
+
+        return "pydoc:" + hashlib.sha256(pydoc_text("calibration").encode()).hexdigest()[:16] + f":{sys.version}"
+    return f"{data.name}:{file_digest(data)}"
+
+
+@dataclass
+class CalibrationCache:
+    folder: Path
+
+    @classmethod
+    def open(cls, folder: Path, key: dict[str, str]) -> CalibrationCache:
+        """The cache in `folder`, created if empty; refused (one line) if it was made under another key."""
+        if folder.exists() and not folder.is_dir():
+            raise SqonnxError(f"--cache-dir {folder} is a file; give a folder")
+        manifest = folder / MANIFEST
+        if manifest.exists():
+            try:
+                found = json.loads(manifest.read_text())
+            except (OSError, ValueError):
+                found = {}
+            if found.get("format") != FORMAT or found.get("key") != key:
+                old = found.get("key", {}) if isinstance(found.get("key"), dict) else {}
+                what = [name for name in key if old.get(name) != key[name]] or ["its format"]
+                raise SqonnxError(f"--cache-dir {folder} holds calibration of another {', '.join(what)}; "
+                                  "give an empty folder, or delete this one")
+        elif folder.exists() and any(folder.iterdir()):
+            raise SqonnxError(f"--cache-dir {folder} is not empty and holds no sqonnx calibration cache; give an "
+                              "empty or new folder")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            _write_text(manifest, json.dumps({"format": FORMAT, "key": key}, indent=1))
+        except OSError as exc:
+            raise SqonnxError(f"cannot write --cache-dir {folder}: {exc.strerror}") from None
+        return cls(folder)
+
+    def stats(self, index: int) -> ActivationStats | None:
+        path = self.folder / f"block-{index:04d}.npz"
+        if not path.exists():
+            return None
+        stats = ActivationStats({})
+        with np.load(path) as archive:
+            for key in archive.files:
+                kind, name = key.split("/", 1)
+                getattr(stats, {"max": "channel_max", "rows": "rows", "maps": "maps"}[kind])[name] = archive[key]
+        return stats
+
+    def save_stats(self, index: int, stats: ActivationStats) -> None:
+        arrays = {f"max/{k}": v for k, v in stats.channel_max.items()}
+        arrays |= {f"rows/{k}": v for k, v in stats.rows.items()}
+        arrays |= {f"maps/{k}": v for k, v in stats.maps.items()}
+        path = self.folder / f"block-{index:04d}.npz"
+        self._atomic(path, lambda temporary: np.savez(temporary, **arrays))
+
+    def resume_after(self, blocks: int) -> int:
+        """The last block whose statistics and carried values are both kept (-1: none): a run resumes after it."""
+        for index in range(blocks - 1, -1, -1):
+            if (self.folder / f"carry-{index:04d}").is_dir() and all(
+                    (self.folder / f"block-{i:04d}.npz").exists() for i in range(index + 1)):
+                return index
+        return -1
+
+    def save_carry(self, index: int, carry: Carry) -> None:
+        """Every value alive after block `index`; the previous block's carry folder is removed."""
+        target = self.folder / f"carry-{index:04d}"
+        temporary = self.folder / f".carry-{index:04d}.partial"
+        shutil.rmtree(temporary, ignore_errors=True)
+        try:
+            temporary.mkdir()
+            entries = []
+            for number, (key, name) in enumerate(carry.entries()):
+                np.save(temporary / f"{number}.npy", carry.get(key, name), allow_pickle=False)
+                entries.append([key[0], key[1], name])
+            _write_text(temporary / "index.json", json.dumps(entries))
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(temporary, target)
+        except OSError as exc:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise SqonnxError(f"cannot write --cache-dir {self.folder}: {exc.strerror}") from None
+        for old in self.folder.glob("carry-*"):
+            if old != target:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def load_carry(self, index: int, carry: Carry) -> None:
+        folder = self.folder / f"carry-{index:04d}"
+        for number, (sequence, step, name) in enumerate(json.loads((folder / "index.json").read_text())):
+            carry.put((int(sequence), int(step)), str(name), np.load(folder / f"{number}.npy", allow_pickle=False))
+
+    def tokens(self) -> list[np.ndarray] | None:
+        path = self.folder / "tokens.npz"
+        if not path.exists():
+            return None
+        with np.load(path) as archive:
+            return [archive[f"chain{i}"] for i in range(len(archive.files))]
+
+    def save_tokens(self, tokens: list[np.ndarray]) -> None:
+        self._atomic(self.folder / "tokens.npz",
+                     lambda temporary: np.savez(temporary, **{f"chain{i}": t for i, t in enumerate(tokens)}))
+
+    def _atomic(self, path: Path, write: object) -> None:
+        temporary = path.with_name(f".{path.name}.partial")
+        try:
+            with open(temporary, "wb") as handle:
+                write(handle)  # type: ignore[operator]
+            os.replace(temporary, path)
+        except OSError as exc:
+            temporary.unlink(missing_ok=True)
+            raise SqonnxError(f"cannot write --cache-dir {self.folder}: {exc.strerror}") from None
+
+
+def _write_text(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.partial")
+    temporary.write_text(text)
+    os.replace(temporary, path)
