@@ -1,5 +1,8 @@
 """`sqonnx inspect`: where a model's outliers are, and what smoothing does to them, without writing a model.
 
+It goes through `quantize`'s own front end (sqonnx.front): the residual stream is rotated where quantize rotates
+it and the model is calibrated block by block, so the report describes the graph quantize smooths.
+
 Per smoothing group (the layers that read one activation): the max/median ratio of per-channel max|X|
 and of per-input-channel max|W| before and after smoothing, the α used (searched per group by default),
 and each layer's sensitivity: the relative error of its output when it alone is quantized (INT8 at the
@@ -11,23 +14,22 @@ them together, and report.json has every number.
 from __future__ import annotations
 
 import html
-import itertools
 import json
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from sqonnx.calibrators import calibration_feeds, collect_statistics
 from sqonnx.config import QuantizeConfig
 from sqonnx.errors import SqonnxError
+from sqonnx.front import prepare_model
 from sqonnx.graph import load_model
-from sqonnx.passes.prepare import prepare
 from sqonnx.passes.smoothing_groups import SmoothingGroup, find_smoothing_groups
+from sqonnx.pipeline import Pipeline
+from sqonnx.progress import Progress
 from sqonnx.search import AlphaSearch, group_error
 from sqonnx.smoothing import input_channel_max, smoothing_scales
-
-KEPT_ROWS = 512
 
 
 @dataclass
@@ -55,6 +57,8 @@ def ratio(values: np.ndarray) -> float:
 
 def inspect_model(model_path: Path, out_dir: Path, config: QuantizeConfig, top: int = 8,
                   progress: bool = False) -> list[GroupInspection]:
+    """Calibrate the model as `quantize` would see it (the same front end: rotated where quantize rotates, cut
+    into the same blocks, one block in memory at a time) and report every smoothing group."""
     try:
         import matplotlib
 
@@ -62,29 +66,40 @@ def inspect_model(model_path: Path, out_dir: Path, config: QuantizeConfig, top: 
         import matplotlib.pyplot as plt
     except ImportError:
         raise SqonnxError("the inspect report draws PNG plots with matplotlib; pip install 'sqonnx[report]'") from None
-    model = prepare(load_model(model_path))  # as quantize sees it: a tied LM head has its own constant
     if out_dir.exists() and not out_dir.is_dir():
         raise SqonnxError(f"--out {out_dir} is a file; give a folder for the report")
-    groups = [g for g in find_smoothing_groups(model.graph)
-              if not any(config.is_excluded(layer.name) for layer in g.layers)]
-    if not groups:
+    model = load_model(model_path)
+    results: list[GroupInspection] = []
+    panels: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # act_max, s, weight max per group, for plots
+    with tempfile.TemporaryDirectory(prefix="sqonnx-inspect-") as workdir:
+        front = prepare_model(model, model_path, config, Path(workdir), Progress(progress))
+        pipeline = Pipeline(front.model, front.partition, front.samples, front.quantized, Path(workdir),
+                            Progress(progress), verify=False)
+        for block, stats in pipeline.calibrated_blocks(config):
+            search = AlphaSearch(stats.rows, config.alpha_grid, config.level, config.weight_qmax, config.per_channel,
+                                 config.calib_method)
+            for group in find_smoothing_groups(block.graph):
+                name = str(group.activation.name)
+                if any(config.is_excluded(layer.name) for layer in group.layers) or name not in stats.rows:
+                    continue
+                result = _inspect_group(group, stats.channel_max[name], stats.rows[name], config, search)
+                results.append(result)
+                weight_max = np.max([input_channel_max(layer.weight, layer.in_axis) for layer in group.layers],
+                                    axis=0)
+                panels.append((stats.channel_max[name], _scales(group, stats.channel_max[name], result.alpha),
+                               weight_max))
+    if not results:
         raise SqonnxError(f"{model_path.name} has no MatMul/Gemm with a constant float weight to inspect")
-    feeds = calibration_feeds(model.graph, model_path.parent, config.calibration)
-    wanted = {str(g.activation.name): g.channels for g in groups}
-    stats = collect_statistics(model, wanted, itertools.chain(feeds, feeds.decode), feeds.count + len(feeds.decode),
-                               progress=progress, keep_rows=KEPT_ROWS)
-    search = AlphaSearch(stats.rows, config.alpha_grid, config.level, config.weight_qmax, config.per_channel,
-                         config.calib_method)
-    results = [_inspect_group(g, stats.channel_max[str(g.activation.name)], stats.rows[str(g.activation.name)],
-                              config, search) for g in groups]
     out_dir.mkdir(parents=True, exist_ok=True)
     worst = sorted(range(len(results)), key=lambda i: -results[i].activation_ratio_before)[:top]
     for rank, index in enumerate(worst):
         results[index].plot = f"group_{rank:02d}.png"
-        _plot(plt, groups[index], stats.channel_max[str(groups[index].activation.name)], results[index],
-              out_dir / results[index].plot)
+        figure = draw_group(plt, *panels[index], results[index])
+        figure.savefig(out_dir / results[index].plot, dpi=90)
+        plt.close(figure)
     (out_dir / "report.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
-    (out_dir / "index.html").write_text(_html(model_path, results, [results[i] for i in worst], config))
+    (out_dir / "index.html").write_text(_html(model_path, results, [results[i] for i in worst], config,
+                                              front.rotation.summary()))
     return results
 
 
@@ -133,14 +148,6 @@ def top_channels(values: np.ndarray, count: int) -> list[int]:
     return [int(i) for i in order[:count]]
 
 
-def _plot(plt, group: SmoothingGroup, act_max: np.ndarray, result: GroupInspection, path: Path) -> None:  # noqa: ANN001
-    scales = _scales(group, act_max, result.alpha)
-    weight_max = np.max([input_channel_max(layer.weight, layer.in_axis) for layer in group.layers], axis=0)
-    figure = draw_group(plt, act_max, scales, weight_max, result)
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
-
-
 def draw_group(plt, act_max: np.ndarray, scales: np.ndarray, weight_max: np.ndarray,  # noqa: ANN001
                result: GroupInspection):  # -> matplotlib Figure
     """Four panels stacked on one channel axis (activation before/after, weight before/after), so a channel
@@ -180,7 +187,7 @@ def draw_group(plt, act_max: np.ndarray, scales: np.ndarray, weight_max: np.ndar
 
 
 def _html(model_path: Path, results: list[GroupInspection], worst: list[GroupInspection],
-          config: QuantizeConfig) -> str:
+          config: QuantizeConfig, rotation: str) -> str:
     def cell(value: float | None) -> str:
         return "" if value is None else f"{value:.3g}"
 
@@ -202,6 +209,7 @@ def _html(model_path: Path, results: list[GroupInspection], worst: list[GroupIns
 td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}td:first-child,td:nth-child(2){{text-align:left}}
 img{{max-width:100%}}</style></head><body>
 <h1>{html.escape(str(model_path))}</h1>
+<p>{html.escape(rotation)}.</p>
 <p>Level {config.level.value}, α {alpha}, weights [-{config.weight_qmax}, {config.weight_qmax}]
 {'per channel' if config.per_channel else 'per tensor'}. Outlier ratio: max / median of the per-channel maxima.
 Sensitivity: relative squared error of the layer's output when only that layer is quantized, on calibration rows

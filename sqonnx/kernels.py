@@ -25,6 +25,8 @@ class KernelCheck:
     float_linear: int = 0  # MatMul/Gemm nodes left in float (attention products, excluded layers)
     unfused: list[str] = field(default_factory=list)  # float MatMul/Gemm still fed by a DequantizeLinear
     dequantize_nodes: int = 0
+    blocks: int = 0  # quantized blocks of the model
+    checked_blocks: int = 0  # of them, those onnxruntime optimized (the rest repeat a checked block's pattern)
 
     @property
     def integer_total(self) -> int:
@@ -42,6 +44,8 @@ class KernelCheck:
         text = f"integer kernels: {kernels}; float MatMul/Gemm: {self.float_linear}"
         if self.unfused:
             text += f"; NOT fused: {len(self.unfused)}"
+        if self.checked_blocks < self.blocks:
+            text += f" ({self.checked_blocks} of {self.blocks} blocks optimized; the others repeat their ops)"
         return text
 
 

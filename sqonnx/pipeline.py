@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -78,6 +79,7 @@ class PassResult:
     worst_pair: int = 0
     fp_seconds: float = 0.0
     resumed: int = 0  # blocks whose calibration an earlier run left in --cache-dir
+    checked: dict[tuple[object, ...], KernelCheck] = field(default_factory=dict)  # kernels per block pattern
 
 
 @dataclass
@@ -95,6 +97,15 @@ class Outcome:
     result: PassResult
     alpha_trials: dict[str, float] = field(default_factory=dict)
     keep_float: list[KeepFloatTrial] = field(default_factory=list)
+
+
+def _signature(model: ir.Model) -> tuple[object, ...]:
+    """What onnxruntime's fusions of a quantized block depend on: its ops in order, with the types of their
+    inputs (names and weights aside)."""
+    return tuple((node.op_type, node.domain, tuple(None if v is None else v.dtype for v in node.inputs),
+                  tuple(sorted((k, str(a.value)) for k, a in node.attributes.items()
+                               if a.type != ir.AttributeType.TENSOR)))
+                 for node in model.graph)
 
 
 class Pipeline:
@@ -231,6 +242,21 @@ class Pipeline:
             carry.clear()
         return result
 
+    def calibrated_blocks(self, config: QuantizeConfig) -> Iterator[tuple[ir.Model, ActivationStats]]:
+        """Each block (its FP model, as quantize would smooth it) with its calibration statistics, one at a time:
+        what `sqonnx inspect` reports on."""
+        self.progress.start_pass("calibrating", self.part.blocks)
+        for block in self.part.blocks:
+            with self.progress.block(block, self.samples.total_runs):
+                with self.progress.phase("read and rotate"):
+                    fp = extract_block(self.model, block)
+                stats = self._calibrate(block, fp, config, frozenset(), rows=True)
+                yield fp, stats
+                self.runner.finish_block(block, self.fp_carry)
+                del fp
+                release_block(self.model, block)
+                free_memory()
+
     def _resume_point(self, references: set[int] | frozenset[int]) -> int:
         """The last block calibrated by an earlier run of the same key (--cache-dir), -1 when none; not past the
         block before the one that makes the model's first output when this run compares outputs with the FP
@@ -248,13 +274,13 @@ class Pipeline:
         return resume
 
     def _calibrate(self, block: Block, fp: ir.Model, config: QuantizeConfig,
-                   references: set[int] | frozenset[int]) -> ActivationStats:
+                   references: set[int] | frozenset[int], rows: bool = False) -> ActivationStats:
         """Statistics of every group of the block (excluded layers too: a cached block then serves any later
-        --exclude), with rows whenever a choice may need them or they are cached."""
+        --exclude), with rows whenever a choice may need them, they are cached, or `rows`."""
         with self.progress.phase("calibrate"):
             every = {layer.name for layer in find_linear_layers(fp.graph)}
             request = statistics_needed(find_smoothing_groups(fp.graph), every)
-            keep_rows = KEPT_ROWS if config.needs_rows or self.cache is not None else 0
+            keep_rows = KEPT_ROWS if rows or config.needs_rows or self.cache is not None else 0
             return calibrate_block(self.runner, block, fp, request.channel_max, request.probes, keep_rows,
                                    self.fp_carry, set(references), self.references, self.progress.tick)
 
@@ -270,6 +296,14 @@ class Pipeline:
             result.sensitivity.update(built.sensitivity)
             result.worst_pair = max(result.worst_pair, worst_int16_pair_in_graph(built.model.graph))
         check = written and result.kernels is not None and bool(built.plan) and not track.config.smooth_only
+        signature = _signature(built.model) if check else ()
+        if check and signature in result.checked:
+            # onnxruntime's fusions depend on the graph's pattern only: a block with the very ops and levels of a
+            # block already checked runs the same kernels (a 7B model has 64 alike), and its check is skipped
+            assert result.kernels is not None
+            result.kernels.add(replace(result.checked[signature], unfused=[]))
+            result.kernels.blocks += 1
+            check = False
         # --sequential: the next block is calibrated on what this INT8 block computes from the INT8 blocks before
         sequential = calibrating and track.config.sequential and bool(built.plan)
         if track.keys or check or sequential:
@@ -284,7 +318,11 @@ class Pipeline:
                         raise SqonnxError(no_space(self.workdir.parent.parent, writer)) from None
                     raise
                 if optimized is not None and result.kernels is not None:
-                    result.kernels.add(count_kernels(optimized))
+                    found = count_kernels(optimized)
+                    result.checked[signature] = found
+                    result.kernels.add(found)
+                    result.kernels.blocks += 1
+                    result.kernels.checked_blocks += 1
                 if track.keys:
                     run_track_block(self.runner, block, session, carry, track.keys, self.references,
                                     track.comparison, track.timed)

@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+import sqonnx
 
 from tests.synthetic import OUTLIERS
 
@@ -78,3 +81,25 @@ def test_plot_shows_every_channel() -> None:
     xs = {round(float(axis.transData.transform((1387, 0))[0]), 3) for axis in axes}
     assert len(xs) == 1, "channel 1387 is not at the same x in every panel"
     plt.close(figure)
+
+
+@pytest.mark.zoo
+def test_inspect_describes_the_graph_quantize_smooths(tmp_path: Path) -> None:
+    """inspect goes through quantize's front end: the residual stream rotated as quantize rotates it, the same
+    activations (outlier ratios per group equal to the quantize report's), one block at a time."""
+    from sqonnx import CalibrationConfig, QuantizeConfig
+    from sqonnx.inspection import inspect_model
+    from tests import zoo
+
+    model = zoo.build("llama")
+    config = QuantizeConfig(alpha=0.5, block_bytes=1, calibration=CalibrationConfig(
+        data=zoo.save_npz(model, tmp_path / "c.npz", samples=4, seq=32, seed=0), num_samples=4))
+    report = sqonnx.quantize(model, tmp_path / "q.onnx", config)
+    assert report.settings["rotation"].startswith("rotated the residual stream")
+    results = inspect_model(model, tmp_path / "report", config, top=2)
+    quantized = {layer.name: layer.outlier_ratio_before for layer in report.layers}
+    inspected = {layer: r.activation_ratio_before for r in results for layer in r.layers}
+    assert inspected.keys() == quantized.keys()
+    for layer, ratio in inspected.items():
+        assert ratio == pytest.approx(quantized[layer], rel=1e-4), layer
+    assert "rotated the residual stream" in (tmp_path / "report" / "index.html").read_text()
