@@ -69,7 +69,7 @@ def full_range_is_safe(target: Target) -> bool:
 def worst_int16_pair(weight_codes: np.ndarray, in_axis: int) -> int:
     """Largest |u8 * w[2k] + u8 * w[2k+1]| an activation of 255 can produce, over adjacent input-channel
     pairs: the intermediate `vpmaddubsw` saturates. Must stay <= 32767 for non-VNNI x86 targets."""
-    codes = np.abs(np.moveaxis(weight_codes.astype(np.int32), in_axis, 0))
+    codes = np.abs(np.moveaxis(weight_codes, in_axis, 0).astype(np.int16))  # |int8| + |int8| fits int16
     if codes.shape[0] % 2:
         codes = np.concatenate([codes, np.zeros_like(codes[:1])])
     pairs = codes[0::2] + codes[1::2]

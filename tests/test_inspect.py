@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 import sqonnx
-
 from tests.synthetic import OUTLIERS
 
 

@@ -148,3 +148,43 @@ def test_memory_does_not_grow_with_depth(tmp_path: Path) -> None:
             for file in path.iterdir():
                 file.unlink()
     assert abs(peaks[1] - peaks[0]) < block, f"peak RSS {peaks[0] / 1e6:.0f} MB -> {peaks[1] / 1e6:.0f} MB"
+
+
+@pytest.mark.zoo
+def test_with_past_export_smoothed_and_rotated_through_the_cache(tmp_path: Path) -> None:
+    """An optimum with-past export (present = Concat(past, v), read on by GQA's repeat): o_proj is smoothed into
+    v_proj's columns and the value heads rotated, so the cache holds V H / s; a prefill and then a decode step
+    fed that cache give the FP model's logits, block by block."""
+    from tests.test_decode_calibration import _with_past_llama
+
+    source = _with_past_llama()
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, 256, (1, 12)).astype(np.int64)
+    cache = {i.name: np.zeros((1, 2, 0, 16), np.float32) for i in ort.InferenceSession(str(source)).get_inputs()
+             if i.name.startswith("past_key_values")}
+
+    def prefill(feeds_tokens: np.ndarray) -> dict[str, np.ndarray]:
+        seq = feeds_tokens.shape[1]
+        return {"input_ids": feeds_tokens, "attention_mask": np.ones((1, seq), np.int64),
+                "position_ids": np.arange(seq, dtype=np.int64)[None], **cache}
+
+    np.savez(tmp_path / "calib.npz", **{k: np.stack([prefill(rng.integers(3, 256, (1, 12)).astype(np.int64))[k]
+                                                     for _ in range(4)]) for k in prefill(tokens)})
+    report = sqonnx.quantize(source, tmp_path / "s" / "model.onnx", QuantizeConfig(
+        smooth_only=True, exclude=(), block_bytes=ONE_BYTE,
+        calibration=CalibrationConfig(data=tmp_path / "calib.npz", num_samples=4)))
+    assert sum(r.smoothing == "MatMul (value columns)" for r in report.layers) == 2, _decisions(report)
+    assert "R2 16x16 on 2 attention layers" in report.settings["rotation"], report.settings["rotation"]
+
+    def run(path: Path) -> tuple[np.ndarray, np.ndarray]:
+        session = ort.InferenceSession(str(path))
+        names = [o.name for o in session.get_outputs()]
+        first = dict(zip(names, session.run(None, prefill(tokens[:, :11])), strict=True))
+        step = {"input_ids": tokens[:, 11:], "attention_mask": np.ones((1, 12), np.int64),
+                "position_ids": np.array([[11]], np.int64),
+                **{name: first[name.replace("past_key_values", "present")] for name in cache}}
+        return first["logits"], session.run(["logits"], step)[0]
+
+    expected, got = run(source), run(tmp_path / "s" / "model.onnx")
+    for reference, value in zip(expected, got, strict=True):
+        np.testing.assert_allclose(value, reference, atol=1e-4 * np.abs(reference).max())

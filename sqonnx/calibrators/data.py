@@ -352,7 +352,7 @@ def _npz_feeds(inputs: list[ir.Value], path: Path, num_samples: int) -> Calibrat
             if isinstance(dim, int) and array.shape[axis + 1] != dim:
                 raise SqonnxError(f"array '{value.name}' in {path.name} has shape {array.shape[1:]} per "
                                   f"sample but the model needs {list(value.shape)}")
-        if 0 in array.shape[1:]:
+        if 0 in array.shape[1:] and not str(value.name).startswith(CACHE_PREFIXES):  # an empty cache is a prefill
             raise SqonnxError(f"array '{value.name}' in {path.name} has shape {array.shape}: a sample with no "
                               "elements; give each sample at least one token")
         expected = _NUMPY_OF.get(value.dtype) if value.dtype is not None else None

@@ -289,9 +289,13 @@ def _other_readers(value: ir.Value, consumer: ir.Node | None) -> tuple[tuple[ir.
     checked during calibration to read none of the divided columns (see `Probe.splits`)."""
     uses = value_uses(value)
     if value.is_graph_output():
-        # A key/value cache output ("present") may carry V/s: it comes back as a past input in the
-        # same space, and the Concat that joins them is on the path.
-        ok = consumer is not None and consumer.op_type == "Concat" and len(uses) == 1
+        # A key/value cache output ("present") may carry V/s: it comes back as a past input in the same space.
+        # Either the Concat that joins past and new is on the path after it, or it is that Concat's output
+        # (an optimum with-past export: present = Concat(past, v), read on by attention or GQA's repeat).
+        producer = value.producer()
+        joins_past = producer is not None and producer.op_type == "Concat" and any(
+            v is not None and v.is_graph_input() for v in producer.inputs)
+        ok = consumer is not None and (consumer.op_type == "Concat" or joins_past) and len(uses) == 1
         return () if ok else None
     if len(uses) == 1:
         return ()
