@@ -23,6 +23,7 @@ The table goes to ci/results/scale.md, the numbers to ci/results/scale.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -38,8 +39,6 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "ci"))
-
-import contextlib
 
 import scale_models  # noqa: E402
 
