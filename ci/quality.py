@@ -5,9 +5,9 @@ SmolLM2-135M: perplexity on held-out pydoc text (16 windows of 512 tokens).
 all-MiniLM-L6-v2: mean cosine of sentence embeddings to FP32 (64 held-out pydoc paragraphs).
 Rows: FP32, O3 without smoothing (--no-smooth), the main command (--alpha 0.5 --static) with and without the
 residual-stream rotation, the per-layer level (--level auto, the default) with and without rotation, the
-defaults with the LM head left float, O1 with 8-bit weights; for MiniLM the defaults, --static and the
-float-FFN recipe. Every SmolLM2 row also gets its prefill speed-up over FP32 (512 tokens, alternating
-runs). Size and memory are ci/bench.py's job.
+defaults with the LM head left float, O1 with 8-bit weights, GPTQ's sequential mode; for MiniLM the defaults,
+--static, the float-FFN recipe and the sequential mode. Every SmolLM2 row also gets its prefill speed-up over
+FP32 (512 tokens, alternating runs). Size and memory are ci/bench.py's job.
 Writes ci/results/quality.md and quality.json; `make quality` runs it.
 """
 
@@ -73,6 +73,12 @@ def main() -> None:
         "defaults with the LM head float (--exclude '*lm_head*')": {"exclude": ("*lm_head*",)},
         "O1, --alpha 0.5, rotated, 8-bit weights (--target x86-vnni --full-range)": {
             "level": sqonnx.Level.O1, "target": sqonnx.Target.X86_VNNI, "reduce_range": False},
+        # GPTQ's sequential mode: each layer calibrated on the INT8 layers before it (blocks of one layer, so
+        # that every layer sees them; the block size alone changes nothing)
+        "defaults, --sequential --block-size 16 (each layer calibrated on the INT8 layers before)": {
+            "sequential": True, "block_bytes": 16 << 20},
+        "O3 everywhere, --static --sequential --block-size 16": {**STATIC, "sequential": True,
+                                                                 "block_bytes": 16 << 20},
     }
     for name, config in variants(args.num_samples, 512, smollm2_extra).items():
         out = fp32.with_name(f"quality-{len(rows)}.onnx")
@@ -94,7 +100,8 @@ def main() -> None:
     recipe = {"--level auto, --alpha 0.5 (defaults)": {},
               "O3 everywhere, --alpha 0.5 --static": STATIC,
               "O3, --unabsorbed mul --exclude '*layer.*/output/dense*' (6 layers float)": BERT_RECIPE,
-              "O1, --alpha 0.5": {"level": sqonnx.Level.O1}}
+              "O1, --alpha 0.5": {"level": sqonnx.Level.O1},
+              "defaults, --sequential --block-size 8": {"sequential": True, "block_bytes": 8 << 20}}
     for name, config in variants(args.num_samples, 128, recipe).items():
         out = encoder.with_name(f"quality-{len(rows)}.onnx")
         sqonnx.quantize(encoder, out, config)

@@ -84,6 +84,17 @@ def run_measured(args: list[str], watch: list[Path], env: dict[str, str] | None 
     return {"seconds": wall, "peak_rss": usage.ru_maxrss * 1024, "peak_disk": peak[0], "output": "".join(output)}
 
 
+def drop_caches() -> bool:
+    """Empty the page cache (root on Linux), so that each measured run reads the model from disk: a 27 GB model
+    does not fit in it, a 13.5 GB one would stay there from the run before and flatter the next."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
 def baseline(model: Path, feeds: Path, result: Path) -> None:
     """In a child process: onnxruntime's float32 forward passes over the samples, block by block."""
     from sqonnx.blocks import partition
@@ -166,10 +177,12 @@ def measure(name: str, shape: scale_models.LlamaShape, dtype: str, with_past: bo
     python = sys.executable
     env = {**os.environ, "TMPDIR": str(tmp)}
     print("  baseline: onnxruntime FP32 forward, block by block", flush=True)
+    cold = drop_caches()
     base = run_measured([python, __file__, "--baseline", str(model), str(feeds), str(workdir / "baseline.json")],
                         [tmp], env)
     forward = json.loads((workdir / "baseline.json").read_text())
     print("  sqonnx quantize (defaults)", flush=True)
+    cold = drop_caches() and cold
     quantized = run_measured([python, "-m", "sqonnx", "quantize", str(model), "-o", str(out / "model.onnx"),
                               "--calib-data", str(feeds)], [out, tmp], env)
     output_bytes = disk_usage(out)
@@ -179,6 +192,7 @@ def measure(name: str, shape: scale_models.LlamaShape, dtype: str, with_past: bo
     check = json.loads((workdir / "check.json").read_text())
     row = {
         "model": name, "dtype": dtype, "with_past": with_past, "samples": samples, "seq_len": seq_len,
+        "cold_page_cache": cold,
         "parameters": shape.parameters if hasattr(shape, "parameters") else None,
         "model_gb": model_bytes / 1e9, "build_seconds": built,
         "forward_seconds": forward["seconds"], "forward_blocks": forward["blocks"],

@@ -25,7 +25,7 @@ from sqonnx.calibrators.carry import Carry
 from sqonnx.calibrators.channel_max import ActivationStats
 from sqonnx.config import QuantizeConfig
 from sqonnx.errors import SqonnxError
-from sqonnx.graph import find_linear_layers
+from sqonnx.graph import find_linear_layers, prefetch
 from sqonnx.kernels import KernelCheck, count_kernels
 from sqonnx.output import StreamingWriter, no_space
 from sqonnx.passes.smoothing_groups import find_smoothing_groups, statistics_needed
@@ -38,6 +38,7 @@ from sqonnx.streaming import (
     BlockRunner,
     Comparison,
     Samples,
+    block_initializers,
     calibrate_block,
     extract_block,
     forward_block,
@@ -201,6 +202,8 @@ class Pipeline:
             result.resumed = resume + 1
         for block in self.part.blocks:
             runs = self.samples.total_runs if calibrate and block.index > resume else sum(len(t.keys) for t in builds)
+            if block.index + 1 < len(self.part.blocks):
+                prefetch(block_initializers(self.part.blocks[block.index + 1]))
             with progress.block(block, runs):
                 with progress.phase("read and rotate"):
                     fp = extract_block(self.model, block)

@@ -58,7 +58,7 @@ def quantize_symmetric(values: np.ndarray, scale: np.ndarray, qmax: int) -> np.n
 def quantize_weight(weight: np.ndarray, in_axis: int, qmax: int, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 codes and scale of a 2-D weight: one scale per output channel, or one in all."""
     if per_channel:
-        scale = symmetric_scale(np.abs(weight).max(axis=in_axis), qmax)
+        scale = symmetric_scale(input_channel_max(weight, 1 - in_axis), qmax)  # max |w| per output channel
         return quantize_symmetric(weight, np.expand_dims(scale, in_axis), qmax), scale
-    scale = symmetric_scale(np.abs(weight).max(), qmax)
+    scale = symmetric_scale(max(float(weight.max()), -float(weight.min())), qmax)
     return quantize_symmetric(weight, scale, qmax), scale

@@ -144,12 +144,20 @@ def extract_block(model: ir.Model, block: Block) -> ir.Model:
     return part
 
 
-def release_block(model: ir.Model, block: Block) -> None:
-    """Unmap the memory-mapped weights `block` read (their pages leave the process's resident memory)."""
+def block_initializers(block: Block) -> list[ir.Value]:
+    """The initializers `block`'s nodes read, once each."""
+    found: dict[int, ir.Value] = {}
     for node in block.nodes:
         for value in node.inputs:
             if value is not None and value.is_initializer():
-                release(value.const_value)
+                found.setdefault(id(value), value)
+    return list(found.values())
+
+
+def release_block(model: ir.Model, block: Block) -> None:
+    """Unmap the memory-mapped weights `block` read (their pages leave the process's resident memory)."""
+    for value in block_initializers(block):
+        release(value.const_value)
 
 
 @dataclass
