@@ -190,6 +190,13 @@ def measure(name: str, shape: scale_models.LlamaShape, dtype: str, with_past: bo
     run_measured([python, __file__, "--check", str(out / "model.onnx"), str(feeds),
                   str(workdir / "baseline.npy"), str(workdir / "check.json")], [], env)
     check = json.loads((workdir / "check.json").read_text())
+    decode = {}
+    if with_past:
+        print("  decode chains' tokens, block by block (4 chains x 8 steps)", flush=True)
+        drop_caches()
+        run_measured([python, __file__, "--decode-cost", str(model), str(feeds), str(workdir / "decode.json")], [],
+                     env)
+        decode = {f"decode_{k}": v for k, v in json.loads((workdir / "decode.json").read_text()).items()}
     row = {
         "model": name, "dtype": dtype, "with_past": with_past, "samples": samples, "seq_len": seq_len,
         "cold_page_cache": cold,
@@ -200,7 +207,7 @@ def measure(name: str, shape: scale_models.LlamaShape, dtype: str, with_past: bo
         "quantize_seconds": quantized["seconds"], "ratio": quantized["seconds"] / forward["seconds"],
         "peak_rss_gb": quantized["peak_rss"] / 1e9,
         "peak_scratch_gb": max(0, quantized["peak_disk"] - output_bytes) / 1e9,
-        "output_gb": output_bytes / 1e9, **{f"output_{k}": v for k, v in check.items()},
+        "output_gb": output_bytes / 1e9, **{f"output_{k}": v for k, v in check.items()}, **decode,
         "summary": [line.strip() for line in str(quantized["output"]).splitlines() if line.startswith("  ")],
     }
     shutil.rmtree(workdir, ignore_errors=True)
@@ -252,6 +259,30 @@ def forward_whole(model: Path, result: Path) -> None:
     result.write_text(json.dumps({"seconds": time.perf_counter() - start}))
 
 
+def decode_cost(model: Path, feeds: Path, result: Path, chains: int = 4, steps: int = 8) -> None:
+    """In a child process: what generating decode chains' tokens costs on a with-past model too large to keep
+    every block's session open: `steps` passes over the blocks, all chains together (sqonnx.streaming)."""
+    from sqonnx.blocks import partition
+    from sqonnx.calibrators.data import DecodeChain, cache_outputs
+    from sqonnx.config import DEFAULT_BLOCK_BYTES
+    from sqonnx.graph import load_model
+    from sqonnx.passes.prepare import prepare
+    from sqonnx.streaming import generate_tokens
+
+    ir_model = prepare(load_model(model))
+    inputs = [v for v in ir_model.graph.inputs if not v.is_initializer()]
+    present = cache_outputs(inputs)
+    with np.load(feeds) as archive:
+        prompts = [{name: archive[name][i] for name in archive.files} for i in range(chains)]
+    part = partition(ir_model.graph, DEFAULT_BLOCK_BYTES)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        generate_tokens(ir_model, part, [DecodeChain(p, steps, present) for p in prompts], Path(tmp), False)
+    seconds = time.perf_counter() - start
+    result.write_text(json.dumps({"seconds": seconds, "passes": steps + 1, "chains": chains,
+                                  "seconds_per_pass": seconds / (steps + 1)}))
+
+
 def table(rows: list[dict[str, object]]) -> str:
     lines = ["| model | size | calibration | peak RSS | scratch disk beyond the output | sqonnx wall | FP32 forward "
              "(block by block) | ratio | output | onnxruntime runs it: logits vs FP (rel. L2, same top-1) |",
@@ -275,9 +306,13 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "sqonnx-scale")
+    parser.add_argument("--only-with-past", action="store_true", help="of the TinyLlama rows, only the with-past one")
+    parser.add_argument("--update", action="store_true",
+                        help="replace the rows measured now in ci/results/scale.json and keep the others")
     parser.add_argument("--baseline", nargs=3, type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--check", nargs=4, type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--forward", nargs=2, type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--decode-cost", nargs=3, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.baseline:
         baseline(*args.baseline)
@@ -288,16 +323,26 @@ def main() -> None:
     if args.forward:
         forward_whole(*args.forward)
         return
+    if args.decode_cost:
+        decode_cost(*args.decode_cost)
+        return
     rows = []
     for name in args.models.split(","):
         shape = scale_models.SHAPES[name]
-        for dtype in args.dtypes.split(","):
+        for dtype in args.dtypes.split(",") if not args.only_with_past else []:
             rows.append(measure(name, shape, dtype, False, args.samples, args.seq_len, args.workdir))
         if args.with_past and name == "tinyllama":
             rows.append(measure(name, shape, "float32", True, args.samples, args.seq_len, args.workdir))
     if args.smollm2:
         rows.append(smollm2_row(args.workdir))
     RESULTS.mkdir(exist_ok=True)
+    if args.update and (RESULTS / "scale.json").exists():
+        def key(row: dict[str, object]) -> tuple[object, ...]:
+            return row["model"], row["dtype"], row["with_past"]
+
+        new = {key(r): r for r in rows}
+        old = json.loads((RESULTS / "scale.json").read_text())
+        rows = [new.pop(key(r), r) for r in old] + list(new.values())
     (RESULTS / "scale.json").write_text(json.dumps(rows, indent=1))
     (RESULTS / "scale.md").write_text(table(rows))
     print(table(rows))
