@@ -162,7 +162,7 @@ def check_output(model: Path, feeds: Path, reference: Path, result: Path) -> Non
 
 
 def measure(name: str, shape: scale_models.LlamaShape, dtype: str, with_past: bool, samples: int, seq_len: int,
-            workdir: Path) -> dict[str, object]:
+            workdir: Path, signals: bool = False) -> dict[str, object]:
     print(f"== {name} {dtype}{' with past' if with_past else ''}: {samples} x {seq_len} tokens", flush=True)
     shutil.rmtree(workdir, ignore_errors=True)
     source, out, tmp = workdir / "model", workdir / "out", workdir / "tmp"
@@ -190,7 +190,10 @@ def measure(name: str, shape: scale_models.LlamaShape, dtype: str, with_past: bo
     run_measured([python, __file__, "--check", str(out / "model.onnx"), str(feeds),
                   str(workdir / "baseline.npy"), str(workdir / "check.json")], [], env)
     check = json.loads((workdir / "check.json").read_text())
-    decode = {}
+    decode: dict[str, object] = {}
+    if signals:
+        print("  Ctrl-C at three moments of a run", flush=True)
+        decode["sigint_seconds"] = signal_latency(model, feeds, out)
     if with_past:
         print("  decode chains' tokens, block by block (4 chains x 8 steps)", flush=True)
         drop_caches()
@@ -283,6 +286,28 @@ def decode_cost(model: Path, feeds: Path, result: Path, chains: int = 4, steps: 
                                   "seconds_per_pass": seconds / (steps + 1)}))
 
 
+def signal_latency(model: Path, feeds: Path, out: Path, delays: tuple[float, ...] = (15.0, 35.0, 55.0)) -> list[float]:
+    """Ctrl-C (SIGINT) sent to `sqonnx quantize` after each delay (mid-calibration, mid-build, ...): seconds until
+    the process exits, and that it leaves nothing in the output folder."""
+    import signal
+
+    latencies = []
+    for delay in delays:
+        shutil.rmtree(out, ignore_errors=True)
+        process = subprocess.Popen([sys.executable, "-m", "sqonnx", "quantize", str(model), "-o",
+                                    str(out / "model.onnx"), "--calib-data", str(feeds)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        sent = time.perf_counter()
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+        latencies.append(time.perf_counter() - sent)
+        left = list(out.iterdir()) if out.exists() else []
+        assert process.returncode == 130 and not left, (process.returncode, stderr, left)
+        print(f"    SIGINT after {delay:.0f} s: exited in {latencies[-1]:.2f} s, nothing left", flush=True)
+    return latencies
+
+
 def table(rows: list[dict[str, object]]) -> str:
     lines = ["| model | size | calibration | peak RSS | scratch disk beyond the output | sqonnx wall | FP32 forward "
              "(block by block) | ratio | output | onnxruntime runs it: logits vs FP (rel. L2, same top-1) |",
@@ -306,6 +331,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "sqonnx-scale")
+    parser.add_argument("--signals", action="store_true", help="also time Ctrl-C answers (TinyLlama FP32)")
     parser.add_argument("--only-with-past", action="store_true", help="of the TinyLlama rows, only the with-past one")
     parser.add_argument("--update", action="store_true",
                         help="replace the rows measured now in ci/results/scale.json and keep the others")
@@ -330,7 +356,8 @@ def main() -> None:
     for name in args.models.split(","):
         shape = scale_models.SHAPES[name]
         for dtype in args.dtypes.split(",") if not args.only_with_past else []:
-            rows.append(measure(name, shape, dtype, False, args.samples, args.seq_len, args.workdir))
+            rows.append(measure(name, shape, dtype, False, args.samples, args.seq_len, args.workdir,
+                                signals=args.signals and name == "tinyllama" and dtype == "float32"))
         if args.with_past and name == "tinyllama":
             rows.append(measure(name, shape, "float32", True, args.samples, args.seq_len, args.workdir))
     if args.smollm2:

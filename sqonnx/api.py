@@ -9,16 +9,15 @@ import json
 import logging
 import time
 from dataclasses import asdict
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import onnx_ir as ir
 
-from sqonnx.config import Level, QuantizeConfig
+from sqonnx.config import Level, QuantizeConfig, tool_version
 from sqonnx.errors import SqonnxError
-from sqonnx.front import prepare_model
+from sqonnx.front import Prepared, prepare_model
 from sqonnx.genai import companion_files
-from sqonnx.graph import load_model
+from sqonnx.graph import load_model, opset_version
 from sqonnx.output import StreamingWriter, check_output_path
 from sqonnx.passes.smooth import SMOOTHED_KEY
 from sqonnx.pipeline import Outcome, Pipeline
@@ -70,7 +69,7 @@ def _quantize(model_path: Path, output_path: str | Path | None, config: Quantize
     return report
 
 
-def _settings(requested: QuantizeConfig, outcome: Outcome, front) -> dict[str, object]:  # noqa: ANN001 (Prepared)
+def _settings(requested: QuantizeConfig, outcome: Outcome, front: Prepared) -> dict[str, object]:
     config, result = outcome.config, outcome.result
     worst_pair = result.worst_pair
     if worst_pair > INT16_MAX and not full_range_is_safe(config.target):
@@ -86,8 +85,8 @@ def _settings(requested: QuantizeConfig, outcome: Outcome, front) -> dict[str, o
         settings["alpha"] = f"{settings['alpha']}: chose {kept} (output error on calibration samples: " + \
             ", ".join(f"{key} {loss:.4f}" for key, loss in outcome.alpha_trials.items()) + ")"
     if requested.cache_dir is not None:
-        settings["cache"] = (f"{requested.cache_dir}: calibration of blocks 1-{result.resumed} reused"
-                             if result.resumed else f"{requested.cache_dir}: calibration kept for later runs")
+        settings["cache"] = (f"{requested.cache_dir}: calibration of blocks 1-{outcome.resumed} reused"
+                             if outcome.resumed else f"{requested.cache_dir}: calibration kept for later runs")
     if requested.sequential:
         settings["sequential"] = "each block calibrated on the INT8 output of the blocks before it"
     if requested.optimize:
@@ -100,7 +99,7 @@ def _settings(requested: QuantizeConfig, outcome: Outcome, front) -> dict[str, o
 def _metadata(settings: dict[str, object], outcome: Outcome, samples: int) -> dict[str, str]:
     config, reports = outcome.config, outcome.result.layer_reports
     metadata = _base_metadata(settings, samples, outcome.result.quantized_layers,
-                              sum(r.scale_min is not None for r in reports))
+                              sum(r.scale_min is not None for r in reports), config.smooth_only)
     if outcome.keep_float:
         metadata["sqonnx.float_layers"] = json.dumps(outcome.keep_float[-1].float_layers)
     if config.level_auto:
@@ -115,7 +114,7 @@ def _metadata(settings: dict[str, object], outcome: Outcome, samples: int) -> di
 
 
 def _check_quantizable(model: ir.Model, config: QuantizeConfig) -> None:
-    opset = model.graph.opset_imports.get("", model.graph.opset_imports.get("ai.onnx", 0))
+    opset = opset_version(model.graph)
     # Per-axis DequantizeLinear came in opset 13; DynamicQuantizeLinear and Round in 11.
     per_axis_dq = config.per_channel and not config.integer_form
     needed = max(13 if per_axis_dq else 10, 10 if config.level is Level.O3 else 11)
@@ -158,21 +157,18 @@ def _base_settings(config: QuantizeConfig, worst_pair: int) -> dict[str, object]
 FLOAT_SETTINGS = ("calib_method", "level", "format", "weights", "weight_range", "activations")
 
 
-def _base_metadata(settings: dict[str, object], samples: int, quantized: int, smoothed: int) -> dict[str, str]:
-    try:
-        tool_version = version("sqonnx")
-    except PackageNotFoundError:
-        tool_version = "unknown"
+def _base_metadata(settings: dict[str, object], samples: int, quantized: int, smoothed: int,
+                   smooth_only: bool) -> dict[str, str]:
     keys = ("level", "format", "target", "weights", "weight_range", "int16_worst_case", "activations", "calib_method")
     return {
-        "sqonnx.version": tool_version,
+        "sqonnx.version": tool_version(),
         "sqonnx.alpha": "none (not smoothed)" if settings["alpha"] is None else str(settings["alpha"]),
         **{f"sqonnx.{key}": str(settings[key]) for key in keys},
         "sqonnx.calibration_samples": str(samples),
         "sqonnx.quantized_layers": str(quantized),
         "sqonnx.smoothed_layers": str(smoothed),
         "sqonnx.rotation": str(settings.get("rotation", "")),
-        **({"sqonnx.smooth_only": "true"} if settings["level"] == "float (--smooth-only)" else {}),
+        **({"sqonnx.smooth_only": "true"} if smooth_only else {}),
     }
 
 

@@ -34,14 +34,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from sqonnx.passes.absorbers.base import SHAPE_ONLY_OPS
 from sqonnx.passes.smoothing_groups import find_smoothing_groups
 
 # Hidden-state values that may cross a cut: the stream; with fused Skip*LayerNormalization (residual Add and
 # norm in one node) the stream and the branch it adds next.
 MAX_CROSSING = 1
 MAX_CROSSING_FUSED = 2
+# Constants smaller than this (shapes, axes, epsilons) are not weights: a block must hold weights to be a block.
+WEIGHT_BYTES = 1024
 SKIP_NORMS = ("SkipSimplifiedLayerNormalization", "SkipLayerNormalization")
-SHAPE_ONLY_OPS = ("Shape", "Size")
 _INTEGERS = (ir.DataType.INT64, ir.DataType.INT32, ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.BOOL)
 
 
@@ -55,6 +57,7 @@ class Block:
     inputs: list[str] = field(default_factory=list)  # read here, made by an earlier block or a graph input
     outputs: list[str] = field(default_factory=list)  # made here, read by a later block or a graph output
     label: str = ""
+    shape_only: set[str] = field(default_factory=set)  # inputs this block reads only through Shape / Size
 
 
 @dataclass
@@ -107,7 +110,8 @@ def partition(graph: ir.Graph, budget: int) -> Partition:
     for i, node in enumerate(nodes):
         added = 0
         for value in node.inputs:
-            if value is not None and value.is_initializer() and id(value) not in seen and value.const_value is not None:
+            tensor = value.const_value if value is not None and value.is_initializer() else None
+            if tensor is not None and id(value) not in seen and tensor.nbytes >= WEIGHT_BYTES:
                 seen.add(id(value))
                 added += value.const_value.nbytes
         cumulative[i + 1] = cumulative[i] + added
@@ -201,6 +205,12 @@ def _link(graph: ir.Graph, blocks: list[Block]) -> list[Block]:
                     made[str(out.name)] = None
         block.inputs, block.outputs = list(inputs), list(made)
         block.label = _label(block.nodes)
+        readers: dict[str, set[str]] = {}
+        for node in block.nodes:
+            for value in node.inputs:
+                if value is not None and str(value.name) in inputs:
+                    readers.setdefault(str(value.name), set()).add(node.op_type)
+        block.shape_only = {name for name, ops in readers.items() if ops <= set(SHAPE_ONLY_OPS)}
     return blocks
 
 

@@ -14,6 +14,7 @@ import onnx_ir.passes.common as common_passes
 
 from sqonnx.calibrators import ActivationStats
 from sqonnx.config import Level, QuantizeConfig
+from sqonnx.graph import opset_version
 from sqonnx.passes.float_islands import FloatIslandsPass
 from sqonnx.passes.insert_integer_matmul import InsertIntegerMatMulPass
 from sqonnx.passes.insert_qdq import InsertQDQPass, LayerQuantization
@@ -83,7 +84,7 @@ def build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quant
                                                level.value if is_quantized else "", why if is_quantized else ""))
             if is_quantized:
                 plan.append(LayerQuantization(layer, static_max, level))
-    opset = graph.opset_imports.get("", graph.opset_imports.get("ai.onnx", 0))
+    opset = opset_version(graph)
     FloatIslandsPass([item.layer for item in plan])(model)
     # O1 has no Q/DQ spelling: its layers always get integer ops, the others the configured form.
     integer = [item for item in plan if config.integer_form or item.level is Level.O1]

@@ -205,6 +205,16 @@ class QuantizeConfig:
         return any(_glob_to_regex(p).fullmatch(node_name) for p in self.exclude)
 
 
+def tool_version() -> str:
+    """sqonnx's installed version (metadata, cache keys)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sqonnx")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def _glob_to_regex(pattern: str) -> re.Pattern[str]:
     # fnmatch treats '[' specially; node names like '/model/layers.0/...' never need classes.
     return re.compile(".*".join(re.escape(part) for part in pattern.split("*")))

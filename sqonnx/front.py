@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import onnx_ir as ir
@@ -17,7 +16,7 @@ import onnx_ir as ir
 from sqonnx.blocks import Partition, partition
 from sqonnx.calibrators import CalibrationFeeds, calibration_feeds
 from sqonnx.calibrators.cache import CalibrationCache, data_identity, model_identity
-from sqonnx.config import QuantizeConfig
+from sqonnx.config import QuantizeConfig, tool_version
 from sqonnx.errors import SqonnxError
 from sqonnx.graph import find_linear_layers, load_model
 from sqonnx.optimize import fuse_transformer_ops
@@ -51,7 +50,8 @@ class Prepared:
 
 
 def prepare_model(model: ir.Model, model_path: Path, config: QuantizeConfig, workdir: Path,
-                  progress: Progress) -> Prepared:
+                  progress: Progress, judge: bool = True) -> Prepared:
+    """`judge`: keep samples back for --alpha auto's whole-model judgement (quantize; inspect has none)."""
     cache = CalibrationCache.open(config.cache_dir, _cache_key(model_path, model, config)) \
         if config.cache_dir is not None else None
     fused: dict[str, int] = {}
@@ -68,7 +68,7 @@ def prepare_model(model: ir.Model, model_path: Path, config: QuantizeConfig, wor
         feeds = calibration_feeds(model.graph, model_path.parent, config.calibration)
     # --alpha auto judges whole models on samples the statistics have not seen (in-sample, the static
     # ranges fit those very samples and the tightest α always wins).
-    held_out = min(ALPHA_SELECTION_SAMPLES, feeds.count // 4) if config.alpha_auto and config.smooth \
+    held_out = min(ALPHA_SELECTION_SAMPLES, feeds.count // 4) if judge and config.alpha_auto and config.smooth \
         and not config.smooth_only else 0
     chains = feeds.decode
     if chains:
@@ -78,8 +78,13 @@ def prepare_model(model: ir.Model, model_path: Path, config: QuantizeConfig, wor
         else:
             with progress.phase("decode tokens"):
                 whole = partition(model.graph, config.block_bytes)
-                chains = generate_tokens(model, whole, chains, workdir,
-                                         whole.total_bytes <= GENERATE_IN_MEMORY_BYTES)
+                in_memory = whole.total_bytes <= GENERATE_IN_MEMORY_BYTES
+                if not in_memory:
+                    steps = max(chain.steps for chain in chains)
+                    progress.note(f"decode chains: their tokens take {steps + 1} passes over the "
+                                  f"{whole.total_bytes / 1e9:.1f} GB of weights; --decode-steps 0 calibrates "
+                                  "prefill only")
+                chains = generate_tokens(model, whole, chains, workdir, in_memory)
             if cache is not None:
                 cache.save_tokens([chain.forced for chain in chains if chain.forced is not None])
     with progress.phase("rotate"):
@@ -88,9 +93,8 @@ def prepare_model(model: ir.Model, model_path: Path, config: QuantizeConfig, wor
                  if not config.is_excluded(layer.name)} - set(rotation.online)
     with progress.phase("load"):
         blocks = partition(model.graph, config.block_bytes)
-    if blocks.reason and progress.enabled and blocks.total_bytes > config.block_bytes:
-        print(f"the whole model is one block ({blocks.total_bytes / 1e6:.0f} MB at once): {blocks.reason}",
-              file=progress.stream, flush=True)
+    if blocks.reason and blocks.total_bytes > config.block_bytes:
+        progress.note(f"the whole model is one block ({blocks.total_bytes / 1e6:.0f} MB at once): {blocks.reason}")
     return Prepared(model, blocks, Samples(feeds, held_out, chains), feeds, rotation, quantized, fused, cache)
 
 
@@ -99,10 +103,6 @@ def _cache_key(model_path: Path, model: ir.Model, config: QuantizeConfig) -> dic
     data_files = sorted({Path(v.const_value.path) for v in model.graph.initializers.values()
                          if isinstance(v.const_value, ir.ExternalTensor)})
     calibration = config.calibration
-    try:
-        tool = version("sqonnx")
-    except PackageNotFoundError:
-        tool = "unknown"
     return {
         "model": model_identity(model_path, data_files),
         "calibration data": f"{data_identity(calibration.data)} x{calibration.num_samples} len{calibration.seq_len} "
@@ -112,7 +112,7 @@ def _cache_key(model_path: Path, model: ir.Model, config: QuantizeConfig) -> dic
         "--alpha auto setting (held-back samples)": str(config.alpha_auto and config.smooth and not config.smooth_only),
         "--optimize setting": str(config.optimize),
         "quantization options (--sequential)": repr(replace(config, cache_dir=None)) if config.sequential else "",
-        "sqonnx version": tool,
+        "sqonnx version": tool_version(),
     }
 
 

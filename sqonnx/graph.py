@@ -120,6 +120,12 @@ def _check_initializers(model: ir.Model, path: Path) -> None:
 
 # The float types a linear layer's weight may have: the model's own float type is kept for what stays float.
 FLOAT_TYPES = (np.float32, np.float16, ir.DataType.BFLOAT16.numpy())
+HALF_TYPES = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+
+
+def opset_version(graph: ir.Graph) -> int:
+    """The standard (ai.onnx) opset the graph imports; 0 when it imports none."""
+    return graph.opset_imports.get("", graph.opset_imports.get("ai.onnx", 0))
 
 
 def constant(value: ir.Value | None) -> np.ndarray | None:
@@ -234,6 +240,15 @@ class Deferred:
 
 
 SOURCE = "sqonnx.source"  # tensor.meta key: the tensor a deferred one is computed from
+# Value.meta key on an initializer of a block (sqonnx.streaming.extract_block) that nodes outside the block read
+# too: its uses in the block's graph are not all its uses, so a fold must copy it, never rewrite it.
+SHARED = "sqonnx.shared"
+
+
+def only_reader(value: ir.Value) -> bool:
+    """Whether the value's one use is all there is: rewriting it in place changes no other node."""
+    return (len(value.uses()) == 1 and not value.is_graph_output() and not value.is_graph_input()
+            and not value.meta.get(SHARED, False))
 
 
 def deferred(source: ir.TensorProtocol, transform: Callable[[np.ndarray], np.ndarray],
@@ -272,7 +287,7 @@ def set_constant_input(graph: ir.Graph, node: ir.Node, index: int, array: np.nda
     if not isinstance(array, Deferred):
         dtype = old.const_value.dtype.numpy() if old.const_value and keep_dtype else None
         array = _contiguous(array, dtype)
-    if len(old.uses()) == 1 and not old.is_graph_output() and not old.is_graph_input():
+    if only_reader(old):
         old.const_value = _tensor(array, str(old.name))
         old.type = ir.TensorType(old.const_value.dtype)  # a fresh type: clones share type objects
         return

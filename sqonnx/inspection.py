@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sqonnx.calibrators import ActivationStats
 from sqonnx.config import QuantizeConfig
 from sqonnx.errors import SqonnxError
 from sqonnx.front import prepare_model
@@ -29,7 +30,7 @@ from sqonnx.passes.smoothing_groups import SmoothingGroup, find_smoothing_groups
 from sqonnx.pipeline import Pipeline
 from sqonnx.progress import Progress
 from sqonnx.search import AlphaSearch, group_error
-from sqonnx.smoothing import input_channel_max, smoothing_scales
+from sqonnx.smoothing import input_channel_max, shared_scales
 
 
 @dataclass
@@ -72,7 +73,7 @@ def inspect_model(model_path: Path, out_dir: Path, config: QuantizeConfig, top: 
     results: list[GroupInspection] = []
     panels: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # act_max, s, weight max per group, for plots
     with tempfile.TemporaryDirectory(prefix="sqonnx-inspect-") as workdir:
-        front = prepare_model(model, model_path, config, Path(workdir), Progress(progress))
+        front = prepare_model(model, model_path, config, Path(workdir), Progress(progress), judge=False)
         pipeline = Pipeline(front.model, front.partition, front.samples, front.quantized, Path(workdir),
                             Progress(progress), verify=False)
         for block, stats in pipeline.calibrated_blocks(config):
@@ -82,11 +83,11 @@ def inspect_model(model_path: Path, out_dir: Path, config: QuantizeConfig, top: 
                 name = str(group.activation.name)
                 if any(config.is_excluded(layer.name) for layer in group.layers) or name not in stats.rows:
                     continue
-                result = _inspect_group(group, stats.channel_max[name], stats.rows[name], config, search)
+                result = _inspect_group(group, stats.channel_max[name], stats.rows[name], config, search, stats)
                 results.append(result)
                 weight_max = np.max([input_channel_max(layer.weight, layer.in_axis) for layer in group.layers],
                                     axis=0)
-                panels.append((stats.channel_max[name], _scales(group, stats.channel_max[name], result.alpha),
+                panels.append((stats.channel_max[name], _scales(group, stats.channel_max[name], result.alpha, stats),
                                weight_max))
     if not results:
         raise SqonnxError(f"{model_path.name} has no MatMul/Gemm with a constant float weight to inspect")
@@ -103,19 +104,22 @@ def inspect_model(model_path: Path, out_dir: Path, config: QuantizeConfig, top: 
     return results
 
 
-def _scales(group: SmoothingGroup, act_max: np.ndarray, alpha: float | None) -> np.ndarray:
-    weight_max = np.max([input_channel_max(layer.weight, layer.in_axis) for layer in group.layers], axis=0)
+def _scales(group: SmoothingGroup, act_max: np.ndarray, alpha: float | None,
+            stats: ActivationStats | None = None) -> np.ndarray:
+    """s as quantize computes it: channels that one value column feeds (grouped-query heads) share one factor."""
     if alpha is None:
         return np.ones_like(act_max)
-    return smoothing_scales(act_max, weight_max, alpha)
+    weight_max = np.max([input_channel_max(layer.weight, layer.in_axis) for layer in group.layers], axis=0)
+    shared = group.absorber.factor_map(stats) if group.absorber is not None and stats is not None else None
+    return shared_scales(act_max, weight_max, alpha, shared)
 
 
 def _inspect_group(group: SmoothingGroup, act_max: np.ndarray, rows: np.ndarray, config: QuantizeConfig,
-                   search: AlphaSearch) -> GroupInspection:
+                   search: AlphaSearch, stats: ActivationStats) -> GroupInspection:
     weights = [(layer.weight, layer.in_axis) for layer in group.layers]
     alpha: float | None = (search.choose(str(group.activation.name), act_max, weights) if config.alpha_auto
                            else float(config.alpha))
-    scales = _scales(group, act_max, alpha)
+    scales = _scales(group, act_max, alpha, stats)
     weight_max = np.max([input_channel_max(w, axis) for w, axis in weights], axis=0)
     rows32 = rows.astype(np.float32)
     absorber = group.absorber

@@ -96,6 +96,7 @@ class StreamingWriter:
         self._offset = 0
         self._digest = hashlib.sha256()
         self._written: dict[str, tuple[int, ir.ExternalTensor]] = {}  # name -> (id of its source tensor, ref)
+        self._inline: dict[str, tuple[str, tuple[int, ...], bytes]] = {}  # small tensors kept in the .onnx
         self.blocks = []
 
     def close(self) -> None:
@@ -120,17 +121,22 @@ class StreamingWriter:
             tensor = value.const_value
             if tensor is None:
                 continue
-            if tensor.nbytes < INLINE_BYTES:
-                if isinstance(tensor, (ir.ExternalTensor, ir.LazyTensor)):  # in the .onnx, not in another file
-                    value.const_value = ir.tensor(tensor.numpy(), name=value.name)
-                continue
             name = str(value.name)
+            if tensor.nbytes < INLINE_BYTES:  # stays in the .onnx (not in another file), under a name of its own
+                data = tensor.numpy()
+                if isinstance(tensor, (ir.ExternalTensor, ir.LazyTensor)):
+                    value.const_value = ir.tensor(data, name=name)
+                key = (str(tensor.dtype), tuple(tensor.shape), data.tobytes())
+                if self._inline.setdefault(name, key) != key:
+                    value.name = name = _unique(name, {**self._written, **self._inline}, graph)
+                    self._inline[name] = key
+                continue
             known = self._written.get(name)
             if known is not None and known[0] == id(tensor) and id(tensor) in shared:
                 value.const_value = known[1]
                 continue
-            if known is not None:  # the same name, changed in this block only: a tensor of its own
-                value.name = name = _unique(name, self._written, graph)
+            if known is not None or name in self._inline:  # the same name, changed in this block only
+                value.name = name = _unique(name, {**self._written, **self._inline}, graph)
             value.const_value = self._write(tensor, name)
             self._written[name] = (id(tensor), value.const_value)
         self.blocks.append(block)

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import onnx_ir as ir
 
 from sqonnx.blocks import Block, Partition
@@ -29,6 +28,7 @@ from sqonnx.graph import find_linear_layers, prefetch
 from sqonnx.kernels import KernelCheck, count_kernels
 from sqonnx.output import StreamingWriter, no_space
 from sqonnx.passes.smoothing_groups import find_smoothing_groups, statistics_needed
+from sqonnx.passes.transposed import FOLDED_TENSOR
 from sqonnx.pause import pause_point
 from sqonnx.progress import Progress, free_memory
 from sqonnx.report import LayerReport
@@ -57,6 +57,8 @@ KEPT_ROWS = 512
 UNIFORM_ALPHAS = (0.25, 0.5, 0.75)
 # Calibration samples --keep-float-budget measures each trial on.
 EVAL_SAMPLES = 4
+# Statistics kept in memory for later passes (--alpha auto, --keep-float-budget), in all; the rest on disk.
+KEPT_STATS_BYTES = 256 << 20
 
 
 @dataclass
@@ -72,7 +74,7 @@ class Track:
 
 
 @dataclass
-class PassResult:
+class BlockPassResult:
     layer_reports: list[LayerReport] = field(default_factory=list)
     quantized_layers: int = 0
     sensitivity: dict[str, float] = field(default_factory=dict)
@@ -95,9 +97,10 @@ class Outcome:
     """What the passes chose and wrote."""
 
     config: QuantizeConfig
-    result: PassResult
+    result: BlockPassResult
     alpha_trials: dict[str, float] = field(default_factory=dict)
     keep_float: list[KeepFloatTrial] = field(default_factory=list)
+    resumed: int = 0  # blocks whose calibration an earlier run left in --cache-dir
 
 
 def _signature(model: ir.Model) -> tuple[object, ...]:
@@ -119,10 +122,18 @@ class Pipeline:
         self.verify = verify
         self.runner = BlockRunner(part, samples)
         self.fp_carry = Carry(workdir / "carry", CARRY_MEMORY_BYTES)
+        # --sequential: the counted samples' values as the INT8 blocks before computed them
+        self.stream = Carry(workdir / "stream", CARRY_MEMORY_BYTES)
+        self.sequential = False
         self.references = Carry(workdir / "references", CARRY_MEMORY_BYTES)
         self.stats: dict[int, Path | ActivationStats] = {}
         self.shared = {id(v.const_value) for v in model.graph.initializers.values()}
         self.cache = cache
+        self._kept_bytes = 0
+        first = part.graph_outputs[0] if part.graph_outputs else ""
+        # the block before the one that makes the model's first output: where a run that compares outputs
+        # with the FP model's resumes from --cache-dir
+        self.before_output = next((b.index for b in part.blocks if first in b.outputs), 0) - 1
 
     def quantize(self, config: QuantizeConfig, writer: StreamingWriter) -> Outcome:
         samples = self.samples
@@ -144,7 +155,7 @@ class Pipeline:
         result = self.run_pass("quantizing", tracks, primary, writer, calibrate=True, references=references,
                                keep_stats=keep_float or len(tracks) > 1, timing_key=min(eval_keys) if keep_float
                                else None)
-        outcome = Outcome(config, result)
+        outcome = Outcome(config, result, resumed=result.resumed)
         if samples.held_out and not config.smooth_only:
             judged = [t for t in tracks if t is not trial0 or t is primary]
             outcome.alpha_trials = {t.name: t.comparison.output_error for t in judged}
@@ -158,7 +169,7 @@ class Pipeline:
             self._keep_float(outcome, trial0, result, eval_keys, writer)
         return outcome
 
-    def _keep_float(self, outcome: Outcome, trial0: Track, first: PassResult, eval_keys: set[int],
+    def _keep_float(self, outcome: Outcome, trial0: Track, first: BlockPassResult, eval_keys: set[int],
                     writer: StreamingWriter) -> None:
         """Leave the most sensitive layers in float, 1, 2, 4, ... until the quality loss fits the budget."""
         config = outcome.config
@@ -190,13 +201,14 @@ class Pipeline:
 
     def run_pass(self, label: str, tracks: list[Track], write: Track | None, writer: StreamingWriter | None, *,
                  calibrate: bool = False, references: set[int] | frozenset[int] = frozenset(),
-                 keep_stats: bool = False, timing_key: int | None = None) -> PassResult:
+                 keep_stats: bool = False, timing_key: int | None = None) -> BlockPassResult:
         """One pass over the blocks: calibrate (first pass), build and judge each track, write `write`."""
-        result = PassResult(kernels=KernelCheck() if self.verify and write is not None else None)
+        result = BlockPassResult(kernels=KernelCheck() if self.verify and write is not None else None)
         builds = [*tracks, *([write] if write is not None and write not in tracks else [])]
         carries = {id(t): Carry(self.workdir / f"track-{n}", CARRY_MEMORY_BYTES) for n, t in enumerate(builds)}
         progress = self.progress
         progress.start_pass(label, self.part.blocks)
+        self.sequential = calibrate and write is not None and write.config.sequential
         resume = self._resume_point(references) if calibrate else -1
         if calibrate:
             result.resumed = resume + 1
@@ -232,9 +244,10 @@ class Pipeline:
                     self._build_track(block, fp if last else fp.clone(), stats, here, track, track is write,
                                       carries[id(track)], writer, result, calibrate and write is track)
                 self.runner.finish_block(block, self.fp_carry)
-                if self.cache is not None and calibrate and block.index > resume:
+                self.runner.finish_block(block, self.stream)
+                if self.cache is not None and calibrate and block.index > resume and self._resumable(references):
                     with progress.phase("cache"):
-                        self.cache.save_carry(block.index, self.fp_carry)
+                        self.cache.save_carry(block.index, self._calibration_carry, keep=self.before_output)
                     pause_point(f"block-{block.index}")
                 for carry in carries.values():
                     self.runner.finish_block(block, carry)
@@ -266,15 +279,23 @@ class Pipeline:
         model's (those are not kept)."""
         if self.cache is None:
             return -1
-        resume = self.cache.resume_after(len(self.part.blocks))
-        if references:
-            first = self.part.graph_outputs[0]
-            maker = next(b.index for b in self.part.blocks if first in b.outputs)
-            resume = min(resume, maker - 1)
+        if not self._resumable(references):
+            return -1
+        resume = self.cache.resume_after(len(self.part.blocks), self.before_output if references else None)
         if resume >= 0:
-            self.cache.load_carry(resume, self.fp_carry)
+            self.cache.load_carry(resume, self._calibration_carry)
             logger.info("--cache-dir: blocks 1-%d calibrated by an earlier run", resume + 1)
         return resume
+
+    @property
+    def _calibration_carry(self) -> Carry:
+        """Where the counted samples' values are carried: the INT8 stream with --sequential, else the FP one."""
+        return self.stream if self.sequential else self.fp_carry
+
+    def _resumable(self, references: set[int] | frozenset[int]) -> bool:
+        """--sequential keeps two streams (INT8 for calibration, FP for the outputs compared with): a run that
+        compares outputs calibrates from the start."""
+        return not (self.sequential and references)
 
     def _calibrate(self, block: Block, fp: ir.Model, config: QuantizeConfig,
                    references: set[int] | frozenset[int], rows: bool = False) -> ActivationStats:
@@ -285,14 +306,17 @@ class Pipeline:
             request = statistics_needed(find_smoothing_groups(fp.graph), every)
             keep_rows = KEPT_ROWS if rows or config.needs_rows or self.cache is not None else 0
             return calibrate_block(self.runner, block, fp, request.channel_max, request.probes, keep_rows,
-                                   self.fp_carry, set(references), self.references, self.progress.tick)
+                                   self.fp_carry, set(references), self.references, self.progress.tick,
+                                   self.stream if self.sequential else None)
 
     def _build_track(self, block: Block, fp: ir.Model, stats: ActivationStats, here: set[str], track: Track,
-                     written: bool, carry: Carry, writer: StreamingWriter | None, result: PassResult,
+                     written: bool, carry: Carry, writer: StreamingWriter | None, result: BlockPassResult,
                      calibrating: bool = False) -> None:
         with self.progress.phase("smooth and quantize"):
             built = build(fp, track.config, stats, here - track.float_layers,
                           sensitivities=written and track.config.keep_float_budget is not None)
+        for value in built.model.graph.initializers.values():
+            value.meta.pop(FOLDED_TENSOR, None)  # the materialized table copy: not to be kept with the written graph
         if written:
             result.layer_reports += built.layer_reports
             result.quantized_layers += len(built.plan)
@@ -304,7 +328,9 @@ class Pipeline:
             # onnxruntime's fusions depend on the graph's pattern only: a block with the very ops and levels of a
             # block already checked runs the same kernels (a 7B model has 64 alike), and its check is skipped
             assert result.kernels is not None
-            result.kernels.add(replace(result.checked[signature], unfused=[]))
+            repeated = result.checked[signature]
+            result.kernels.add(replace(repeated, unfused=[f"{name} (and alike in block {block.index})"
+                                                          for name in repeated.unfused]))
             result.kernels.blocks += 1
             check = False
         # --sequential: the next block is calibrated on what this INT8 block computes from the INT8 blocks before
@@ -330,7 +356,7 @@ class Pipeline:
                     run_track_block(self.runner, block, session, carry, track.keys, self.references,
                                     track.comparison, track.timed)
                 if sequential:
-                    forward_block(self.runner, block, session, self.fp_carry, self.samples.counted_keys,
+                    forward_block(self.runner, block, session, self.stream, self.samples.counted_keys,
                                   self.progress.tick)
                 del session
         if written and writer is not None:
@@ -338,26 +364,18 @@ class Pipeline:
                 writer.add(built.model, self.shared)
 
     def _keep(self, index: int, stats: ActivationStats) -> None:
-        """Statistics of a block for later passes: on disk when they are large (rows of wide activations)."""
+        """Statistics of a block for later passes: in memory up to KEPT_STATS_BYTES in all, then on disk (rows of
+        wide activations: 15 MB per Llama-2-7B MLP block)."""
         size = sum(a.nbytes for a in itertools.chain(stats.channel_max.values(), stats.rows.values()))
-        if size < (16 << 20):
+        if self._kept_bytes + size <= KEPT_STATS_BYTES:
+            self._kept_bytes += size
             self.stats[index] = stats
             return
         path = self.workdir / f"stats-{index}.npz"
-        arrays = {f"max/{k}": v for k, v in stats.channel_max.items()}
-        arrays |= {f"rows/{k}": v for k, v in stats.rows.items()}
-        arrays |= {f"maps/{k}": v for k, v in stats.maps.items()}
-        np.savez(path, **arrays)
+        stats.save(path)
         self.stats[index] = path
 
     def _load(self, index: int) -> ActivationStats:
         kept = self.stats[index]
-        if isinstance(kept, ActivationStats):
-            return kept
-        stats = ActivationStats({})
-        with np.load(kept) as archive:
-            for key in archive.files:
-                kind, name = key.split("/", 1)
-                getattr(stats, {"max": "channel_max", "rows": "rows", "maps": "maps"}[kind])[name] = archive[key]
-        return stats
+        return kept if isinstance(kept, ActivationStats) else ActivationStats.load(kept)
 

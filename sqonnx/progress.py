@@ -10,7 +10,7 @@ On a terminal a bar also counts the runs inside the block.
 from __future__ import annotations
 
 import gc
-import resource
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -74,18 +74,21 @@ class Progress:
                   f"{rss_bytes() / 1e9:.2f} GB; {_duration(elapsed)} so far, about {_duration(left)} left",
                   file=self.stream, flush=True)
 
+    def note(self, message: str) -> None:
+        """One line about the run (what the user may want to know while waiting), when progress is shown."""
+        if self.enabled:
+            print(message, file=self.stream, flush=True)
+
     def tick(self) -> None:
         if self._bar is not None:
             self._bar.advance(self._task)
 
-    def summary(self) -> str:
-        """Peak memory and the time of each phase, one line."""
-        phases = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.phases.items())
-        return f"peak memory {peak_rss_bytes() / 1e9:.2f} GB; {phases}"
-
-
 def peak_rss_bytes() -> int:
-    """The process's peak resident memory so far (Linux reports kilobytes)."""
+    """The process's peak resident memory so far (Linux reports kilobytes; 0 where there is no `resource`)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -118,8 +121,8 @@ def rss_bytes() -> int:
     """The process's resident memory now (Linux; 0 where /proc is not there)."""
     try:
         with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * resource.getpagesize()
-    except OSError:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
         return 0
 
 

@@ -69,7 +69,9 @@ class QuantizeReport:
             *([f"  --optimize fused: {self.settings['optimize']}"] if "optimize" in self.settings else []),
             *([f"  {self.settings['rotation']}"] if "rotation" in self.settings else []),
             *[f"  keep-float trial: {len(t['float_layers'])} layers in float -> quality loss {t['quality_loss']:.4f}, "
-              f"{t['speedup']:.2f}x FP32 speed" for t in self.settings.get("keep_float", [])],
+              + (f"{t['speedup']:.2f}x FP32 speed" if t["speedup"] == t["speedup"] and t["speedup"] > 0
+                 else "speed not measured (calibration resumed from --cache-dir)")
+              for t in self.settings.get("keep_float", [])],
             f"  quantized {len(quantized)} of {len(self.layers)} linear layers; smoothed {len(smoothed)}"
             + (f" ({', '.join(f'{n} via {k}' for k, n in sorted(kinds.items()))})" if kinds else ""),
             f"  worst outlier ratio (channel max / median) before -> after smoothing: "

@@ -62,3 +62,16 @@ def quantize_weight(weight: np.ndarray, in_axis: int, qmax: int, per_channel: bo
         return quantize_symmetric(weight, np.expand_dims(scale, in_axis), qmax), scale
     scale = symmetric_scale(max(float(weight.max()), -float(weight.min())), qmax)
     return quantize_symmetric(weight, scale, qmax), scale
+
+
+def shared_scales(act_max: np.ndarray, weight_max: np.ndarray, alpha: float, shared: np.ndarray | None) -> np.ndarray:
+    """s per channel; channels with the same `shared` label (query heads reading one value head) get the
+    factor of their pooled maxima, since one value column divides them all."""
+    if shared is None:
+        return smoothing_scales(act_max, weight_max, alpha)
+    labels, inverse = np.unique(shared, return_inverse=True)
+    pooled_act = np.zeros(len(labels), np.float32)
+    pooled_weight = np.zeros(len(labels), np.float32)
+    np.maximum.at(pooled_act, inverse, act_max)
+    np.maximum.at(pooled_weight, inverse, weight_max)
+    return smoothing_scales(pooled_act, pooled_weight, alpha)[inverse]

@@ -7,7 +7,7 @@ only the graph and memory-mapped or deferred weights. Each run of a sample throu
 sample's model inputs and the values the earlier blocks left for it (`Carry`), and leaves the values later
 blocks read. A decode chain's steps also feed the block the key/value cache its own run before returned.
 
-One pass (`BlockStream.run_pass`) goes over the blocks once: calibrate the FP block on every sample (the first
+One pass (`pipeline.Pipeline.run_pass`) goes over the blocks once: calibrate the FP block on every sample (the first
 pass only; later passes reuse the statistics), build each track's INT8 block (a config and the layers kept in
 float), run the track's evaluation samples through it, write one track's block to the output, free the block.
 `--alpha auto` judges its candidates as tracks of the first pass; `--keep-float-budget` runs a pass per trial.
@@ -28,9 +28,10 @@ import onnx_ir.passes.common as common_passes
 from sqonnx.blocks import Block, Partition
 from sqonnx.calibrators.carry import Carry, Key
 from sqonnx.calibrators.channel_max import ROW_SAMPLES, ActivationStats, StatisticsSession, read_probes
-from sqonnx.calibrators.data import CalibrationFeeds, DecodeChain
+from sqonnx.calibrators.data import LOGITS, CalibrationFeeds, DecodeChain
 from sqonnx.calibrators.probes import Probe
-from sqonnx.graph import release
+from sqonnx.errors import SqonnxError
+from sqonnx.graph import SHARED, release
 from sqonnx.passes.upcast import upcast_to_float32
 from sqonnx.pause import pause_point
 from sqonnx.session import PREPACK_TOKENS, Session, has_half_floats, open_session
@@ -131,6 +132,10 @@ def extract_block(model: ir.Model, block: Block) -> ir.Model:
                         nodes=block.nodes, initializers=tuple(initializers.values()),
                         opset_imports=dict(graph.opset_imports), name=f"{graph.name or 'graph'}_block{block.index}")
     clone = view.clone()
+    inside = {id(node) for node in block.nodes}
+    for original in initializers.values():
+        if any(id(use.node) not in inside for use in original.uses()) or original.is_graph_output():
+            clone.initializers[str(original.name)].meta[SHARED] = True
     for value in clone.initializers.values():
         tensor = value.const_value
         if isinstance(tensor, ir.LazyTensor):
@@ -180,7 +185,7 @@ class Comparison:
         a, b = ref.ravel(), out.ravel()
         self.cosines.append(float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30)))
         ids = feeds.get("input_ids")
-        if name != "logits" or ids is None or ids.shape[1] < 2:
+        if name != LOGITS or ids is None or ids.shape[1] < 2:
             self.language_model = False
             return
         tokens = ids[0, 1:]
@@ -222,11 +227,24 @@ class BlockRunner:
         return [name for name in block.outputs if name in self.readers_after[block.index]]
 
     def feeds(self, block: Block, run: Run, carry: Carry, state: dict[str, np.ndarray],
-              recurrent: dict[str, str]) -> dict[str, np.ndarray]:
-        feeds = {name: array for name, array in run.feeds.items() if not (run.key[1] and name in recurrent)}
+              recurrent: dict[str, str], prompt: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """The inputs of one run of `block`: the run's model inputs, the values carried in, and at a decode step
+        the key/value cache this block returned at the step before (`state`). A block that only reads the
+        shape of another block's cache (optimum's mask arithmetic reads Shape(past_key_values.0.key) ahead of
+        layer 0) gets an array of that shape: the prompt's length plus the tokens decoded so far."""
+        step = run.key[1]
+        feeds = {name: array for name, array in run.feeds.items() if not (step and name in recurrent)}
         for name in block.inputs:
-            if name in recurrent and run.key[1]:
-                feeds[name] = state[recurrent[name]]
+            if name in recurrent and step:
+                present = recurrent[name]
+                if present in state:
+                    feeds[name] = state[present]
+                elif name in block.shape_only and prompt is not None and name in prompt:
+                    feeds[name] = _cache_of_length(prompt[name], prompt, step)
+                else:
+                    raise SqonnxError(f"block {block.index} ({block.label}) reads the key/value cache '{name}' that "
+                                      "another block writes; calibrate with --decode-steps 0, or a larger "
+                                      "--block-size")
             elif name not in feeds and carry.has(run.key, name):
                 feeds[name] = carry.get(run.key, name)
         return feeds
@@ -235,18 +253,25 @@ class BlockRunner:
                                                       dict[str, np.ndarray]],
                 carry: Carry, only: set[int] | None = None, extra: Callable[[Sequence, Run], list[str]] | None = None,
                 after_run: Callable[[Sequence, Run, dict[str, np.ndarray], dict[str, np.ndarray]], None] | None = None,
+                drop: set[str] | frozenset[str] = frozenset(), keep: set[int] | frozenset[int] = frozenset(),
                 ) -> None:
         """Every run of the samples (or those in `only`) through `block`, in order; `run_one(sequence, run, feeds,
-        fetch)` runs one and returns the fetched outputs. The carried values go to `carry`."""
+        fetch)` runs one and returns the fetched outputs. The carried values go to `carry`; the inputs named in
+        `drop` leave it once read, but those of the samples in `keep`."""
         out_names = self.carried_out(block)
         produced = set(block.outputs)
         for sequence in self.samples.sequences(only):
             state: dict[str, np.ndarray] = {}
             presents = [p for p in sequence.recurrent.values() if p in produced]
+            prompt: dict[str, np.ndarray] | None = None
             for run in sequence.runs():
-                feeds = self.feeds(block, run, carry, state, sequence.recurrent)
+                prompt = run.feeds if prompt is None else prompt
+                feeds = self.feeds(block, run, carry, state, sequence.recurrent, prompt)
                 wanted = [*out_names, *presents, *(extra(sequence, run) if extra else [])]
                 fetched = run_one(sequence, run, feeds, list(dict.fromkeys(wanted)))
+                if sequence.index not in keep:
+                    for name in drop:
+                        carry.discard(run.key, name)
                 for name in out_names:
                     carry.put(run.key, name, fetched[name])
                 state = {name: fetched[name] for name in presents}
@@ -257,13 +282,28 @@ class BlockRunner:
         carry.drop({name for name, last in self.last_reader.items() if last <= block.index})
 
 
+def _cache_of_length(empty: np.ndarray, prompt: dict[str, np.ndarray], step: int) -> np.ndarray:
+    """A cache shaped like `empty` (the prompt's, of length 0 along its sequence axis) after the prompt and
+    `step` - 1 decoded tokens (zeros: only its shape is read)."""
+    axis = next((i for i, size in enumerate(empty.shape) if size == 0), len(empty.shape) - 2)
+    shape = list(empty.shape)
+    shape[axis] = prompt["input_ids"].shape[1] + step - 1
+    return np.zeros(shape, empty.dtype)
+
+
 def calibrate_block(runner: BlockRunner, block: Block, model: ir.Model, activations: dict[str, int],
                     probes: list[Probe], keep_rows: int, carry: Carry, references: set[int],
-                    reference_carry: Carry, tick: Callable[[], None]) -> ActivationStats:
+                    reference_carry: Carry, tick: Callable[[], None], stream: Carry | None = None) -> ActivationStats:
     """Statistics of `block` (its FP model) over the counted samples, and the carried values for the next blocks
     from every sample. The FP model's first output is kept (in `reference_carry`) for the samples in
     `references`, which (with the held-back samples) run in a plain session of their own, so that the
-    statistics session need not compute that output for every sample."""
+    statistics session need not compute that output for every sample.
+
+    `stream`: where the counted samples' values come from (--sequential: what the INT8 blocks before computed;
+    the caller replaces them once this block is built), while `carry` keeps the FP values of the references,
+    which then run in the plain session at every block. Without it, a counted sample's inputs that no later
+    block reads are dropped as soon as this block has read them: the carried values hold one border, not two
+    (a Llama-2-7B border of 128 x 512 tokens is 1 GB)."""
     samples = runner.samples
     what = f"block {block.index} ({block.label})"
     if has_half_floats(model):
@@ -272,7 +312,13 @@ def calibrate_block(runner: BlockRunner, block: Block, model: ir.Model, activati
     presents = sorted({p for chain in samples.chains for p in chain.present.values()} & produced)
     carried = runner.carried_out(block)
     counted = {s.index for s in samples.sequences() if s.counted} if activations else set()
+    counted_carry = carry if stream is None else stream
     stats = ActivationStats({})
+    if probes and counted:  # read on the first sample, before its inputs are dropped
+        first = next(runner.samples.sequences({min(counted)}))
+        run = next(first.runs())
+        stats.maps.update(read_probes(model, probes, runner.feeds(block, run, counted_carry, {}, {}), what))
+    dying = {name for name in block.inputs if runner.last_reader.get(name) == block.index}
     if counted:  # a block without linear layers has no statistics: its samples only pass through (below)
         session = StatisticsSession(model, activations, keep_rows=keep_rows, row_samples=samples.row_samples,
                                     outputs=[*carried, *presents], what=what,
@@ -289,16 +335,16 @@ def calibrate_block(runner: BlockRunner, block: Block, model: ir.Model, activati
                 pause_point("calibration")
             return fetched
 
-        runner.forward(block, run_counted, carry, only=counted)
+        runner.forward(block, run_counted, counted_carry, only=counted, drop=dying if stream is None else set(),
+                       keep=references)
+        maps = stats.maps
         stats = session.statistics()
+        stats.maps.update(maps)
         session.close()
-    if probes and counted:
-        first = next(runner.samples.sequences({min(counted)}))
-        run = next(first.runs())
-        stats.maps.update(read_probes(model, probes, runner.feeds(block, run, carry, {}, {}), what))
     first_output = reference_output(runner.part)
     wanted = references if first_output in produced else set()
-    plain_keys = ({s.index for s in samples.sequences()} - counted) | wanted
+    plain_keys = ({s.index for s in samples.sequences()} - counted) | wanted | (
+        references if stream is not None else set())
     if not (carried or presents or wanted):
         plain_keys = set()  # nothing later reads what this block makes
     if plain_keys:
@@ -417,7 +463,6 @@ def generate_tokens(model: ir.Model, part: Partition, chains: list[DecodeChain],
     caches = Carry(workdir / "generate-cache", CARRY_MEMORY_BYTES)
     tokens: list[list[int]] = [[] for _ in chains]
     sessions: dict[int, Session] = {}
-    logits_name = "logits"
     for step in range(max(chain.steps for chain in chains) + 1):
         active = [i for i, chain in enumerate(chains) if step <= chain.steps and (step == 0 or tokens[i])]
         for block in part.blocks:
@@ -435,15 +480,15 @@ def generate_tokens(model: ir.Model, part: Partition, chains: list[DecodeChain],
                     elif name not in feeds and carry.has((i, 0), name):
                         feeds[name] = carry.get((i, 0), name)
                 presents = [p for p in chain.present.values() if p in block.outputs]
-                wanted = [*out_names, *presents, *([logits_name] if logits_name in block.outputs else [])]
+                wanted = [*out_names, *presents, *([LOGITS] if LOGITS in block.outputs else [])]
                 where = f"decode chain {i}, step {step} (--decode-steps 0 calibrates prefill only)"
                 fetched = dict(zip(wanted, session.run(wanted, feeds, where), strict=True))
                 for name in out_names:
                     carry.put((i, 0), name, fetched[name])
                 for name in presents:
                     caches.put((i, 0), name, fetched[name])
-                if logits_name in fetched and step < chain.steps:
-                    tokens[i].append(int(fetched[logits_name][0, -1].argmax()))
+                if LOGITS in fetched and step < chain.steps:
+                    tokens[i].append(int(fetched[LOGITS][0, -1].argmax()))
             if not keep_sessions:
                 del session
                 release_block(model, block)

@@ -79,9 +79,11 @@ def test_every_linear_layer_found_and_on_an_integer_kernel(tmp_path: Path, famil
     assert smoothed < 0.3 and (smoothed < unsmoothed or unsmoothed < 0.01), (smoothed, unsmoothed)
 
 
-def test_norms_shared_through_identity_are_smoothed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("block_bytes", [256 << 20, 1], ids=["whole", "blocks"])
+def test_norms_shared_through_identity_are_smoothed(tmp_path: Path, block_bytes: int) -> None:
     """Default init: every RMSNorm weight is 1, the exporter keeps one initializer and reads it through
-    Identity nodes; each norm still gets its own folded copy and the model stays exact."""
+    Identity nodes; each norm still gets its own folded copy and the model stays exact, also when the norms
+    are in different blocks (a block sees only its own readers of the shared weight: it must still copy it)."""
     import onnx
 
     from models import export_into
@@ -91,7 +93,7 @@ def test_norms_shared_through_identity_are_smoothed(tmp_path: Path) -> None:
     model = export_into(target, zoo.make_model("llama", trained_like=False), None, "text-generation")
     assert sum(n.op_type == "Identity" for n in onnx.load(str(model)).graph.node) >= 4
     out = tmp_path / "smoothed.onnx"
-    report = sqonnx.quantize(model, out, QuantizeConfig(smooth_only=True, exclude=(),
+    report = sqonnx.quantize(model, out, QuantizeConfig(smooth_only=True, exclude=(), block_bytes=block_bytes,
                                                         calibration=_calibration(model, tmp_path)))
     assert sum(layer.smoothing == NORM_MUL for layer in report.smoothed_layers) == 11
     assert _relative_error(model, out) < 1e-4

@@ -107,3 +107,34 @@ def test_same_weights_same_data_file_name(tmp_path: Path, block: Path, feeds: Pa
     assert data_files(first) == data_files(second) and len(data_files(first)) == 1
     for name in ["q.onnx", *data_files(first)]:
         assert (first / name).read_bytes() == (second / name).read_bytes()
+
+
+def test_writer_keeps_tensors_that_share_a_name_apart(tmp_path: Path) -> None:
+    """Two blocks each holding an initializer 'w' (a small one kept in the .onnx, a large one in the data file)
+    with different contents: the second is renamed in its block, and each node reads its own."""
+    import onnx_ir as ir
+
+    from sqonnx.output import StreamingWriter
+
+    def block(index: int, value: float) -> ir.Model:
+        x = ir.Value(name=f"x{index}", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([4]))
+        nodes, inits = [], []
+        for name, size in (("w", 4), ("big", 1024)):
+            init = ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([size]),
+                            const_value=ir.tensor(np.full(size, value, np.float32), name=name))
+            inits.append(init)
+        mul = ir.node("Mul", [x, inits[0]], name=f"mul{index}", outputs=[ir.Value(name=f"x{index + 1}")])
+        nodes.append(mul)
+        graph = ir.Graph([x], [mul.outputs[0]], nodes=nodes, initializers=inits, opset_imports={"": 18})
+        return ir.Model(graph, ir_version=8)
+
+    with StreamingWriter(tmp_path / "q.onnx", external=True) as writer:
+        blocks = [block(0, 2.0), block(1, 3.0)]
+        for b in blocks:
+            writer.add(b, shared=set())
+        writer.close()  # flushed: the refs read back what was written
+        names = [sorted(b.graph.initializers) for b in blocks]
+        assert names == [["big", "w"], ["big.1", "w.1"]]
+        for b, value in zip(blocks, (2.0, 3.0), strict=True):
+            for init in b.graph.initializers.values():
+                assert np.all(init.const_value.numpy() == value), init.name

@@ -188,3 +188,34 @@ def test_with_past_export_smoothed_and_rotated_through_the_cache(tmp_path: Path)
     expected, got = run(source), run(tmp_path / "s" / "model.onnx")
     for reference, value in zip(expected, got, strict=True):
         np.testing.assert_allclose(value, reference, atol=1e-4 * np.abs(reference).max())
+
+
+@pytest.mark.zoo
+def test_with_past_export_decode_chains_block_by_block(tmp_path: Path) -> None:
+    """An optimum with-past export calibrated from text with decode chains, one block per segment: the front of
+    the graph reads only the shape of layer 0's cache (its mask arithmetic), which a later block writes; it gets a
+    cache of the right length, and the statistics are those of the whole model."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from sqonnx.calibrators.data import pydoc_text
+    from tests.test_decode_calibration import _with_past_llama
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    source = _with_past_llama()
+    for name in ("model.onnx", "config.json"):
+        shutil.copy(source.parent / name, folder / name)
+    words = sorted(set(pydoc_text("calibration").split()))[:250]  # ids within the zoo's 256-token vocabulary
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    calibration = CalibrationConfig(num_samples=4, seq_len=24, decode_steps=8)
+    whole = sqonnx.quantize(folder / "model.onnx", tmp_path / "whole.onnx", QuantizeConfig(calibration=calibration))
+    blocks = sqonnx.quantize(folder / "model.onnx", tmp_path / "blocks.onnx",
+                             QuantizeConfig(calibration=calibration, block_bytes=ONE_BYTE))
+    assert blocks.calibration == whole.calibration == "built-in pydoc topics, 4 x 24 tokens + 8 decode steps"
+    assert int(str(blocks.settings["blocks"]).split()[0]) >= 4
+    assert _decisions(blocks) == _decisions(whole)
+    np.testing.assert_allclose(_ranges(blocks), _ranges(whole), rtol=1e-4)

@@ -33,16 +33,11 @@ MANIFEST = "manifest.json"
 FORMAT = 1
 
 
-def file_digest(path: Path, limit: int | None = None) -> str:
+def file_digest(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        remaining = limit
-        while chunk := handle.read(1 << 24 if remaining is None else min(1 << 24, remaining)):
+        while chunk := handle.read(1 << 24):
             digest.update(chunk)
-            if remaining is not None:
-                remaining -= len(chunk)
-                if remaining <= 0:
-                    break
     return digest.hexdigest()[:16]
 
 
@@ -98,30 +93,27 @@ class CalibrationCache:
         path = self.folder / f"block-{index:04d}.npz"
         if not path.exists():
             return None
-        stats = ActivationStats({})
-        with np.load(path) as archive:
-            for key in archive.files:
-                kind, name = key.split("/", 1)
-                getattr(stats, {"max": "channel_max", "rows": "rows", "maps": "maps"}[kind])[name] = archive[key]
-        return stats
+        try:
+            return ActivationStats.load(path)
+        except (OSError, ValueError, KeyError) as exc:
+            raise SqonnxError(f"--cache-dir {self.folder} is damaged ({type(exc).__name__} reading {path.name}); "
+                              "delete it") from None
 
     def save_stats(self, index: int, stats: ActivationStats) -> None:
-        arrays = {f"max/{k}": v for k, v in stats.channel_max.items()}
-        arrays |= {f"rows/{k}": v for k, v in stats.rows.items()}
-        arrays |= {f"maps/{k}": v for k, v in stats.maps.items()}
-        path = self.folder / f"block-{index:04d}.npz"
-        self._atomic(path, lambda temporary: np.savez(temporary, **arrays))
+        self._atomic(self.folder / f"block-{index:04d}.npz", stats.save)
 
-    def resume_after(self, blocks: int) -> int:
-        """The last block whose statistics and carried values are both kept (-1: none): a run resumes after it."""
-        for index in range(blocks - 1, -1, -1):
+    def resume_after(self, blocks: int, limit: int | None = None) -> int:
+        """The last block (at most `limit`) whose statistics and carried values are both kept (-1: none): a run
+        resumes after it."""
+        for index in range(min(blocks - 1, limit if limit is not None else blocks - 1), -1, -1):
             if (self.folder / f"carry-{index:04d}").is_dir() and all(
                     (self.folder / f"block-{i:04d}.npz").exists() for i in range(index + 1)):
                 return index
         return -1
 
-    def save_carry(self, index: int, carry: Carry) -> None:
-        """Every value alive after block `index`; the previous block's carry folder is removed."""
+    def save_carry(self, index: int, carry: Carry, keep: int | None = None) -> None:
+        """Every value alive after block `index`. Carry folders of earlier blocks are removed but `keep`'s (the
+        block before the one that makes the model's output, where a run that compares outputs resumes)."""
         target = self.folder / f"carry-{index:04d}"
         temporary = self.folder / f".carry-{index:04d}.partial"
         shutil.rmtree(temporary, ignore_errors=True)
@@ -138,13 +130,18 @@ class CalibrationCache:
             shutil.rmtree(temporary, ignore_errors=True)
             raise SqonnxError(f"cannot write --cache-dir {self.folder}: {exc.strerror}") from None
         for old in self.folder.glob("carry-*"):
-            if old != target:
+            if old != target and old.name != f"carry-{keep if keep is not None else -1:04d}":
                 shutil.rmtree(old, ignore_errors=True)
 
     def load_carry(self, index: int, carry: Carry) -> None:
         folder = self.folder / f"carry-{index:04d}"
-        for number, (sequence, step, name) in enumerate(json.loads((folder / "index.json").read_text())):
-            carry.put((int(sequence), int(step)), str(name), np.load(folder / f"{number}.npy", allow_pickle=False))
+        try:
+            for number, (sequence, step, name) in enumerate(json.loads((folder / "index.json").read_text())):
+                carry.put((int(sequence), int(step)), str(name),
+                          np.load(folder / f"{number}.npy", allow_pickle=False))
+        except (OSError, ValueError, TypeError) as exc:
+            raise SqonnxError(f"--cache-dir {self.folder} is damaged ({type(exc).__name__} reading {folder.name}); "
+                              "delete it") from None
 
     def tokens(self) -> list[np.ndarray] | None:
         path = self.folder / "tokens.npz"

@@ -28,7 +28,6 @@ class Carry:
         self._memory: dict[tuple[Key, str], np.ndarray] = {}
         self._files: dict[tuple[Key, str], Path] = {}
         self._memory_bytes = 0
-        self.peak_disk_bytes = 0
         self._disk_bytes = 0
         self._written = 0
 
@@ -52,7 +51,6 @@ class Carry:
                               "there or write the output elsewhere") from None
         self._files[(key, name)] = path
         self._disk_bytes += array.nbytes
-        self.peak_disk_bytes = max(self.peak_disk_bytes, self._disk_bytes)
 
     def get(self, key: Key, name: str) -> np.ndarray:
         found = self._memory.get((key, name))
@@ -82,9 +80,6 @@ class Carry:
     def entries(self) -> list[tuple[Key, str]]:
         """Every (run key, value name) held."""
         return sorted({*self._memory, *self._files})
-
-    def names(self, key: Key) -> list[str]:
-        return sorted({name for k, name in (*self._memory, *self._files) if k == key})
 
     def clear(self) -> None:
         for key, name in [*self._memory, *self._files]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -24,7 +25,7 @@ import onnx_ir.passes.common as common_passes
 from sqonnx.calibrators.data import DecodeChain
 from sqonnx.calibrators.probes import Probe, add_probe, read_map
 from sqonnx.errors import SqonnxError
-from sqonnx.graph import add_initializer
+from sqonnx.graph import add_initializer, opset_version
 from sqonnx.pause import pause_point
 from sqonnx.session import open_session
 
@@ -43,10 +44,22 @@ class ActivationStats:
     rows: dict[str, np.ndarray] = field(default_factory=dict)
     maps: dict[str, np.ndarray] = field(default_factory=dict)  # probe name -> column per channel (see probes)
 
-    def update(self, other: ActivationStats) -> None:
-        self.channel_max.update(other.channel_max)
-        self.rows.update(other.rows)
-        self.maps.update(other.maps)
+    def save(self, file: object) -> None:
+        """To an .npz (a path or an open file)."""
+        arrays = {f"max/{k}": v for k, v in self.channel_max.items()}
+        arrays |= {f"rows/{k}": v for k, v in self.rows.items()}
+        arrays |= {f"maps/{k}": v for k, v in self.maps.items()}
+        np.savez(file, **arrays)  # type: ignore[arg-type]
+
+    @classmethod
+    def load(cls, path: Path) -> ActivationStats:
+        stats = cls({})
+        fields = {"max": stats.channel_max, "rows": stats.rows, "maps": stats.maps}
+        with np.load(path) as archive:
+            for key in archive.files:
+                kind, name = key.split("/", 1)
+                fields[kind][name] = archive[key]
+        return stats
 
 
 Sample = dict[str, np.ndarray] | DecodeChain
@@ -65,7 +78,7 @@ class StatisticsSession:
         clone = model.clone()
         graph = clone.graph
         # ReduceMax takes its axes as an input from opset 18 on, as an attribute before.
-        axes_as_input = graph.opset_imports.get("", 0) >= 18
+        axes_as_input = opset_version(graph) >= 18
         values = _values(graph)
         self.names = list(activations)
         maxima = [_channel_max(graph, values[name], channels, index, axes_as_input)
@@ -121,7 +134,7 @@ def read_probes(model: ir.Model, probes: Sequence[Probe], feeds: dict[str, np.nd
         return {}
     clone = model.clone()
     graph = clone.graph
-    axes_as_input = graph.opset_imports.get("", 0) >= 18
+    axes_as_input = opset_version(graph) >= 18
     values = _values(graph)
     added: dict[str, list[str]] = {}
     outputs: list[ir.Value] = []

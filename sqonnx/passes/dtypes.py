@@ -34,6 +34,8 @@ class InferDtypesPass(ir.passes.InPlacePass):
 def output_dtypes(node: ir.Node) -> list[ir.DataType | None]:
     """The element type of each output of `node`, from its inputs and attributes (None: unknown)."""
     op, count = node.op_type, len(node.outputs)
+    if any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for attr in node.attributes.values()):
+        return [None] * count  # If / Loop / Scan: their outputs are their subgraphs' (left as they are)
     inputs = [v.dtype if v is not None else None for v in node.inputs]
     first = next((t for t in inputs if t is not None), None)
 
@@ -63,6 +65,8 @@ def output_dtypes(node: ir.Node) -> list[ir.DataType | None]:
         return [_D.INT32]
     if op in ("MatMulIntegerToFloat", "DynamicQuantizeMatMul"):
         return [input_type(2)]
+    if op == "Dropout":
+        return [input_type(0), _D.BOOL][:count]
     if op in ("TopK", "Unique"):
         return [input_type(0), *[_D.INT64] * (count - 1)]
     if op == "OneHot":

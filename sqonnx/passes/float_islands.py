@@ -9,8 +9,9 @@ float MatMul, 55 ms; the float32 island runs as QuantizeLinear -> MatMulIntegerT
 
     x (half) -> Cast(float) -> [layer, quantized as in a float32 model] -> Cast(half) -> y
 
-with siblings that read one x sharing its Cast. The weight is taken in float32 (the quantizer replaces it with
-int8 codes and float32 scales), and so is a Gemm's bias (inside the node). Float32 layers are left alone.
+with siblings that read one x sharing its Cast. The weight stays as it is until the quantizer replaces it with
+int8 codes and float32 scales (computed from the half weights in float32, no float32 copy of them); a Gemm's
+bias (inside the node) becomes float32. Float32 layers are left alone.
 """
 
 from __future__ import annotations
@@ -18,9 +19,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from sqonnx.graph import LinearLayer, set_constant_input
-
-HALF_TYPES = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+from sqonnx.graph import HALF_TYPES, LinearLayer, set_constant_input
 
 
 class FloatIslandsPass(ir.passes.InPlacePass):
@@ -50,7 +49,6 @@ class FloatIslandsPass(ir.passes.InPlacePass):
                     graph.insert_before(node, cast)
                     casts[id(x)] = cast.outputs[0]
                 node.replace_input_with(0, casts[id(x)])
-            set_constant_input(graph, node, 1, layer.weight.astype(np.float32), "_float32", keep_dtype=False)
             if layer.bias_value is not None and layer.bias_value.const_value is not None:
                 bias = layer.bias_value.const_value.numpy().astype(np.float32)
                 set_constant_input(graph, node, 2, bias, "_float32", keep_dtype=False)

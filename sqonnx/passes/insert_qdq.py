@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from sqonnx.config import Level
-from sqonnx.graph import LinearLayer, add_initializer, as_linear_layer
+from sqonnx.graph import LinearLayer, add_initializer, as_linear_layer, opset_version
 from sqonnx.smoothing import quantize_weight, symmetric_scale
 
 ACTIVATION_QMAX = 127
@@ -51,7 +51,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
-        opset = model.graph.opset_imports.get("", model.graph.opset_imports.get("ai.onnx", 0))
+        opset = opset_version(model.graph)
         for item in self.plan:
             # A layer already quantized has a DequantizeLinear, not a constant, as its weight.
             if as_linear_layer(item.layer.node) is None:

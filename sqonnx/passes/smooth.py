@@ -18,11 +18,11 @@ import onnx_ir as ir
 
 from sqonnx.calibrators import ActivationStats, Sample, collect_statistics
 from sqonnx.config import Unabsorbed
-from sqonnx.graph import find_linear_layers, set_constant_input
+from sqonnx.graph import SHARED, find_linear_layers, set_constant_input
 from sqonnx.passes.insert_smoothing_mul import insert_smoothing_mul
 from sqonnx.passes.smoothing_groups import SmoothingGroup, find_smoothing_groups, statistics_needed
 from sqonnx.search import AlphaSearch, group_error
-from sqonnx.smoothing import along, input_channel_max, smoothing_scales
+from sqonnx.smoothing import along, input_channel_max, shared_scales
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class SmoothPass(ir.passes.InPlacePass):
                                                     "on calibration rows)")
         shared = absorber.factor_map(self.stats) if absorber is not None else None
         assert alpha is not None  # a search that prefers no smoothing returned above
-        scales = _shared_scales(act_max, weight_max, alpha, shared)
+        scales = shared_scales(act_max, weight_max, alpha, shared)
         dead_inputs, dead_rows = int(np.count_nonzero(act_max == 0)), int(np.count_nonzero(weight_max == 0))
         if dead_inputs or dead_rows:
             dead.append((group.layers[0].name, dead_inputs, dead_rows))
@@ -138,19 +138,6 @@ def smoothing_statistics(model: ir.Model, feeds: Iterable[Sample], total: int,
                               probes=request.probes)
 
 
-def _shared_scales(act_max: np.ndarray, weight_max: np.ndarray, alpha: float, shared: np.ndarray | None) -> np.ndarray:
-    """s per channel; channels with the same `shared` label (query heads reading one value head) get the
-    factor of their pooled maxima, since one value column divides them all."""
-    if shared is None:
-        return smoothing_scales(act_max, weight_max, alpha)
-    labels, inverse = np.unique(shared, return_inverse=True)
-    pooled_act = np.zeros(len(labels), np.float32)
-    pooled_weight = np.zeros(len(labels), np.float32)
-    np.maximum.at(pooled_act, inverse, act_max)
-    np.maximum.at(pooled_weight, inverse, weight_max)
-    return smoothing_scales(pooled_act, pooled_weight, alpha)[inverse]
-
-
 def _scale_weight_rows(graph: ir.Graph, group: SmoothingGroup, scales: np.ndarray) -> None:
     """W_j *= s_j for every reader. A weight tied between readers of this group only is scaled once,
     in place, and stays tied; one also read elsewhere gets a copy per reader (set_constant_input)."""
@@ -161,7 +148,7 @@ def _scale_weight_rows(graph: ir.Graph, group: SmoothingGroup, scales: np.ndarra
         if id(value) in scaled_in_place:
             continue
         scaled = layer.weight * along(scales, layer.in_axis)
-        tied_only_here = len(value.uses()) > 1 and not value.is_graph_output() and all(
+        tied_only_here = len(value.uses()) > 1 and not value.is_graph_output() and not value.meta.get(SHARED) and all(
             use.idx == 1 and id(use.node) in group_nodes and group_nodes[id(use.node)].in_axis == layer.in_axis
             for use in value.uses())
         if tied_only_here:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-HALF_TYPES = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+from sqonnx.graph import HALF_TYPES
+
 _FLOAT = ir.DataType.FLOAT
 
 
