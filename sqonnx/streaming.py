@@ -343,14 +343,15 @@ def calibrate_block(runner: BlockRunner, block: Block, model: ir.Model, activati
         session.close()
     first_output = reference_output(runner.part)
     wanted = references if first_output in produced else set()
-    plain_keys = ({s.index for s in samples.sequences()} - counted) | wanted | (
-        references if stream is not None else set())
+    every = {s.index for s in samples.sequences()}
+    passing = {s.index for s in samples.sequences() if s.counted} - counted  # no statistics here: they pass through
+    plain_keys = (every - counted - passing) | wanted | (references if stream is not None else set())
     if not (carried or presents or wanted):
-        plain_keys = set()  # nothing later reads what this block makes
-    if plain_keys:
+        plain_keys = passing = set()  # nothing later reads what this block makes
+    if plain_keys or passing:
         outputs = [*carried, *presents, *([first_output] if wanted else [])]
         plain = open_session(_pruned(model, outputs), what=what,
-                             prepack=samples.tokens(len(plain_keys)) >= PREPACK_TOKENS)
+                             prepack=samples.tokens(len(plain_keys | passing)) >= PREPACK_TOKENS)
 
         def run_plain(sequence: Sequence, run: Run, feeds: dict[str, np.ndarray],
                       fetch: list[str]) -> dict[str, np.ndarray]:
@@ -361,7 +362,9 @@ def calibrate_block(runner: BlockRunner, block: Block, model: ir.Model, activati
             tick()
             return fetched
 
-        runner.forward(block, run_plain, carry, only=plain_keys)
+        runner.forward(block, run_plain, carry, only=plain_keys | (passing if stream is None else set()))
+        if stream is not None and passing:
+            runner.forward(block, run_plain, stream, only=passing)
     return stats
 
 
