@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from sqonnx.graph import HALF_TYPES
 from sqonnx.passes.absorbers.base import SHAPE_ONLY_OPS
 from sqonnx.passes.smoothing_groups import find_smoothing_groups
 
@@ -105,24 +106,28 @@ def partition(graph: ir.Graph, budget: int) -> Partition:
     allowed[0] = allowed[len(nodes)] = False
     for start, end in _absorber_spans(graph, position):
         allowed[start + 1:end + 1] = False
+    # Weights are counted as float32: a half-precision block is calibrated as its float32 upcast, so a budget in
+    # float32 bytes keeps memory the same whatever the model's float type.
     cumulative = np.zeros(len(nodes) + 1, np.int64)
+    stored = np.zeros(len(nodes) + 1, np.int64)  # the bytes as they are (what the block reports)
     seen: set[int] = set()
     for i, node in enumerate(nodes):
-        added = 0
+        added = real = 0
         for value in node.inputs:
             tensor = value.const_value if value is not None and value.is_initializer() else None
             if tensor is not None and id(value) not in seen and tensor.nbytes >= WEIGHT_BYTES:
                 seen.add(id(value))
-                added += value.const_value.nbytes
+                real += tensor.nbytes
+                added += tensor.nbytes * (2 if tensor.dtype in HALF_TYPES else 1)
         cumulative[i + 1] = cumulative[i] + added
+        stored[i + 1] = stored[i] + real
     cuts = _choose_cuts(allowed, crossing, cumulative, budget)
     if not cuts:
         reason = "no cut along a residual stream: every place where one hidden-state value crosses lies inside a " \
                  "smoothing group" if not allowed.any() else f"the whole model fits in one block ({budget >> 20} MB)"
         return _one_block(graph, nodes, reason)
     bounds = [0, *cuts, len(nodes)]
-    blocks = [Block(i, nodes[a:b], int(cumulative[b] - cumulative[a]))
-              for i, (a, b) in enumerate(itertools.pairwise(bounds))]
+    blocks = [Block(i, nodes[a:b], int(stored[b] - stored[a])) for i, (a, b) in enumerate(itertools.pairwise(bounds))]
     return Partition(_link(graph, blocks), graph_outputs=[str(v.name) for v in graph.outputs])
 
 

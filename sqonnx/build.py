@@ -14,7 +14,7 @@ import onnx_ir.passes.common as common_passes
 
 from sqonnx.calibrators import ActivationStats
 from sqonnx.config import Level, QuantizeConfig
-from sqonnx.graph import opset_version
+from sqonnx.graph import HALF_TYPES, SHARED, find_linear_layers, opset_version
 from sqonnx.passes.float_islands import FloatIslandsPass
 from sqonnx.passes.insert_integer_matmul import InsertIntegerMatMulPass
 from sqonnx.passes.insert_qdq import InsertQDQPass, LayerQuantization
@@ -23,6 +23,7 @@ from sqonnx.passes.smoothing_groups import find_smoothing_groups
 from sqonnx.passes.transposed import RestoreTransposedCopiesPass
 from sqonnx.report import LayerReport
 from sqonnx.search import AlphaSearch, choose_level, group_error, static_range
+from sqonnx.smoothing import as_float32
 
 
 @dataclass
@@ -41,6 +42,8 @@ def build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quant
           sensitivities: bool = False) -> Built:
     """Smooth and quantize `model` (a fresh copy of a block) with its calibration statistics."""
     graph = model.graph
+    if not config.smooth_only:
+        _weights_in_float32(graph, quantized)
     channel_max = stats.channel_max
     scheme = AlphaSearch(stats.rows, config.alpha_grid, config.level, config.weight_qmax, config.per_channel,
                          config.calib_method)
@@ -66,7 +69,7 @@ def build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quant
         static_max, level, why = 0.0, config.level, ""
         if act_max is not None and any(layer.name in quantized for layer in group.layers):
             scales = result.scales if result.scales is not None else np.ones_like(act_max)
-            smoothed_rows = None if rows is None else rows.astype(np.float32) / scales
+            smoothed_rows = None if rows is None else as_float32(rows) / scales
             static_max = static_range(config.calib_method, act_max / scales, smoothed_rows)
             if config.level_auto and smoothed_rows is not None:
                 level, static_error, token_error = choose_level(
@@ -75,7 +78,7 @@ def build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quant
             if sensitivities and rows is not None:
                 for layer in group.layers:
                     if layer.name in quantized and layer.name in originals:
-                        sensitivity[layer.name] = group_error(rows.astype(np.float32), act_max,
+                        sensitivity[layer.name] = group_error(as_float32(rows), act_max,
                                                               [originals[layer.name]], result.alpha, scheme,
                                                               relative=False)
         for layer in group.layers:
@@ -97,6 +100,23 @@ def build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quant
         common_passes.TopologicalSortPass(),
     )(model)
     return Built(model, layer_reports, plan, sensitivity)
+
+
+def _weights_in_float32(graph: ir.Graph, quantized: set[str]) -> None:
+    """The float16 / bfloat16 weights of the layers about to be quantized, in float32: smoothing folds and
+    quantization then compute in float32 without converting from and back to half at every step (a 7B FP16 model
+    spent half its build time converting), and the quantizer replaces them anyway. A weight that another node
+    reads too (a layer kept float, another block) stays as it is."""
+    readers = {id(layer.node) for layer in find_linear_layers(graph) if layer.name in quantized}
+    for layer in find_linear_layers(graph):
+        value = layer.weight_value
+        tensor = value.const_value
+        if layer.name not in quantized or tensor is None or tensor.dtype not in HALF_TYPES or value.meta.get(SHARED):
+            continue
+        if value.is_graph_output() or any(use.idx != 1 or id(use.node) not in readers for use in value.uses()):
+            continue
+        value.const_value = ir.tensor(as_float32(tensor.numpy()), name=value.name)
+        value.type = ir.TensorType(ir.DataType.FLOAT)
 
 
 def _layer_report(name: str, result: GroupResult, act_max: np.ndarray | None, quantized: bool,

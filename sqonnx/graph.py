@@ -15,6 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from sqonnx.errors import SqonnxError
+from sqonnx.smoothing import convert
 
 
 def load_model(path: Path) -> ir.Model:
@@ -348,4 +349,7 @@ def add_initializer(graph: ir.Graph, name: str, array: np.ndarray | Deferred) ->
 
 def _contiguous(array: np.ndarray, dtype: np.dtype | None = None) -> np.ndarray:
     # np.ascontiguousarray would turn a scalar into shape [1]; scales and zero points must stay scalars.
+    array = np.asarray(array)
+    if dtype is not None and array.ndim:
+        array = convert(array, np.dtype(dtype))
     return np.require(np.asarray(array, dtype=dtype), requirements="C")

@@ -30,7 +30,7 @@ from sqonnx.passes.smoothing_groups import SmoothingGroup, find_smoothing_groups
 from sqonnx.pipeline import Pipeline
 from sqonnx.progress import Progress
 from sqonnx.search import AlphaSearch, group_error
-from sqonnx.smoothing import input_channel_max, shared_scales
+from sqonnx.smoothing import as_float32, input_channel_max, shared_scales
 
 
 @dataclass
@@ -121,7 +121,7 @@ def _inspect_group(group: SmoothingGroup, act_max: np.ndarray, rows: np.ndarray,
                            else float(config.alpha))
     scales = _scales(group, act_max, alpha, stats)
     weight_max = np.max([input_channel_max(w, axis) for w, axis in weights], axis=0)
-    rows32 = rows.astype(np.float32)
+    rows32 = as_float32(rows)
     absorber = group.absorber
     if absorber is None:
         where = f"nothing can absorb 1/s: {group.reason}"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sqonnx.config import CalibMethod, Level
-from sqonnx.smoothing import quantize_symmetric, quantize_weight, smoothing_scales, symmetric_scale
+from sqonnx.smoothing import as_float32, quantize_symmetric, quantize_weight, smoothing_scales, symmetric_scale
 
 ACTIVATION_QMAX = 127
 # --level auto: a group goes per-token when its static (O3) error is this many times its per-token error.
@@ -28,7 +28,7 @@ def static_range(method: CalibMethod, channel_max: np.ndarray, rows: np.ndarray 
     full = float(np.max(channel_max))
     if method is CalibMethod.MINMAX or rows is None or full == 0.0:
         return full
-    magnitudes = np.abs(rows.astype(np.float32)).ravel()
+    magnitudes = np.abs(as_float32(rows)).ravel()
     magnitudes = magnitudes[:: max(1, magnitudes.size // MAX_CLIP_VALUES)]
     if method is CalibMethod.PERCENTILE:
         return min(full, float(np.percentile(magnitudes, 99.99)))
@@ -68,7 +68,7 @@ class AlphaSearch:
 
     def choose(self, activation: str, act_max: np.ndarray, weights: list[tuple[np.ndarray, int]]) -> float | None:
         """The best α on the grid, or None when leaving the group unsmoothed is better than any."""
-        rows = self.rows[activation].astype(np.float32)
+        rows = as_float32(self.rows[activation])
         candidates: list[float | None] = [None, *self.grid]
         errors = [group_error(rows, act_max, weights, alpha, self) for alpha in candidates]
         return candidates[int(np.argmin(errors))]
@@ -116,7 +116,7 @@ def _columns(weight: np.ndarray, in_axis: int) -> np.ndarray:
     w = weight if in_axis == 0 else weight.T
     if w.shape[1] > MAX_ERROR_COLUMNS:
         w = w[:, np.linspace(0, w.shape[1] - 1, MAX_ERROR_COLUMNS).astype(np.int64)]
-    return np.asarray(w, np.float32)
+    return as_float32(w)
 
 
 def _dequantized(columns: np.ndarray, scales: np.ndarray, weight: np.ndarray, in_axis: int,

@@ -17,6 +17,22 @@ import numpy as np
 EPS = 1e-5
 
 
+def as_float32(array: np.ndarray) -> np.ndarray:
+    """`array` in float32 (itself when it already is); see `convert`."""
+    return convert(array, np.dtype(np.float32))
+
+
+def convert(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """`array` in `dtype` (itself when it already is). Between float16 and float32 numpy 2.4 converts two to six
+    times faster through a ufunc than through `astype` (float16 -> float32 of a 4096 x 11008 weight: 0.08 s
+    against 0.5 s), with the same rounding."""
+    if array.dtype == dtype:
+        return array
+    if {array.dtype, np.dtype(dtype)} <= {np.dtype(np.float16), np.dtype(np.float32)}:
+        return np.positive(array, dtype=dtype)
+    return array.astype(dtype)
+
+
 def smoothing_scales(act_max: np.ndarray, weight_max: np.ndarray, alpha: float) -> np.ndarray:
     """Per-channel s (float32, shape [C]) from activation and weight maxima."""
     a = np.maximum(np.asarray(act_max, dtype=np.float64), EPS)
@@ -29,6 +45,7 @@ def smoothing_scales(act_max: np.ndarray, weight_max: np.ndarray, alpha: float) 
 def input_channel_max(weight: np.ndarray, channel_axis: int) -> np.ndarray:
     """max|W| per input channel; `channel_axis` is the axis that multiplies X's last axis."""
     other = 1 - channel_axis
+    weight = as_float32(weight)  # numpy reduces float16 / bfloat16 without SIMD, ten times slower
     # max(max, -min) instead of max(abs): two reductions, no copy of the weight
     return np.maximum(weight.max(axis=other), -weight.min(axis=other))
 

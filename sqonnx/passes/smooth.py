@@ -22,7 +22,7 @@ from sqonnx.graph import SHARED, find_linear_layers, set_constant_input
 from sqonnx.passes.insert_smoothing_mul import insert_smoothing_mul
 from sqonnx.passes.smoothing_groups import SmoothingGroup, find_smoothing_groups, statistics_needed
 from sqonnx.search import AlphaSearch, group_error
-from sqonnx.smoothing import along, input_channel_max, shared_scales
+from sqonnx.smoothing import along, as_float32, input_channel_max, shared_scales
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class SmoothPass(ir.passes.InPlacePass):
         if judged and alpha is not None:
             assert rows is not None and self.scheme is not None
             weights = [(layer.weight, layer.in_axis) for layer in group.layers]
-            rows32 = rows.astype(np.float32)
+            rows32 = as_float32(rows)
             with_s = group_error(rows32, act_max, weights, alpha, self.scheme)
             without = group_error(rows32, act_max, weights, None, self.scheme)
             if with_s >= without * MUL_MUST_CUT:

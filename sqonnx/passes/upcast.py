@@ -13,6 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from sqonnx.graph import HALF_TYPES
+from sqonnx.smoothing import as_float32
 
 _FLOAT = ir.DataType.FLOAT
 
@@ -34,7 +35,7 @@ def _upcast(graph: ir.Graph) -> bool:
     for value in graph.initializers.values():
         tensor = value.const_value
         if tensor is not None and tensor.dtype in HALF_TYPES:
-            value.const_value = ir.tensor(tensor.numpy().astype(np.float32), name=value.name)
+            value.const_value = ir.tensor(as_float32(tensor.numpy()), name=value.name)
             modified = True
     for value in (*graph.inputs, *graph.outputs, *graph.initializers.values()):
         modified |= _upcast_type(value)
