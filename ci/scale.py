@@ -294,9 +294,12 @@ def signal_latency(model: Path, feeds: Path, out: Path, delays: tuple[float, ...
     latencies = []
     for delay in delays:
         shutil.rmtree(out, ignore_errors=True)
+        # a job started in the background of a shell ignores SIGINT, and so would its children: restore it, as a
+        # terminal's Ctrl-C finds it
         process = subprocess.Popen([sys.executable, "-m", "sqonnx", "quantize", str(model), "-o",
                                     str(out / "model.onnx"), "--calib-data", str(feeds)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         time.sleep(delay)
         sent = time.perf_counter()
         process.send_signal(signal.SIGINT)
