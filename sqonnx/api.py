@@ -22,6 +22,7 @@ from sqonnx.output import StreamingWriter, check_output_path
 from sqonnx.passes.smooth import SMOOTHED_KEY
 from sqonnx.pipeline import Outcome, Pipeline
 from sqonnx.progress import Progress, peak_rss_bytes
+from sqonnx.quality import floor
 from sqonnx.report import QuantizeReport
 from sqonnx.target import INT16_MAX, Target, full_range_is_safe, resolve
 
@@ -55,6 +56,7 @@ def _quantize(model_path: Path, output_path: str | Path | None, config: Quantize
         pipeline = Pipeline(front.model, front.partition, front.samples, front.quantized, writer.scratch, progress,
                             config.verify_fusion and not config.smooth_only, front.cache)
         outcome = pipeline.quantize(config, writer)
+        _judge(outcome, config)
         settings = _settings(config, outcome, front)
         with progress.phase("save"):
             written = writer.finish(front.model, _metadata(settings, outcome, front.feeds.count))
@@ -62,11 +64,30 @@ def _quantize(model_path: Path, output_path: str | Path | None, config: Quantize
         input_path=str(model_path), output_path=str(output_path), settings=settings,
         calibration=front.feeds.description, layers=outcome.result.layer_reports, kernels=outcome.result.kernels,
         input_bytes=input_bytes, output_bytes=written, seconds=time.perf_counter() - started,
-        phases=dict(progress.phases), peak_rss_bytes=peak_rss_bytes())
+        phases=dict(progress.phases), peak_rss_bytes=peak_rss_bytes(), check=outcome.check)
     if report.kernels is not None and report.kernels.unfused:
         logger.warning("onnxruntime left %d quantized layers unfused (float MatMul after DequantizeLinear): %s",
                        len(report.kernels.unfused), ", ".join(report.kernels.unfused[:5]))
     return report
+
+
+def _judge(outcome: Outcome, config: QuantizeConfig) -> None:
+    """The quality check's verdict, before anything is moved into place: a model far out of line is an error
+    (unless --allow-lossy), one that loses more than plain W8A8 a warning."""
+    check = outcome.check
+    if check is None or config.smooth_only:
+        return
+    asked = " ".join(flag for flag, given in (
+        ("--no-smooth", not config.smooth), ("--rotate", config.rotate is True),
+        ("--static", not config.level_auto and config.level is Level.O3),
+        (f"--alpha {config.alpha}", config.smooth and config.alpha != QuantizeConfig.alpha)) if given)
+    if not config.allow_lossy:
+        floor(check, outcome.result.layer_reports, asked)
+    elif check.below_floor:
+        logger.warning("writing a model far worse than FP32 (--allow-lossy): %s", check.summary())
+    if check.worse_than_baseline and not check.below_floor:
+        logger.warning("the written model loses more than unsmoothed W8A8 on the same samples (%s)%s", check.summary(),
+                       f": try without {asked}" if asked else "")
 
 
 def _settings(requested: QuantizeConfig, outcome: Outcome, front: Prepared) -> dict[str, object]:
@@ -93,6 +114,9 @@ def _settings(requested: QuantizeConfig, outcome: Outcome, front: Prepared) -> d
         settings["optimize"] = ", ".join(f"{n} {op}" for op, n in front.fused.items()) or "nothing fused"
     if outcome.keep_float:
         settings["keep_float"] = [asdict(t) for t in outcome.keep_float]
+    if not config.smooth_only:
+        settings["quality_check"] = outcome.check.summary() if outcome.check is not None else \
+            "quality check: off (--check-samples 0)"
     return settings
 
 
@@ -100,6 +124,8 @@ def _metadata(settings: dict[str, object], outcome: Outcome, samples: int) -> di
     config, reports = outcome.config, outcome.result.layer_reports
     metadata = _base_metadata(settings, samples, outcome.result.quantized_layers,
                               sum(r.scale_min is not None for r in reports), config.smooth_only)
+    if outcome.check is not None and not config.smooth_only:
+        metadata["sqonnx.quality_check"] = outcome.check.metadata()
     if outcome.keep_float:
         metadata["sqonnx.float_layers"] = json.dumps(outcome.keep_float[-1].float_layers)
     if config.level_auto:

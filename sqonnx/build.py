@@ -66,7 +66,7 @@ def build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quant
         group = result.group
         act_max = channel_max.get(str(group.activation.name))
         rows = stats.rows.get(str(group.activation.name))
-        static_max, level, why = 0.0, config.level, ""
+        static_max, level, why, error = 0.0, config.level, "", None
         if act_max is not None and any(layer.name in quantized for layer in group.layers):
             scales = result.scales if result.scales is not None else np.ones_like(act_max)
             smoothed_rows = None if rows is None else as_float32(rows) / scales
@@ -75,6 +75,7 @@ def build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quant
                 level, static_error, token_error = choose_level(
                     smoothed_rows, act_max / scales, [(ly.weight, ly.in_axis) for ly in group.layers], scheme)
                 why = f"O3 error {static_error:.2g} vs per-token {token_error:.2g} on calibration rows"
+                error = static_error if level is Level.O3 else token_error
             if sensitivities and rows is not None:
                 for layer in group.layers:
                     if layer.name in quantized and layer.name in originals:
@@ -84,7 +85,8 @@ def build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quant
         for layer in group.layers:
             is_quantized = layer.name in quantized and not config.smooth_only
             layer_reports.append(_layer_report(layer.name, result, act_max, is_quantized, static_max,
-                                               level.value if is_quantized else "", why if is_quantized else ""))
+                                               level.value if is_quantized else "", why if is_quantized else "",
+                                               error if is_quantized else None))
             if is_quantized:
                 plan.append(LayerQuantization(layer, static_max, level))
     opset = opset_version(graph)
@@ -120,7 +122,7 @@ def _weights_in_float32(graph: ir.Graph, quantized: set[str]) -> None:
 
 
 def _layer_report(name: str, result: GroupResult, act_max: np.ndarray | None, quantized: bool,
-                  static_max: float, level: str, level_reason: str) -> LayerReport:
+                  static_max: float, level: str, level_reason: str, row_error: float | None) -> LayerReport:
     scales = result.scales
     before = act_max if act_max is not None else np.zeros(1, np.float32)
     after = before / scales if scales is not None else before
@@ -131,7 +133,8 @@ def _layer_report(name: str, result: GroupResult, act_max: np.ndarray | None, qu
         scale_max=float(scales.max()) if scales is not None else None,
         activation_max_before=float(before.max()), activation_max_after=float(after.max()),
         outlier_ratio_before=_outlier_ratio(before), outlier_ratio_after=_outlier_ratio(after),
-        alpha=result.alpha, static_range=static_max, level=level, level_reason=level_reason)
+        alpha=result.alpha, static_range=static_max, level=level, level_reason=level_reason,
+        row_error=row_error)
 
 
 def _outlier_ratio(channel_max: np.ndarray) -> float:

@@ -113,6 +113,12 @@ def quantize(
     sequential: Annotated[bool, typer.Option(
         "--sequential", help="Calibrate each block on the INT8 output of the blocks before it (GPTQ's sequential "
                              "mode) instead of the FP model's")] = False,
+    check_samples: Annotated[int, typer.Option(
+        help="Samples kept back from calibration to measure the written model against FP32 (and unsmoothed W8A8) "
+             "in every run; 0: no check")] = 4,
+    allow_lossy: Annotated[bool, typer.Option(
+        "--allow-lossy", help="Write the model even when the quality check finds it far worse than FP32 "
+                              "(perplexity over 1.5x, or cosine under 0.9)")] = False,
     block_size: Annotated[float, typer.Option(
         "--block-size", help="MB of weights worked on at once: the model is calibrated, quantized and written "
                              "block by block along its residual stream; less memory, more sessions")] = 256,
@@ -130,7 +136,8 @@ def quantize(
             calibration=CalibrationConfig(data=calib_data, num_samples=num_samples, seq_len=seq_len,
                                           decode_steps=decode_steps),
             verify_fusion=verify, optimize=optimize, keep_float_budget=keep_float_budget,
-            block_bytes=_block_bytes(block_size), cache_dir=cache_dir, sequential=sequential)
+            block_bytes=_block_bytes(block_size), cache_dir=cache_dir, sequential=sequential,
+            check_samples=check_samples, allow_lossy=allow_lossy)
         if report_json is not None:
             _check_writable_file(report_json, "--report-json")
         report = quantize_model(model, output, config, progress=True)

@@ -135,6 +135,12 @@ class QuantizeConfig:
     # Calibrate each block on the INT8 output of the blocks before it (GPTQ's sequential mode) instead of the FP
     # model's: the static ranges then fit what the INT8 model really computes.
     sequential: bool = False
+    # Every run measures the model it writes against the FP model on this many samples kept back from the
+    # statistics (the last ones; in-sample when there are fewer than four samples), next to unsmoothed W8A8 on
+    # the same samples; 0: no check. See sqonnx.quality.
+    check_samples: int = 4
+    # Write a model even when the check finds it far out of line (sqonnx.quality.FLOOR); else that is an error.
+    allow_lossy: bool = False
 
     def __post_init__(self) -> None:
         if self.alpha != AUTO and not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
@@ -153,6 +159,8 @@ class QuantizeConfig:
             raise SqonnxError("--smooth-only contradicts --no-smooth; drop one")
         if self.smooth_only and self.keep_float_budget is not None:
             raise SqonnxError("--smooth-only writes a float model; --keep-float-budget has nothing to keep, drop it")
+        if self.check_samples < 0:
+            raise SqonnxError(f"--check-samples must be >= 0 (0: no quality check), got {self.check_samples}; try 4")
         if self.block_bytes < 1:
             raise SqonnxError(f"--block-size must be a positive number of MB, got {self.block_bytes / (1 << 20)}; "
                               "try 256")

@@ -32,6 +32,9 @@ ROTATION_SEED = 0
 
 # Calibration samples --alpha auto keeps back to compare whole models (a quarter of them at most).
 ALPHA_SELECTION_SAMPLES = 8
+# The quality check keeps its samples back from the statistics when there are at least this many (128 by default:
+# 124 calibrate, 4 are compared).
+CHECK_HOLD_BACK_FROM = 16
 
 # Decode chains are generated with every block's session kept open when the model's weights fit in this.
 GENERATE_IN_MEMORY_BYTES = 1 << 30
@@ -66,10 +69,7 @@ def prepare_model(model: ir.Model, model_path: Path, config: QuantizeConfig, wor
             raise SqonnxError(f"{model_path.name} has no MatMul/Gemm with a constant float weight to quantize"
                               + (" outside --exclude patterns" if layers else ""))
         feeds = calibration_feeds(model.graph, model_path.parent, config.calibration)
-    # --alpha auto judges whole models on samples the statistics have not seen (in-sample, the static
-    # ranges fit those very samples and the tightest α always wins).
-    held_out = min(ALPHA_SELECTION_SAMPLES, feeds.count // 4) if judge and config.alpha_auto and config.smooth \
-        and not config.smooth_only else 0
+    held_out, check = _held_out(feeds.count, config) if judge else (0, 0)
     chains = feeds.decode
     if chains:
         tokens = cache.tokens() if cache is not None else None
@@ -95,7 +95,22 @@ def prepare_model(model: ir.Model, model_path: Path, config: QuantizeConfig, wor
         blocks = partition(model.graph, config.block_bytes)
     if blocks.reason and blocks.total_bytes > config.block_bytes:
         progress.note(f"the whole model is one block ({blocks.total_bytes / 1e6:.0f} MB at once): {blocks.reason}")
-    return Prepared(model, blocks, Samples(feeds, held_out, chains), feeds, rotation, quantized, fused, cache)
+    return Prepared(model, blocks, Samples(feeds, held_out, chains, check), feeds, rotation, quantized, fused, cache)
+
+
+def _held_out(count: int, config: QuantizeConfig) -> tuple[int, int]:
+    """Samples kept back from the statistics (a quarter at most), and how many of them the quality check compares.
+
+    --alpha auto judges whole models on samples the statistics have not seen (in-sample, the static ranges fit
+    those very samples and the tightest α always wins); so does the quality check, from CHECK_HOLD_BACK_FROM
+    samples on. Below that every sample counts for the statistics and the check compares the last calibration
+    samples (it still catches a wrecked model, not a subtle one)."""
+    if config.smooth_only:
+        return 0, 0
+    check = min(config.check_samples, count)
+    if config.alpha_auto and config.smooth:
+        return min(max(ALPHA_SELECTION_SAMPLES, check), count // 4), check
+    return (min(check, count // 4) if count >= CHECK_HOLD_BACK_FROM else 0), check
 
 
 def _cache_key(model_path: Path, model: ir.Model, config: QuantizeConfig) -> dict[str, str]:
@@ -109,7 +124,7 @@ def _cache_key(model_path: Path, model: ir.Model, config: QuantizeConfig) -> dic
                             f"decode{calibration.decode_steps}",
         "rotation setting": f"rotate={config.rotate} smooth={config.smooth} smooth_only={config.smooth_only}",
         "block size": str(config.block_bytes),
-        "--alpha auto setting (held-back samples)": str(config.alpha_auto and config.smooth and not config.smooth_only),
+        "held-back samples (--alpha auto, --check-samples)": str(_held_out(calibration.num_samples, config)[0]),
         "--optimize setting": str(config.optimize),
         "quantization options (--sequential)": repr(replace(config, cache_dir=None)) if config.sequential else "",
         "sqonnx version": tool_version(),

@@ -31,8 +31,9 @@ from sqonnx.passes.smoothing_groups import find_smoothing_groups, statistics_nee
 from sqonnx.passes.transposed import FOLDED_TENSOR
 from sqonnx.pause import pause_point
 from sqonnx.progress import Progress, free_memory
+from sqonnx.quality import QualityCheck
 from sqonnx.report import LayerReport
-from sqonnx.session import PREPACK_TOKENS, open_session
+from sqonnx.session import PREPACK_TOKENS, cpu_runs, open_session
 from sqonnx.streaming import (
     CARRY_MEMORY_BYTES,
     BlockRunner,
@@ -59,6 +60,10 @@ UNIFORM_ALPHAS = (0.25, 0.5, 0.75)
 EVAL_SAMPLES = 4
 # Statistics kept in memory for later passes (--alpha auto, --keep-float-budget), in all; the rest on disk.
 KEPT_STATS_BYTES = 256 << 20
+# FP outputs kept in memory for comparisons (the rest in the scratch folder).
+REFERENCE_MEMORY_BYTES = 32 << 20
+# The quality check's unsmoothed W8A8 yardstick builds every block a second time: measured up to this size.
+BASELINE_MAX_BYTES = 2 << 30
 
 
 @dataclass
@@ -101,6 +106,18 @@ class Outcome:
     alpha_trials: dict[str, float] = field(default_factory=dict)
     keep_float: list[KeepFloatTrial] = field(default_factory=list)
     resumed: int = 0  # blocks whose calibration an earlier run left in --cache-dir
+    check: QualityCheck | None = None  # the written model against the FP model (None: --check-samples 0)
+
+
+def _check(written: Track, baseline: Track | None, held_out: bool) -> QualityCheck | None:
+    comparison = written.comparison
+    if not comparison.cosines:
+        return None
+    measured = baseline is not None and bool(baseline.comparison.cosines)
+    return QualityCheck(len(comparison.cosines), held_out, comparison.language_model and comparison.tokens > 0,
+                        comparison.quality_loss, comparison.output_error,
+                        baseline.comparison.quality_loss if measured and baseline else None,
+                        baseline.comparison.output_error if measured and baseline else None)
 
 
 def _signature(model: ir.Model) -> tuple[object, ...]:
@@ -125,7 +142,9 @@ class Pipeline:
         # --sequential: the counted samples' values as the INT8 blocks before computed them
         self.stream = Carry(workdir / "stream", CARRY_MEMORY_BYTES)
         self.sequential = False
-        self.references = Carry(workdir / "references", CARRY_MEMORY_BYTES)
+        # the FP outputs the quality check and the searches compare with: logits are large (SmolLM2: 100 MB a
+        # sample) and read once per track, so they wait on disk
+        self.references = Carry(workdir / "references", REFERENCE_MEMORY_BYTES)
         self.stats: dict[int, Path | ActivationStats] = {}
         self.shared = {id(v.const_value) for v in model.graph.initializers.values()}
         self.cache = cache
@@ -137,41 +156,54 @@ class Pipeline:
 
     def quantize(self, config: QuantizeConfig, writer: StreamingWriter) -> Outcome:
         samples = self.samples
-        primary = Track("per group" if config.alpha_auto else "requested", config, keys=set(samples.held_out_keys))
+        search = bool(samples.held_out) and config.alpha_auto and config.smooth and not config.smooth_only
+        primary = Track("per group" if config.alpha_auto else "requested", config,
+                        keys=set(samples.held_out_keys if search else samples.check_keys))
         tracks = [primary]
-        if samples.held_out and not config.smooth_only:
+        if search:
             low, high = config.alpha_range
             tracks += [Track(str(alpha), replace(config, alpha=alpha), keys=set(samples.held_out_keys))
                        for alpha in UNIFORM_ALPHAS if low <= alpha <= high]
         keep_float = config.keep_float_budget is not None
         eval_keys = set(range(min(EVAL_SAMPLES, samples.calibration_count))) if keep_float else set()
         trial0 = primary
-        if keep_float and samples.held_out:
+        if keep_float and primary.keys:
             trial0 = Track("keep-float 0", config, keys=eval_keys)
             tracks.append(trial0)
         elif keep_float:
             primary.keys = eval_keys
+        # the quality check's yardstick: plain W8A8 on the same samples (another build of every block: not on
+        # models over BASELINE_MAX_BYTES)
+        baseline = None
+        if primary.keys and config.smooth and not config.smooth_only and \
+                self.part.total_bytes <= BASELINE_MAX_BYTES:
+            baseline = Track("unsmoothed W8A8", replace(config, smooth=False, alpha=0.5, keep_float_budget=None,
+                                                        sequential=False), keys=set(primary.keys))
+            tracks.append(baseline)
         references = set().union(*(t.keys for t in tracks))
         result = self.run_pass("quantizing", tracks, primary, writer, calibrate=True, references=references,
-                               keep_stats=keep_float or len(tracks) > 1, timing_key=min(eval_keys) if keep_float
-                               else None)
+                               keep_stats=keep_float or search, timing_key=min(eval_keys) if keep_float else None)
         outcome = Outcome(config, result, resumed=result.resumed)
-        if samples.held_out and not config.smooth_only:
-            judged = [t for t in tracks if t is not trial0 or t is primary]
+        written = primary
+        if search:
+            judged = [t for t in tracks if t is not baseline and (t is not trial0 or t is primary)]
             outcome.alpha_trials = {t.name: t.comparison.output_error for t in judged}
             best = min(judged, key=lambda t: t.comparison.output_error)
             logger.info("--alpha auto: %s", ", ".join(f"{k} {v:.4f}" for k, v in outcome.alpha_trials.items()))
             if best is not primary:
                 outcome.config = best.config
+                written = best
                 writer.restart()
                 outcome.result = self.run_pass("writing", [], Track(best.name, best.config), writer)
         if keep_float:
-            self._keep_float(outcome, trial0, result, eval_keys, writer)
+            written = self._keep_float(outcome, trial0, result, eval_keys, writer)
+        outcome.check = _check(written, baseline, samples.held_out > 0 and written.keys <= set(samples.held_out_keys))
         return outcome
 
     def _keep_float(self, outcome: Outcome, trial0: Track, first: BlockPassResult, eval_keys: set[int],
-                    writer: StreamingWriter) -> None:
-        """Leave the most sensitive layers in float, 1, 2, 4, ... until the quality loss fits the budget."""
+                    writer: StreamingWriter) -> Track:
+        """Leave the most sensitive layers in float, 1, 2, 4, ... until the quality loss fits the budget. Returns
+        the last trial: the model written, its comparison measured on `eval_keys`."""
         config = outcome.config
         budget = config.keep_float_budget
         assert budget is not None
@@ -198,6 +230,8 @@ class Pipeline:
         if chosen:
             writer.restart()
             outcome.result = self.run_pass("writing", [], Track("chosen", config, chosen), writer)
+        assert trial is not None
+        return trial
 
     def run_pass(self, label: str, tracks: list[Track], write: Track | None, writer: StreamingWriter | None, *,
                  calibrate: bool = False, references: set[int] | frozenset[int] = frozenset(),
@@ -254,6 +288,8 @@ class Pipeline:
                 del fp
                 release_block(self.model, block)
                 free_memory()
+        if self.cache is not None and calibrate and references and self._resumable(references):
+            self.cache.save_references(self.references)
         for carry in carries.values():
             carry.clear()
         return result
@@ -281,9 +317,14 @@ class Pipeline:
             return -1
         if not self._resumable(references):
             return -1
-        resume = self.cache.resume_after(len(self.part.blocks), self.before_output if references else None)
+        # the FP outputs compared with are kept too: without them a run resumes before the block that makes them
+        kept = bool(references) and set(references) <= self.cache.references()
+        resume = self.cache.resume_after(len(self.part.blocks),
+                                         self.before_output if references and not kept else None)
         if resume >= 0:
             self.cache.load_carry(resume, self._calibration_carry)
+            if kept:
+                self.cache.load_references(self.references)
             logger.info("--cache-dir: blocks 1-%d calibrated by an earlier run", resume + 1)
         return resume
 
@@ -339,7 +380,8 @@ class Pipeline:
             with self.progress.phase("check"):
                 optimized = self.workdir / f"kernels-{block.index}.onnx" if check else None
                 try:
-                    session = open_session(built.model, optimized_path=optimized,
+                    # a bfloat16 block runs upcast here (no CPU kernels), as calibration ran it
+                    session = open_session(built.model, float32=not cpu_runs(built.model), optimized_path=optimized,
                                            prepack=self.samples.tokens(len(track.keys)) >= PREPACK_TOKENS,
                                            what=f"the quantized block {block.index} ({block.label})")
                 except SqonnxError as exc:

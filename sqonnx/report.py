@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqonnx.kernels import KernelCheck
+
+if TYPE_CHECKING:
+    from sqonnx.quality import QualityCheck
 
 
 @dataclass
@@ -25,6 +28,7 @@ class LayerReport:
     static_range: float = 0.0  # O3: the max |x| the static scale covers (after smoothing and clipping)
     level: str = ""  # the layer's activation quantization (differs per layer with --level auto)
     level_reason: str = ""  # why --level auto chose it
+    row_error: float | None = None  # relative INT8 error of the group at its level on calibration rows (--level auto)
 
 
 @dataclass
@@ -40,6 +44,7 @@ class QuantizeReport:
     seconds: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase (load, calibrate, ...)
     peak_rss_bytes: int = 0
+    check: QualityCheck | None = None  # the written model against FP32 on held-back samples (sqonnx.quality)
 
     @property
     def quantized_layers(self) -> list[LayerReport]:
@@ -76,6 +81,7 @@ class QuantizeReport:
             + (f" ({', '.join(f'{n} via {k}' for k, n in sorted(kinds.items()))})" if kinds else ""),
             f"  worst outlier ratio (channel max / median) before -> after smoothing: "
             f"{ratio_before:.1f} -> {ratio_after:.1f}",
+            *([f"  {self.settings['quality_check']}"] if "quality_check" in self.settings else []),
             f"  size: {self.input_bytes / 1e6:.1f} MB -> {self.output_bytes / 1e6:.1f} MB in {self.seconds:.1f} s",
             *([f"  {self.settings['blocks']}"] if "blocks" in self.settings else []),
             *([f"  --cache-dir {self.settings['cache']}"] if "cache" in self.settings else []),

@@ -124,10 +124,15 @@ _NUMPY_BACKED = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.D
                            ir.DataType.UINT32, ir.DataType.INT64, ir.DataType.UINT64, ir.DataType.BOOL})
 
 
-def has_half_floats(model: ir.Model) -> bool:
-    """Whether any value or initializer of the model is float16 or bfloat16."""
+def has_half_floats(model: ir.Model, types: tuple[ir.DataType, ...] = HALF_TYPES) -> bool:
+    """Whether any value or initializer of the model is float16 or bfloat16 (or of `types`)."""
     graph = model.graph
-    if any(v.const_value is not None and v.const_value.dtype in HALF_TYPES for v in graph.initializers.values()):
+    if any(v.const_value is not None and v.const_value.dtype in types for v in graph.initializers.values()):
         return True
-    return any(v.dtype in HALF_TYPES for v in (*graph.inputs, *graph.outputs)) or any(
-        out.dtype in HALF_TYPES for node in graph for out in node.outputs)
+    return any(v.dtype in types for v in (*graph.inputs, *graph.outputs)) or any(
+        out.dtype in types for node in graph for out in node.outputs)
+
+
+def cpu_runs(model: ir.Model) -> bool:
+    """Whether onnxruntime's CPU provider runs the model as it is: it has no bfloat16 kernels."""
+    return not has_half_floats(model, (ir.DataType.BFLOAT16,))

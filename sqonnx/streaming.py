@@ -69,10 +69,11 @@ class Samples:
     """The calibration samples (the last `held_out` of them only pass through, for judging whole models) and the
     decode chains (teacher-forced with the model's own greedy tokens, generated beforehand)."""
 
-    def __init__(self, feeds: CalibrationFeeds, held_out: int, chains: list[DecodeChain]) -> None:
+    def __init__(self, feeds: CalibrationFeeds, held_out: int, chains: list[DecodeChain], check: int = 0) -> None:
         self.feeds = feeds
         self.count = feeds.count
         self.held_out = held_out
+        self.check = check  # samples the quality check compares (the held-back ones, else the last calibration ones)
         self.chains = chains
         self.calibration_count = self.count - held_out
         self.row_samples = min(ROW_SAMPLES, self.calibration_count)
@@ -91,6 +92,14 @@ class Samples:
     @property
     def held_out_keys(self) -> list[int]:
         return list(range(self.calibration_count, self.count))
+
+    @property
+    def check_keys(self) -> list[int]:
+        """What the quality check compares: the held-back samples, else (too few samples to keep any back) the
+        last `check` calibration samples."""
+        if self.held_out:
+            return self.held_out_keys[-self.check:] if self.check else []
+        return list(range(max(0, self.calibration_count - self.check), self.calibration_count))
 
     @property
     def total_runs(self) -> int:

@@ -124,15 +124,16 @@ def test_sequential_calibrates_on_the_int8_blocks(tmp_path: Path, model: tuple[P
 
 def test_rerun_that_compares_outputs_resumes_before_the_output_block(tmp_path: Path, model: tuple[Path, Path],
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """A rerun that judges models against the FP model's outputs (--keep-float-budget: not a calibration option,
-    so the same cache serves it) needs the FP outputs of the last block: it resumes before that block, from the
-    carried values kept there, and calibrates only the last one."""
+    """A rerun that judges models against FP outputs the first run did not keep (no quality check there;
+    --keep-float-budget: not a calibration option, so the same cache serves it) needs the FP outputs of the last
+    block: it resumes before that block, from the carried values kept there, and calibrates only the last one."""
     source, feeds = model
     cache = tmp_path / "cache"
-    first = sqonnx.quantize(source, tmp_path / "a.onnx", _config(feeds, cache))
+    first = sqonnx.quantize(source, tmp_path / "a.onnx", _config(feeds, cache, check_samples=0))
     blocks = int(str(first.settings["blocks"]).split()[0])
     runs = _count_runs(monkeypatch)
-    report = sqonnx.quantize(source, tmp_path / "b.onnx", _config(feeds, cache, keep_float_budget=1.0))
+    report = sqonnx.quantize(source, tmp_path / "b.onnx", _config(feeds, cache, keep_float_budget=1.0,
+                                                                 check_samples=0))
     assert report.settings["cache"] == f"{cache}: calibration of blocks 1-{blocks - 1} reused"
     assert len(runs) == 4  # the 4 samples through the last block only
     assert report.settings["keep_float"][0]["float_layers"] == []

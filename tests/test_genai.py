@@ -250,7 +250,11 @@ def test_quantized_o_proj_is_smoothed(tmp_path: Path) -> None:
     errors = {}
     for smooth in (True, False):
         out = tmp_path / f"q{smooth}.onnx"
-        report = sqonnx.quantize(path, out, QuantizeConfig(smooth=smooth, calibration=CALIBRATION))
+        # unsmoothed, this random model's perplexity is far beyond the quality floor: written all the same
+        report = sqonnx.quantize(path, out, QuantizeConfig(smooth=smooth, calibration=CALIBRATION,
+                                                           allow_lossy=not smooth))
+        assert report.check is not None and report.check.language_model
+        assert report.check.below_floor is (not smooth), report.check
         o_proj = o_proj_layer(report)
         assert o_proj.quantized
         if smooth:

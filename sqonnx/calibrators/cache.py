@@ -8,8 +8,9 @@ each block is calibrated on the INT8 output of the block before, so the statisti
 quantization option too, and the key holds them all. A cache made under another key is refused in one line.
 
 Layout: `manifest.json` (the key), `block-NNNN.npz` (statistics of block N), `carry-NNNN/` (every value alive
-after block N, per run: the residual stream and the mask, rotary tables, ... later blocks read), `tokens.npz`
-(the decode chains' generated tokens). Files are written under a temporary name and renamed, so a run killed
+after block N, per run: the residual stream and the mask, rotary tables, ... later blocks read), `references/`
+(the FP model's outputs for the samples the quality check compares), `tokens.npz` (the decode chains' generated
+tokens). Files are written under a temporary name and renamed, so a run killed
 while writing leaves nothing that looks finished; only the newest carry folder is kept.
 """
 
@@ -115,7 +116,28 @@ class CalibrationCache:
         """Every value alive after block `index`. Carry folders of earlier blocks are removed but `keep`'s (the
         block before the one that makes the model's output, where a run that compares outputs resumes)."""
         target = self.folder / f"carry-{index:04d}"
-        temporary = self.folder / f".carry-{index:04d}.partial"
+        self._save_folder(target, carry)
+        for old in self.folder.glob("carry-*"):
+            if old != target and old.name != f"carry-{keep if keep is not None else -1:04d}":
+                shutil.rmtree(old, ignore_errors=True)
+
+    def save_references(self, carry: Carry) -> None:
+        """The FP model's outputs for the samples a run compares with (the quality check's, --alpha auto's): with
+        them a rerun needs no forward pass at all."""
+        self._save_folder(self.folder / "references", carry)
+
+    def references(self) -> set[int]:
+        """The samples whose FP outputs are kept."""
+        try:
+            return {int(entry[0]) for entry in json.loads((self.folder / "references" / "index.json").read_text())}
+        except (OSError, ValueError, TypeError, IndexError):
+            return set()
+
+    def load_references(self, carry: Carry) -> None:
+        self._load_folder(self.folder / "references", carry)
+
+    def _save_folder(self, target: Path, carry: Carry) -> None:
+        temporary = target.with_name(f".{target.name}.partial")
         shutil.rmtree(temporary, ignore_errors=True)
         try:
             temporary.mkdir()
@@ -129,12 +151,11 @@ class CalibrationCache:
         except OSError as exc:
             shutil.rmtree(temporary, ignore_errors=True)
             raise SqonnxError(f"cannot write --cache-dir {self.folder}: {exc.strerror}") from None
-        for old in self.folder.glob("carry-*"):
-            if old != target and old.name != f"carry-{keep if keep is not None else -1:04d}":
-                shutil.rmtree(old, ignore_errors=True)
 
     def load_carry(self, index: int, carry: Carry) -> None:
-        folder = self.folder / f"carry-{index:04d}"
+        self._load_folder(self.folder / f"carry-{index:04d}", carry)
+
+    def _load_folder(self, folder: Path, carry: Carry) -> None:
         try:
             for number, (sequence, step, name) in enumerate(json.loads((folder / "index.json").read_text())):
                 carry.put((int(sequence), int(step)), str(name),

@@ -1,0 +1,94 @@
+"""The quality check every run makes, and the floor below which no model is written.
+
+A quantized model can pass onnx.checker, the kernel check and the report and still be wrecked (a real Gemma 3
+with its run-time rotations: perplexity 29x FP32). So every run sends a few samples the statistics have not seen
+through the FP model and the model it writes, block by block like calibration, and measures the loss: the
+perplexity ratio for a language model (a `logits` output and `input_ids`), else 1 - cosine of the first
+output. Plain W8A8 (no smoothing) runs on the same samples beside it, so the number has a yardstick. A model
+far out of line (FLOOR) is an error unless `--allow-lossy`; one that loses more than plain W8A8 is a warning.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+from sqonnx.errors import SqonnxError
+from sqonnx.report import LayerReport
+
+# A language model whose perplexity grows beyond this factor, or an encoder whose outputs' cosine to the FP
+# model's falls below COSINE_FLOOR, is not written (unless --allow-lossy). Far beyond what INT8 costs a model
+# that quantizes well (SmolLM2: 1.03x, MiniLM: cosine 0.996), far below a wrecked one (29x).
+PERPLEXITY_FLOOR = 1.5
+COSINE_FLOOR = 0.9
+CULPRITS = 3  # layers the floor's message names
+
+
+@dataclass(frozen=True)
+class QualityCheck:
+    """What the check measured on `samples` samples (`held_out`: kept back from the statistics; else in-sample,
+    when there were too few to keep any back)."""
+
+    samples: int
+    held_out: bool
+    language_model: bool
+    loss: float  # perplexity ratio - 1, or 1 - cosine
+    output_error: float  # relative L2 error of the first output
+    baseline_loss: float | None = None  # plain W8A8 (no smoothing) on the same samples; None: not measured
+    baseline_error: float | None = None
+
+    def describe(self, loss: float) -> str:
+        if self.language_model:
+            return f"perplexity {1 + loss:.3f}x FP32 ({loss:+.1%})"
+        return f"cosine to FP32 {1 - loss:.4f}"
+
+    def summary(self) -> str:
+        where = "held-back" if self.held_out else "calibration (in-sample)"
+        text = f"quality check on {self.samples} {where} samples: {self.describe(self.loss)}"
+        if self.baseline_loss is not None:
+            text += f"; unsmoothed W8A8 {self.describe(self.baseline_loss)}"
+        return text
+
+    @property
+    def below_floor(self) -> bool:
+        return 1 + self.loss > PERPLEXITY_FLOOR if self.language_model else 1 - self.loss < COSINE_FLOOR
+
+    @property
+    def worse_than_baseline(self) -> bool:
+        """Further from the FP model's output than plain W8A8, by more than the noise of a few samples, and losing
+        more by the metric (a perplexity ratio alone can fall below 1 by chance: the output error cannot)."""
+        return (self.baseline_loss is not None and self.baseline_error is not None
+                and self.output_error > 1.1 * self.baseline_error and self.loss > self.baseline_loss)
+
+    def metadata(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+
+def floor(check: QualityCheck, layers: list[LayerReport], flags: str) -> None:
+    """Refuse a model far out of line, naming the numbers and the layers most likely at fault."""
+    if not check.below_floor:
+        return
+    bound = (f"the floor is {PERPLEXITY_FLOOR}x FP32 perplexity" if check.language_model
+             else f"the floor is cosine {COSINE_FLOOR}")
+    raise SqonnxError(f"the quantized model is far worse than FP32: {check.summary()} ({bound}); "
+                      f"{culprits(layers)}; {_advice(check, flags)}, or pass --allow-lossy to write it anyway")
+
+
+def culprits(layers: list[LayerReport]) -> str:
+    """The layers with the largest INT8 error on calibration rows (--level auto measures it), else the largest
+    activation outlier ratio left after smoothing."""
+    quantized = [layer for layer in layers if layer.quantized]
+    measured = [layer for layer in quantized if layer.row_error is not None]
+    if measured:
+        worst = sorted(measured, key=lambda layer: -(layer.row_error or 0.0))[:CULPRITS]
+        return "largest INT8 error on calibration rows: " + ", ".join(
+            f"{layer.name} {layer.row_error:.2g}" for layer in worst)
+    worst = sorted(quantized, key=lambda layer: -layer.outlier_ratio_after)[:CULPRITS]
+    return "largest outlier ratio after smoothing: " + ", ".join(
+        f"{layer.name} {layer.outlier_ratio_after:.0f}" for layer in worst)
+
+
+def _advice(check: QualityCheck, flags: str) -> str:
+    if check.worse_than_baseline:
+        return f"plain W8A8 does better here: drop {flags or 'the transforms asked for'}"
+    return (f"try without {flags}, " if flags else "") + "exclude those layers (--exclude) or try --level O1"

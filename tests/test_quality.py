@@ -1,0 +1,131 @@
+"""The quality check every run makes (sqonnx.quality): it measures what was written, and a model far out of line
+is refused."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import sqonnx
+from sqonnx import CalibrationConfig, QuantizeConfig
+from sqonnx.errors import SqonnxError
+from sqonnx.quality import COSINE_FLOOR
+
+WIDTH = 16
+OUTLIER = 3  # an activation channel 10^4 times the others, read by a weight row 10^4 times smaller
+
+
+def _linear_model(path: Path) -> Path:
+    """y = x W with no residual path: per-tensor INT8 of x without smoothing zeroes every channel but the outlier,
+    whose weight row contributes almost nothing, so the output collapses; smoothing balances the two."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((WIDTH, WIDTH)).astype(np.float32)
+    w[OUTLIER] *= 1e-4
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="/proj/MatMul")], "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", WIDTH])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", WIDTH])],
+        [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def _samples(count: int) -> np.ndarray:
+    x = np.random.default_rng(1).standard_normal((count, 1, 8, WIDTH)).astype(np.float32)
+    x[..., OUTLIER] *= 1e4
+    return x
+
+
+def _quantize(tmp_path: Path, samples: int, **options: object) -> tuple[sqonnx.QuantizeReport, Path, np.ndarray]:
+    model = _linear_model(tmp_path / "linear.onnx")
+    x = _samples(samples)
+    np.savez(tmp_path / "feeds.npz", x=x)
+    out = tmp_path / "out" / "q.onnx"
+    config = QuantizeConfig(calibration=CalibrationConfig(data=tmp_path / "feeds.npz", num_samples=samples),
+                            **options)  # type: ignore[arg-type]
+    return sqonnx.quantize(model, out, config), out, x
+
+
+def _mean_cosine(model: Path, reference: Path, samples: np.ndarray) -> float:
+    """What the check computes: the cosine of each sample's flattened output to the FP model's, averaged."""
+    fp, q = ort.InferenceSession(str(reference)), ort.InferenceSession(str(model))
+    cosines = []
+    for x in samples:
+        a, b = fp.run(None, {"x": x})[0].ravel().astype(np.float64), q.run(None, {"x": x})[0].ravel().astype(np.float64)
+        cosines.append(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))  # an all-zero output: 0
+    return float(np.mean(cosines))
+
+
+@pytest.mark.parametrize(("samples", "held_out"), [(8, False), (16, True)])
+def test_check_measures_the_written_model(tmp_path: Path, samples: int, held_out: bool) -> None:
+    report, out, x = _quantize(tmp_path, samples)
+    check = report.check
+    assert check is not None and check.samples == 4 and check.held_out is held_out
+    assert not check.language_model  # no logits: 1 - cosine of the first output
+    # the last four samples: held back from the statistics (16), or the last calibration samples (8)
+    assert check.loss == pytest.approx(1 - _mean_cosine(out, tmp_path / "linear.onnx", x[-4:]), abs=1e-6)
+    assert check.loss < 1e-3
+    # plain W8A8 on the same samples collapses (the yardstick is measured, not assumed)
+    assert check.baseline_loss is not None and check.baseline_loss > 0.5
+    meta = {p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props}
+    assert json.loads(meta["sqonnx.quality_check"]) == {
+        "samples": 4, "held_out": held_out, "language_model": False, "loss": check.loss,
+        "output_error": check.output_error, "baseline_loss": check.baseline_loss,
+        "baseline_error": check.baseline_error}
+    assert "quality check on 4" in report.summary() and "unsmoothed W8A8 cosine to FP32" in report.summary()
+
+
+def test_check_off(tmp_path: Path) -> None:
+    report, out, _ = _quantize(tmp_path, 8, check_samples=0)
+    assert report.check is None and "off (--check-samples 0)" in report.summary()
+    meta = {p.key for p in onnx.load(str(out), load_external_data=False).metadata_props}
+    assert "sqonnx.quality_check" not in meta
+
+
+def test_floor_refuses_a_wrecked_model(tmp_path: Path) -> None:
+    expected = (r"far worse than FP32: quality check on 4 .* cosine to FP32 0\.\d+ .*the floor is cosine 0\.9\); "
+                r"largest outlier ratio after smoothing: /proj/MatMul \d+; try without --no-smooth --static, "
+                r".*--allow-lossy")
+    with pytest.raises(SqonnxError, match=expected) as caught:
+        _quantize(tmp_path, 8, smooth=False, per_token_where_needed=False)
+    assert "\n" not in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["feeds.npz", "linear.onnx"]  # no output, no scratch
+    report, out, x = _quantize(tmp_path, 8, smooth=False, per_token_where_needed=False, allow_lossy=True)
+    assert report.check is not None and 1 - report.check.loss < COSINE_FLOOR
+    assert _mean_cosine(out, tmp_path / "linear.onnx", x[-4:]) < COSINE_FLOOR  # what was refused is that bad
+
+
+def test_floor_error_on_the_command_line(tmp_path: Path) -> None:
+    model = _linear_model(tmp_path / "linear.onnx")
+    np.savez(tmp_path / "feeds.npz", x=_samples(8))
+    out = tmp_path / "q.onnx"
+    command = [sys.executable, "-m", "sqonnx", "quantize", str(model), "-o", str(out), "--calib-data",
+               str(tmp_path / "feeds.npz"), "--no-smooth", "--static"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: the quantized model is far worse than FP32"), lines
+    assert not out.exists()
+    result = subprocess.run([*command, "--allow-lossy"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and out.exists(), result.stderr
+    assert "writing a model far worse than FP32 (--allow-lossy)" in result.stderr
+
+
+def test_negative_check_samples_is_refused(tmp_path: Path) -> None:
+    model = _linear_model(tmp_path / "linear.onnx")
+    result = subprocess.run([sys.executable, "-m", "sqonnx", "quantize", str(model), "-o", str(tmp_path / "q.onnx"),
+                             "--check-samples", "-1"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --check-samples must be >= 0 (0: no quality check), got -1; try 4"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["linear.onnx"]
