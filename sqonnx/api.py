@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import onnx_ir as ir
@@ -22,7 +22,7 @@ from sqonnx.output import StreamingWriter, check_output_path
 from sqonnx.passes.smooth import SMOOTHED_KEY
 from sqonnx.pipeline import Outcome, Pipeline
 from sqonnx.progress import Progress, peak_rss_bytes
-from sqonnx.quality import floor
+from sqonnx.quality import RotationVerdict, floor, rotation_judge, rotation_verdict
 from sqonnx.report import QuantizeReport
 from sqonnx.target import INT16_MAX, Target, full_range_is_safe, resolve
 
@@ -51,13 +51,23 @@ def _quantize(model_path: Path, output_path: str | Path | None, config: Quantize
         input_bytes = _model_bytes(model_path, model)
         external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
     with StreamingWriter(output_path, external, companions) as writer:
-        front = prepare_model(model, model_path, config, writer.scratch, progress)
+        front, outcome = _run(model, model_path, config, writer, progress)
         del model
-        pipeline = Pipeline(front.model, front.partition, front.samples, front.quantized, writer.scratch, progress,
-                            config.verify_fusion and not config.smooth_only, front.cache)
-        outcome = pipeline.quantize(config, writer)
-        _judge(outcome, config)
+        verdict = rotation_verdict(outcome.result.rotation_errors)
+        declined = config.rotate is None and verdict is not None and verdict.loses
+        if declined:
+            # kept only where it pays: the same run again, unrotated (calibration statistics differ: no cache)
+            assert verdict is not None
+            progress.note(f"the rotation loses ({verdict.summary()}): quantizing again without it")
+            del front, outcome
+            writer.restart()
+            front, outcome = _run(load_model(model_path), model_path, replace(config, rotate=False, cache_dir=None),
+                                  writer, progress)
+        _judge(outcome, config, verdict)
         settings = _settings(config, outcome, front)
+        if verdict is not None:
+            settings["rotation"] = (f"not rotated: the rotation loses ({verdict.summary()})" if declined
+                                    else f"{settings['rotation']}; {verdict.summary()}")
         with progress.phase("save"):
             written = writer.finish(front.model, _metadata(settings, outcome, front.feeds.count))
     report = QuantizeReport(
@@ -71,9 +81,21 @@ def _quantize(model_path: Path, output_path: str | Path | None, config: Quantize
     return report
 
 
-def _judge(outcome: Outcome, config: QuantizeConfig) -> None:
+def _run(model: ir.Model, model_path: Path, config: QuantizeConfig, writer: StreamingWriter,
+         progress: Progress) -> tuple[Prepared, Outcome]:
+    front = prepare_model(model, model_path, config, writer.scratch, progress)
+    pipeline = Pipeline(front.model, front.partition, front.samples, front.quantized, writer.scratch, progress,
+                        config.verify_fusion and not config.smooth_only, front.cache,
+                        rotation_judge(front.rotation) if not config.smooth_only else None)
+    return front, pipeline.quantize(config, writer)
+
+
+def _judge(outcome: Outcome, config: QuantizeConfig, rotation: RotationVerdict | None) -> None:
     """The quality check's verdict, before anything is moved into place: a model far out of line is an error
-    (unless --allow-lossy), one that loses more than plain W8A8 a warning."""
+    (unless --allow-lossy), one that loses more than plain W8A8 a warning; so is an explicit --rotate that loses."""
+    if rotation is not None and rotation.loses and config.rotate is True:
+        logger.warning("--rotate loses (%s); pass --no-rotate, or leave the default, which then declines it",
+                       rotation.summary())
     check = outcome.check
     if check is None or config.smooth_only:
         return

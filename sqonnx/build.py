@@ -22,7 +22,7 @@ from sqonnx.passes.smooth import GroupResult, SmoothPass
 from sqonnx.passes.smoothing_groups import find_smoothing_groups
 from sqonnx.passes.transposed import RestoreTransposedCopiesPass
 from sqonnx.report import LayerReport
-from sqonnx.search import AlphaSearch, choose_level, group_error, static_range
+from sqonnx.search import AlphaSearch, choose_level, group_error, rotation_errors, static_range
 from sqonnx.smoothing import as_float32
 
 
@@ -36,11 +36,15 @@ class Built:
     # Per quantized layer: its output error when only it is quantized, on calibration rows, in the output's own
     # units (--keep-float-budget ranks layers by it); filled when `sensitivities` is asked for.
     sensitivity: dict[str, float]
+    # Per group reading the rotated stream: its INT8 error on calibration rows rotated and as it would be without
+    # the rotation (search.rotation_errors); filled when `rotation` is given.
+    rotation_errors: dict[str, tuple[float, float]]
 
 
 def build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quantized: set[str],
-          sensitivities: bool = False) -> Built:
-    """Smooth and quantize `model` (a fresh copy of a block) with its calibration statistics."""
+          sensitivities: bool = False, rotation: RotationJudge | None = None) -> Built:
+    """Smooth and quantize `model` (a fresh copy of a block) with its calibration statistics. `rotation`: judge
+    the residual-stream rotation on the groups that read it."""
     graph = model.graph
     if not config.smooth_only:
         _weights_in_float32(graph, quantized)
@@ -48,7 +52,8 @@ def build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quant
     scheme = AlphaSearch(stats.rows, config.alpha_grid, config.level, config.weight_qmax, config.per_channel,
                          config.calib_method)
     originals = {layer.name: (layer.weight, layer.in_axis) for group in find_smoothing_groups(graph)
-                 for layer in group.layers} if sensitivities else {}
+                 for layer in group.layers
+                 if sensitivities or (rotation is not None and str(group.activation.name) in rotation.readers)}
     if config.smooth:
         alpha = 0.0 if config.alpha_auto else float(config.alpha)
         # --smooth-only: the quantizer that takes over is not ours to judge; every exact fold is made.
@@ -62,6 +67,7 @@ def build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quant
     plan: list[LayerQuantization] = []
     layer_reports: list[LayerReport] = []
     sensitivity: dict[str, float] = {}
+    judged: dict[str, tuple[float, float]] = {}
     for result in results:
         group = result.group
         act_max = channel_max.get(str(group.activation.name))
@@ -76,6 +82,11 @@ def build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quant
                     smoothed_rows, act_max / scales, [(ly.weight, ly.in_axis) for ly in group.layers], scheme)
                 why = f"O3 error {static_error:.2g} vs per-token {token_error:.2g} on calibration rows"
                 error = static_error if level is Level.O3 else token_error
+            name = str(group.activation.name)
+            if rotation is not None and rows is not None and name in rotation.readers and not config.smooth_only:
+                judged[name] = rotation_errors(as_float32(rows), [originals[ly.name] for ly in group.layers
+                                                                  if ly.name in originals], rotation.matrix,
+                                               result.alpha, scheme)
             if sensitivities and rows is not None:
                 for layer in group.layers:
                     if layer.name in quantized and layer.name in originals:
@@ -101,7 +112,15 @@ def build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quant
         common_passes.RemoveUnusedNodesPass(),
         common_passes.TopologicalSortPass(),
     )(model)
-    return Built(model, layer_reports, plan, sensitivity)
+    return Built(model, layer_reports, plan, sensitivity, judged)
+
+
+@dataclass(frozen=True)
+class RotationJudge:
+    """What judging the rotation needs: Q itself, and the values the folded norms hand to their readers."""
+
+    matrix: np.ndarray
+    readers: frozenset[str]
 
 
 def _weights_in_float32(graph: ir.Graph, quantized: set[str]) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from sqonnx.blocks import Block, Partition
-from sqonnx.build import build
+from sqonnx.build import RotationJudge, build
 from sqonnx.calibrators.cache import CalibrationCache
 from sqonnx.calibrators.carry import Carry
 from sqonnx.calibrators.channel_max import ActivationStats
@@ -88,6 +88,7 @@ class BlockPassResult:
     fp_seconds: float = 0.0
     resumed: int = 0  # blocks whose calibration an earlier run left in --cache-dir
     checked: dict[tuple[object, ...], KernelCheck] = field(default_factory=dict)  # kernels per block pattern
+    rotation_errors: dict[str, tuple[float, float]] = field(default_factory=dict)  # see build.Built
 
 
 @dataclass
@@ -131,8 +132,10 @@ def _signature(model: ir.Model) -> tuple[object, ...]:
 
 class Pipeline:
     def __init__(self, model: ir.Model, part: Partition, samples: Samples, quantized: set[str], workdir: Path,
-                 progress: Progress, verify: bool, cache: CalibrationCache | None = None) -> None:
+                 progress: Progress, verify: bool, cache: CalibrationCache | None = None,
+                 rotation: RotationJudge | None = None) -> None:
         self.model, self.part, self.samples = model, part, samples
+        self.rotation = rotation
         self.quantized = quantized
         self.workdir = workdir
         self.progress = progress
@@ -355,13 +358,15 @@ class Pipeline:
                      calibrating: bool = False) -> None:
         with self.progress.phase("smooth and quantize"):
             built = build(fp, track.config, stats, here - track.float_layers,
-                          sensitivities=written and track.config.keep_float_budget is not None)
+                          sensitivities=written and track.config.keep_float_budget is not None,
+                          rotation=self.rotation if written else None)
         for value in built.model.graph.initializers.values():
             value.meta.pop(FOLDED_TENSOR, None)  # the materialized table copy: not to be kept with the written graph
         if written:
             result.layer_reports += built.layer_reports
             result.quantized_layers += len(built.plan)
             result.sensitivity.update(built.sensitivity)
+            result.rotation_errors.update(built.rotation_errors)
             result.worst_pair = max(result.worst_pair, worst_int16_pair_in_graph(built.model.graph))
         check = written and result.kernels is not None and bool(built.plan) and not track.config.smooth_only
         signature = _signature(built.model) if check else ()

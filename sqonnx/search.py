@@ -104,6 +104,31 @@ def group_error(rows: np.ndarray, act_max: np.ndarray, weights: list[tuple[np.nd
     return error / max(total, 1e-30) if relative else error / max(len(rows), 1)
 
 
+
+# Output columns the rotation's judgement takes per group (Q W costs n x n per column).
+ROTATION_COLUMNS = 256
+
+
+def rotation_errors(rows: np.ndarray, weights: list[tuple[np.ndarray, int]], q: np.ndarray, alpha: float | None,
+                    search: AlphaSearch) -> tuple[float, float]:
+    """A group that reads the rotated residual stream, INT8 as built (rows x̂Q, weights Qᵀ diag(g) W) and as it
+    would be without the rotation (rows x̂, weights diag(g) W, smoothed the same way: per-channel factors on
+    (x̂, diag(g) W) are the unrotated model's on (x̂ g, W)), on the same calibration rows: relative errors.
+
+    Rotation spreads outlier channels, but it also spreads the folded norm gains g over every weight row: where a
+    trained norm has large gains on channels the stream keeps small (x̂ g ordinary, g large), W's per-column
+    scales are set by the spread gains and the other channels drown in their rounding. No per-channel factor
+    can take that back after the rotation."""
+    columns = []
+    for weight, axis in weights:
+        w = _columns(weight, axis)
+        columns.append((w[:, :: max(1, w.shape[1] // ROTATION_COLUMNS)], 0))
+    rotated = group_error(rows, np.abs(rows).max(axis=0), columns, alpha, search)
+    plain_rows = as_float32(rows.astype(np.float64) @ q.T)
+    plain = [(as_float32(q @ w.astype(np.float64)), 0) for w, _ in columns]
+    return rotated, group_error(plain_rows, np.abs(plain_rows).max(axis=0), plain, alpha, search)
+
+
 # Output columns a layer's error is measured on (evenly spaced): the relative error of 512 columns over the
 # calibration rows (a quarter of a million outputs) estimates that of all of them closely, and a 32000-column
 # LM head or a 22016-column gate/up pair then costs what a 512-column layer does (over every column, the level

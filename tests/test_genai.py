@@ -371,7 +371,8 @@ def test_fused_norms_rotated_then_smoothed_and_quantized(tmp_path: Path) -> None
 
     quantized = tmp_path / "q.onnx"
     report = sqonnx.quantize(path, quantized, QuantizeConfig(calibration=CALIBRATION))
-    assert report.settings["rotation"] == rotation
+    # the same rotation, judged on the groups that read the stream (a loss under ROTATION_LOSS: kept)
+    assert report.settings["rotation"].startswith(rotation + "; INT8 error on calibration rows of the 5 groups")
     assert len(report.quantized_layers) == 11  # 2 x (qkv, o, gate, up, down) and the LM head
     expected = np.concatenate(generate(path, prompt(3), steps=0))
     got = np.concatenate(generate(quantized, prompt(3), steps=0))

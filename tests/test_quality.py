@@ -129,3 +129,52 @@ def test_negative_check_samples_is_refused(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines() == [
         "error: --check-samples must be >= 0 (0: no quality check), got -1; try 4"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["linear.onnx"]
+
+
+def _gained_llama(tmp_path: Path) -> Path:
+    """The zoo's llama with three residual channels kept 100x smaller (embedding columns, o_proj and down_proj
+    rows) and every norm's gain 100x larger there: the readers see about the same x g, so the model is about the
+    same, but rotation folds the gains into the readers' weights and spreads them over every row."""
+    import torch
+
+    from models import export_into
+    from tests import zoo
+
+    channels = [9, 23, 51]
+    model = zoo.make_model("llama")
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, channels] *= 0.01
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[channels, :] *= 0.01
+            layer.mlp.down_proj.weight[channels, :] *= 0.01
+            layer.input_layernorm.weight[channels] *= 100
+            layer.post_attention_layernorm.weight[channels] *= 100
+        model.model.norm.weight[channels] *= 100
+    return export_into(tmp_path / "gained", model, None, "text-generation")
+
+
+@pytest.mark.zoo
+def test_rotation_kept_only_where_it_pays(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from tests import zoo
+
+    def error(path: Path) -> float:
+        return float(np.linalg.norm(zoo.logits(path, held_out) - reference) / np.linalg.norm(reference))
+
+    model = _gained_llama(tmp_path)
+    calibration = CalibrationConfig(data=zoo.save_npz(model, tmp_path / "calib.npz", samples=32, seq=32, seed=0),
+                                    num_samples=32)
+    held_out = zoo.feeds(model, 4, 32, seed=7)
+    reference = zoo.logits(model, held_out)
+    default = sqonnx.quantize(model, tmp_path / "default.onnx", QuantizeConfig(calibration=calibration))
+    assert default.settings["rotation"].startswith("not rotated: the rotation loses (INT8 error on calibration rows "
+                                                   "of the 5 groups reading the stream"), default.settings["rotation"]
+    asked = sqonnx.quantize(model, tmp_path / "rotated.onnx", QuantizeConfig(rotate=True, calibration=calibration))
+    assert asked.settings["rotation"].startswith("rotated the residual stream")  # an explicit flag is honoured...
+    assert "--rotate loses (INT8 error on calibration rows" in caplog.text  # ...with a warning
+    # the judgement is right: the rotated model is far further from FP32 on windows neither run saw
+    assert error(tmp_path / "default.onnx") < 0.1 and error(tmp_path / "rotated.onnx") > 5 * error(
+        tmp_path / "default.onnx")
+    # where the gains are ordinary the rotation stays, judged
+    plain = sqonnx.quantize(zoo.build("llama"), tmp_path / "plain.onnx", QuantizeConfig(calibration=calibration))
+    assert plain.settings["rotation"].startswith("rotated the residual stream") and \
+        "groups reading the stream" in plain.settings["rotation"]
