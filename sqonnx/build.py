@@ -22,6 +22,7 @@ from sqonnx.passes.smooth import GroupResult, SmoothPass
 from sqonnx.passes.smoothing_groups import find_smoothing_groups
 from sqonnx.passes.transposed import RestoreTransposedCopiesPass
 from sqonnx.report import LayerReport
+from sqonnx.rotation import Orthogonal
 from sqonnx.search import AlphaSearch, choose_level, group_error, rotation_errors, static_range
 from sqonnx.smoothing import as_float32
 
@@ -85,7 +86,7 @@ def build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quant
             name = str(group.activation.name)
             if rotation is not None and rows is not None and name in rotation.readers and not config.smooth_only:
                 judged[name] = rotation_errors(as_float32(rows), [originals[ly.name] for ly in group.layers
-                                                                  if ly.name in originals], rotation.matrix,
+                                                                  if ly.name in originals], rotation.q,
                                                result.alpha, scheme)
             if sensitivities and rows is not None:
                 for layer in group.layers:
@@ -117,9 +118,9 @@ def build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quant
 
 @dataclass(frozen=True)
 class RotationJudge:
-    """What judging the rotation needs: Q itself, and the values the folded norms hand to their readers."""
+    """What judging the rotation needs: Q, and the values the folded norms hand to their readers."""
 
-    matrix: np.ndarray
+    q: Orthogonal
     readers: frozenset[str]
 
 

@@ -134,4 +134,4 @@ def rotation_judge(rotation: RotationResult) -> RotationJudge | None:
     """Q and the rotated norms' outputs, for judging the rotation while each block is built (build.RotationJudge)."""
     if not rotation.rotated or not rotation.norms:
         return None
-    return RotationJudge(orthogonal(rotation.hidden, rotation.seed).matrix(), frozenset(rotation.norms))
+    return RotationJudge(orthogonal(rotation.hidden, rotation.seed), frozenset(rotation.norms))

@@ -61,6 +61,14 @@ class Orthogonal:
         """Q itself (float64): for small uses (online rotations, tests)."""
         return self.left_transpose(np.eye(self.n)).T
 
+    def left(self, m: np.ndarray) -> np.ndarray:
+        """Q m for an [n, k] array (undoing a rotation of rows: judging the rotation)."""
+        return self.matrix() @ m
+
+    def right_transpose(self, m: np.ndarray) -> np.ndarray:
+        """m Q^T for a [k, n] array."""
+        return m @ self.matrix().T
+
 
 @dataclass(frozen=True)
 class Dense(Orthogonal):
@@ -79,6 +87,12 @@ class Dense(Orthogonal):
 
     def matrix(self) -> np.ndarray:
         return self.q
+
+    def left(self, m: np.ndarray) -> np.ndarray:
+        return self.q @ m
+
+    def right_transpose(self, m: np.ndarray) -> np.ndarray:
+        return m @ self.q.T
 
 
 @dataclass(frozen=True)
@@ -104,6 +118,14 @@ class RandomizedHadamard(Orthogonal):
         out = _times_hadamard(m)
         out *= (self.signs / np.sqrt(self.n)).astype(out.dtype)[None, :]
         return out
+
+    def left(self, m: np.ndarray) -> np.ndarray:
+        # Q m = H (diag(signs) m) / sqrt(n)
+        return _hadamard_times(m * (self.signs / np.sqrt(self.n)).astype(m.dtype)[:, None])
+
+    def right_transpose(self, m: np.ndarray) -> np.ndarray:
+        # m Q^T = (m diag(signs)) H / sqrt(n)
+        return _times_hadamard(m * (self.signs / np.sqrt(self.n)).astype(m.dtype)[None, :])
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sqonnx.config import CalibMethod, Level
+from sqonnx.rotation import Orthogonal
 from sqonnx.smoothing import as_float32, quantize_symmetric, quantize_weight, smoothing_scales, symmetric_scale
 
 ACTIVATION_QMAX = 127
@@ -109,7 +110,7 @@ def group_error(rows: np.ndarray, act_max: np.ndarray, weights: list[tuple[np.nd
 ROTATION_COLUMNS = 256
 
 
-def rotation_errors(rows: np.ndarray, weights: list[tuple[np.ndarray, int]], q: np.ndarray, alpha: float | None,
+def rotation_errors(rows: np.ndarray, weights: list[tuple[np.ndarray, int]], q: Orthogonal, alpha: float | None,
                     search: AlphaSearch) -> tuple[float, float]:
     """A group that reads the rotated residual stream, INT8 as built (rows x̂Q, weights Qᵀ diag(g) W) and as it
     would be without the rotation (rows x̂, weights diag(g) W, smoothed the same way: per-channel factors on
@@ -124,8 +125,8 @@ def rotation_errors(rows: np.ndarray, weights: list[tuple[np.ndarray, int]], q: 
         w = _columns(weight, axis)
         columns.append((w[:, :: max(1, w.shape[1] // ROTATION_COLUMNS)], 0))
     rotated = group_error(rows, np.abs(rows).max(axis=0), columns, alpha, search)
-    plain_rows = as_float32(rows.astype(np.float64) @ q.T)
-    plain = [(as_float32(q @ w.astype(np.float64)), 0) for w, _ in columns]
+    plain_rows = as_float32(q.right_transpose(rows.astype(q.work_dtype)))
+    plain = [(as_float32(q.left(w.astype(q.work_dtype))), 0) for w, _ in columns]
     return rotated, group_error(plain_rows, np.abs(plain_rows).max(axis=0), plain, alpha, search)
 
 

@@ -87,6 +87,10 @@ def test_fast_hadamard_equals_the_dense_product(n: int) -> None:
     np.testing.assert_allclose(rotate_columns(writer, 1, rotation), expected, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(rotate_columns(np.ascontiguousarray(writer.T), 0, rotation), expected.T,
                                rtol=1e-6, atol=1e-6)
+    # the products that undo a rotation (judging it: rows Q^T, Q W)
+    np.testing.assert_allclose(rotation.left(weight), q @ weight.astype(np.float64), rtol=1e-5, atol=1e-5)
+    rows = rng.standard_normal((5, n)).astype(np.float32)
+    np.testing.assert_allclose(rotation.right_transpose(rows), rows.astype(np.float64) @ q.T, rtol=1e-5, atol=1e-5)
 
 
 def test_block_diagonal_rotation_equals_the_dense_matrix() -> None:
