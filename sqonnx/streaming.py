@@ -328,6 +328,11 @@ def calibrate_block(runner: BlockRunner, block: Block, model: ir.Model, activati
         run = next(first.runs())
         stats.maps.update(read_probes(model, probes, runner.feeds(block, run, counted_carry, {}, {}), what))
     dying = {name for name in block.inputs if runner.last_reader.get(name) == block.index}
+    first_output = reference_output(runner.part)
+    wanted = references if first_output in produced else set()
+    every = {s.index for s in samples.sequences()}
+    passing = {s.index for s in samples.sequences() if s.counted} - counted  # no statistics here: they pass through
+    held = set()  # held-back samples run in the statistics session, counted nowhere
     if counted:  # a block without linear layers has no statistics: its samples only pass through (below)
         session = StatisticsSession(model, activations, keep_rows=keep_rows, row_samples=samples.row_samples,
                                     outputs=[*carried, *presents], what=what,
@@ -346,15 +351,22 @@ def calibrate_block(runner: BlockRunner, block: Block, model: ir.Model, activati
 
         runner.forward(block, run_counted, counted_carry, only=counted, drop=dying if stream is None else set(),
                        keep=references)
+        if stream is None and not wanted and (carried or presents):
+            # the held-back samples (the quality check's) only carry values on here: no plain session for them
+            held = every - counted - passing
+
+            def run_held(sequence: Sequence, run: Run, feeds: dict[str, np.ndarray],
+                         fetch: list[str]) -> dict[str, np.ndarray]:
+                fetched = session.passthrough(feeds, fetch, f"calibration sample {sequence.index}")
+                tick()
+                return fetched
+
+            runner.forward(block, run_held, carry, only=held)
         maps = stats.maps
         stats = session.statistics()
         stats.maps.update(maps)
         session.close()
-    first_output = reference_output(runner.part)
-    wanted = references if first_output in produced else set()
-    every = {s.index for s in samples.sequences()}
-    passing = {s.index for s in samples.sequences() if s.counted} - counted  # no statistics here: they pass through
-    plain_keys = (every - counted - passing) | wanted | (references if stream is not None else set())
+    plain_keys = (every - counted - passing - held) | wanted | (references if stream is not None else set())
     if not (carried or presents or wanted):
         plain_keys = passing = set()  # nothing later reads what this block makes
     if plain_keys or passing:

@@ -117,6 +117,10 @@ class StatisticsSession:
                 self.rows[name].append(np.clip(flat[picked], -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16))
         return returned
 
+    def passthrough(self, feeds: dict[str, np.ndarray], fetch: Sequence[str], where: str) -> dict[str, np.ndarray]:
+        """One run that adds nothing to the statistics (a held-back sample on its way to the next block)."""
+        return dict(zip(fetch, self.session.run(list(fetch), feeds, where), strict=True))
+
     def close(self) -> None:
         """Free the session (its pre-packed weights) before the next one opens."""
         self.session = None  # type: ignore[assignment]
