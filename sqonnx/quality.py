@@ -5,7 +5,8 @@ with its run-time rotations: perplexity 29x FP32). So every run sends a few samp
 through the FP model and the model it writes, block by block like calibration, and measures the loss: the
 perplexity ratio for a language model (a `logits` output and `input_ids`), else 1 - cosine of the first
 output. Plain W8A8 (no smoothing) runs on the same samples beside it, so the number has a yardstick. A model
-far out of line (FLOOR) is an error unless `--allow-lossy`; one that loses more than plain W8A8 is a warning.
+far out of line (PERPLEXITY_FLOOR, COSINE_FLOOR) is an error unless `--allow-lossy`; one that loses more than
+plain W8A8 is a warning.
 """
 
 from __future__ import annotations
