@@ -32,17 +32,26 @@ import numpy as np  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ("FP32", "onnxruntime quantize_static", "onnxruntime quantize_dynamic", "onnxruntime MatMulNBits-int8",
-            "sqonnx defaults", "sqonnx O1", "sqonnx O3")
+            "onnxruntime MatMulNBits-int4", "sqonnx defaults", "sqonnx O1", "sqonnx O3", "sqonnx W8A8-GPTQ",
+            "sqonnx W4A8")
+# The encoder has no decode: the weight-only and int4 rows are SmolLM2's.
+MINILM_VARIANTS = ("FP32", "onnxruntime quantize_static", "onnxruntime quantize_dynamic",
+                   "onnxruntime MatMulNBits-int8", "sqonnx defaults", "sqonnx O1", "sqonnx O3")
 VARIANT_NOTES = {
     "onnxruntime quantize_static": "QDQ, per-tensor int8 weights and activations, min-max, no smoothing",
     "onnxruntime quantize_dynamic": "per-channel int8 weights, reduce_range, dynamic uint8 activations",
     "onnxruntime MatMulNBits-int8": "weight-only int8, blocks of 32, accuracy_level 4 (models/peers.py)",
+    "onnxruntime MatMulNBits-int4": "int4 blocks of 32 rounded to nearest, accuracy_level 4 (int8 activations per "
+                                    "block in the kernel: W4A8 without smoothing or GPTQ)",
     "sqonnx defaults": "alpha 0.5, rotation where exact, --level auto (O3, O1 where a static range cannot hold)",
     "sqonnx O1": "alpha 0.5, rotation where exact, per-token dynamic activations everywhere",
     "sqonnx O3": "alpha 0.5, rotation where exact, per-tensor static activations everywhere (--static)",
+    "sqonnx W8A8-GPTQ": "the defaults with GPTQ weight rounding (--weight-rounding gptq)",
+    "sqonnx W4A8": "--weights int4: MatMulNBits int4 blocks of 32, GPTQ, smoothing and rotation, accuracy_level 4",
 }
 SQONNX_OPTIONS: dict[str, dict[str, object]] = {
-    "sqonnx defaults": {}, "sqonnx O1": {"level": "O1"}, "sqonnx O3": {"per_token_where_needed": False}}
+    "sqonnx defaults": {}, "sqonnx O1": {"level": "O1"}, "sqonnx O3": {"per_token_where_needed": False},
+    "sqonnx W8A8-GPTQ": {"weight_rounding": "gptq"}, "sqonnx W4A8": {"weights": "int4"}}
 
 
 # ---------------------------------------------------------------- quantization, in a child process
@@ -57,13 +66,17 @@ def quantize_variant(variant: str, model: str, source: Path, output: Path, sampl
         options = dict(SQONNX_OPTIONS[variant])
         if "level" in options:
             options["level"] = sqonnx.Level(options["level"])
+        if "weights" in options:
+            options["weights"] = sqonnx.Weights(options["weights"])
+        if "weight_rounding" in options:
+            options["weight_rounding"] = sqonnx.Rounding(options["weight_rounding"])
         config = sqonnx.QuantizeConfig(calibration=calibration, **options)  # type: ignore[arg-type]
         sqonnx.quantize(source, output, config)
         return
-    if variant == "onnxruntime MatMulNBits-int8":
+    if variant.startswith("onnxruntime MatMulNBits-int"):
         from models.peers import matmul_nbits
 
-        matmul_nbits(source, output, 8)
+        matmul_nbits(source, output, int(variant[-1]))
         return
     from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_dynamic, quantize_static
 
@@ -113,7 +126,7 @@ def alternating_ratio(measure: Callable[[Path], float], fp32: Path, variant: Pat
     return float(np.median(ratios))
 
 
-def bench_smollm2(work: Path, samples: int, rounds: int) -> list[dict[str, object]]:
+def bench_smollm2(work: Path, samples: int, rounds: int, variants: tuple[str, ...]) -> list[dict[str, object]]:
     from models import smollm2
     from models.evaluate import decode_seconds, eval_windows, latency, perplexity
 
@@ -121,7 +134,7 @@ def bench_smollm2(work: Path, samples: int, rounds: int) -> list[dict[str, objec
     windows = eval_windows(fp32.parent, 512, 16)
     prompt = windows[0][:32]
     rows = []
-    for variant in VARIANTS:
+    for variant in variants:
         path = fp32 if variant == "FP32" else work / f"smollm2-{variant.split()[-1]}.onnx"
         row: dict[str, object] = {"model": "SmolLM2-135M", "variant": variant}
         if variant != "FP32":
@@ -144,7 +157,7 @@ def bench_minilm(work: Path, samples: int, rounds: int) -> list[dict[str, object
     texts = sentences(fp32.parent, 64)
     reference = sentence_embeddings(fp32, texts)
     rows = []
-    for variant in VARIANTS:
+    for variant in MINILM_VARIANTS:
         path = fp32 if variant == "FP32" else work / f"minilm-{variant.split()[-1]}.onnx"
         row: dict[str, object] = {"model": "all-MiniLM-L6-v2", "variant": variant}
         if variant != "FP32":
@@ -205,7 +218,11 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=128, help="calibration samples for every quantizer")
     parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds per ratio")
     parser.add_argument("--models", default="smollm2,minilm")
+    parser.add_argument("--variants", default=",".join(VARIANTS[1:]),
+                        help="SmolLM2 rows besides FP32 (always measured: every number is a ratio to it)")
+    parser.add_argument("--output", default="bench", help="results file stem in ci/results")
     args = parser.parse_args()
+    chosen = ("FP32", *(v for v in VARIANTS[1:] if v in args.variants.split(",")))
     from models import minilm, smollm2
 
     work = Path(tempfile.mkdtemp(prefix="sqonnx-bench-"))
@@ -213,22 +230,23 @@ def main() -> None:
         rows: list[dict[str, object]] = []
         shares: dict[str, dict[str, float]] = {}
         if "smollm2" in args.models:
-            rows += bench_smollm2(work, args.num_samples, args.rounds)
-            shares = profiles(work)
+            rows += bench_smollm2(work, args.num_samples, args.rounds, chosen)
+            shares = profiles(work) if {"sqonnx O3", "onnxruntime quantize_static"} <= set(chosen) else {}
         if "minilm" in args.models:
             rows += bench_minilm(work, args.num_samples, args.rounds)
         fp32_size = {"SmolLM2-135M": size_mb(smollm2.build(with_past=True)),
                      "all-MiniLM-L6-v2": size_mb(minilm.build())}
         text = [f"Calibration: {args.num_samples} pydoc samples for every quantizer; "
                 f"CPU threads: onnxruntime default; rounds: {args.rounds}.", "", table(rows, fp32_size), ""]
-        text += [f"- {name}: {note}" for name, note in VARIANT_NOTES.items()]
+        text += [f"- {name}: {note}" for name, note in VARIANT_NOTES.items()
+                 if name in chosen or ("minilm" in args.models and name in MINILM_VARIANTS)]
         if shares:
             text += ["", "Kernel time by op type, SmolLM2 prefill of 512 tokens (onnxruntime profiler):", "",
                      profile_table(shares)]
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "bench.json").write_text(json.dumps({"rows": rows, "profiles": shares,
+        (RESULTS / f"{args.output}.json").write_text(json.dumps({"rows": rows, "profiles": shares,
                                                         "num_samples": args.num_samples}, indent=2))
-        (RESULTS / "bench.md").write_text("\n".join(text) + "\n")
+        (RESULTS / f"{args.output}.md").write_text("\n".join(text) + "\n")
         print("\n".join(text))
     finally:
         shutil.rmtree(work, ignore_errors=True)

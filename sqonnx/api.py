@@ -108,7 +108,8 @@ def _judge(outcome: Outcome, config: QuantizeConfig, rotation: RotationVerdict |
     elif check.below_floor:
         logger.warning("writing a model far worse than FP32 (--allow-lossy): %s", check.summary())
     if check.worse_than_baseline and not check.below_floor:
-        logger.warning("the written model loses more than unsmoothed W8A8 on the same samples (%s)%s", check.summary(),
+        logger.warning("the written model loses more than %s on the same samples (%s)%s", check.baseline_name,
+                       check.summary(),
                        f": try without {asked}" if asked else "")
 
 
@@ -136,6 +137,8 @@ def _settings(requested: QuantizeConfig, outcome: Outcome, front: Prepared) -> d
         settings["optimize"] = ", ".join(f"{n} {op}" for op, n in front.fused.items()) or "nothing fused"
     if outcome.keep_float:
         settings["keep_float"] = [asdict(t) for t in outcome.keep_float]
+    if outcome.head is not None:
+        settings["lm_head"] = outcome.head.summary()
     if not config.smooth_only:
         settings["quality_check"] = outcome.check.summary() if outcome.check is not None else \
             "quality check: off (--check-samples 0)"
@@ -148,6 +151,8 @@ def _metadata(settings: dict[str, object], outcome: Outcome, samples: int) -> di
                               sum(r.scale_min is not None for r in reports), config.smooth_only)
     if outcome.check is not None and not config.smooth_only:
         metadata["sqonnx.quality_check"] = outcome.check.metadata()
+    if outcome.head is not None:
+        metadata["sqonnx.lm_head"] = str(settings["lm_head"])
     if outcome.keep_float:
         metadata["sqonnx.float_layers"] = json.dumps(outcome.keep_float[-1].float_layers)
     if config.level_auto:

@@ -13,18 +13,30 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from sqonnx.calibrators import ActivationStats
-from sqonnx.config import Level, QuantizeConfig
+from sqonnx.config import Level, QuantizeConfig, Weights
+from sqonnx.gptq import Grid, round_weight
 from sqonnx.graph import HALF_TYPES, SHARED, find_linear_layers, opset_version
 from sqonnx.passes.float_islands import FloatIslandsPass
 from sqonnx.passes.insert_integer_matmul import InsertIntegerMatMulPass
+from sqonnx.passes.insert_matmul_nbits import InsertMatMulNBitsPass, NBitsLayer
 from sqonnx.passes.insert_qdq import InsertQDQPass, LayerQuantization
 from sqonnx.passes.smooth import GroupResult, SmoothPass
 from sqonnx.passes.smoothing_groups import find_smoothing_groups
 from sqonnx.passes.transposed import RestoreTransposedCopiesPass
 from sqonnx.report import LayerReport
 from sqonnx.rotation import Orthogonal
-from sqonnx.search import AlphaSearch, choose_level, group_error, rotation_errors, static_range
+from sqonnx.search import (
+    INT4_ERROR_LIMIT,
+    AlphaSearch,
+    choose_level,
+    group_error,
+    rotation_errors,
+    static_range,
+    w4a8_error,
+)
 from sqonnx.smoothing import as_float32
+
+W4A8 = "W4A8"  # a layer's level in the report when it is written as MatMulNBits (its kernel quantizes activations)
 
 
 @dataclass
@@ -51,7 +63,7 @@ def build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quant
         _weights_in_float32(graph, quantized)
     channel_max = stats.channel_max
     scheme = AlphaSearch(stats.rows, config.alpha_grid, config.level, config.weight_qmax, config.per_channel,
-                         config.calib_method)
+                         config.calib_method, config.int4_block if config.weights is Weights.INT4 else 0)
     originals = {layer.name: (layer.weight, layer.in_axis) for group in find_smoothing_groups(graph)
                  for layer in group.layers
                  if sensitivities or (rotation is not None and str(group.activation.name) in rotation.readers)}
@@ -66,6 +78,7 @@ def build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quant
         results = [GroupResult(g, None, "", "not smoothed: --no-smooth") for g in find_smoothing_groups(graph)]
 
     plan: list[LayerQuantization] = []
+    nbits: list[NBitsLayer] = []
     layer_reports: list[LayerReport] = []
     sensitivity: dict[str, float] = {}
     judged: dict[str, tuple[float, float]] = {}
@@ -74,6 +87,7 @@ def build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quant
         act_max = channel_max.get(str(group.activation.name))
         rows = stats.rows.get(str(group.activation.name))
         static_max, level, why, error = 0.0, config.level, "", None
+        smoothed_rows = None
         if act_max is not None and any(layer.name in quantized for layer in group.layers):
             scales = result.scales if result.scales is not None else np.ones_like(act_max)
             smoothed_rows = None if rows is None else as_float32(rows) / scales
@@ -94,15 +108,35 @@ def build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quant
                         sensitivity[layer.name] = group_error(as_float32(rows), act_max,
                                                               [originals[layer.name]], result.alpha, scheme,
                                                               relative=False)
+        hessian = _hessian(stats, str(group.activation.name), result.scales) if config.needs_hessians else None
         for layer in group.layers:
             is_quantized = layer.name in quantized and not config.smooth_only
-            layer_reports.append(_layer_report(layer.name, result, act_max, is_quantized, static_max,
-                                               level.value if is_quantized else "", why if is_quantized else "",
-                                               error if is_quantized else None))
+            four = None
+            layer_level, layer_why, layer_error = level.value, why, error
             if is_quantized:
-                plan.append(LayerQuantization(layer, static_max, level))
+                weight = layer.weight if layer.in_axis == 0 else layer.weight.T  # [in, out]
+                if config.weights is Weights.INT4:
+                    four = round_weight(weight, Grid.int4(config.int4_block), hessian, config.act_order)
+                    four_error = 0.0 if smoothed_rows is None else w4a8_error(
+                        smoothed_rows, weight, four.dequantized(), config.int4_block)
+                    if four_error > INT4_ERROR_LIMIT:
+                        layer_why = f"W4A8 error {four_error:.2g} on calibration rows (limit {INT4_ERROR_LIMIT}); {why}"
+                        four = None
+                    else:
+                        layer_level, layer_error = W4A8, four_error
+                        layer_why = f"W4A8 error {four_error:.2g} on calibration rows"
+                if four is not None:
+                    nbits.append(NBitsLayer(layer, four))
+                else:
+                    rounded = round_weight(weight, Grid.int8(config.weight_qmax), hessian, config.act_order) \
+                        if hessian is not None and config.per_channel else None
+                    plan.append(LayerQuantization(layer, static_max, level, rounded))
+            layer_reports.append(_layer_report(layer.name, result, act_max, is_quantized, static_max,
+                                               layer_level if is_quantized else "", layer_why if is_quantized else "",
+                                               layer_error if is_quantized else None))
     opset = opset_version(graph)
-    FloatIslandsPass([item.layer for item in plan])(model)
+    FloatIslandsPass([*(item.layer for item in plan), *(item.layer for item in nbits)])(model)
+    InsertMatMulNBitsPass(nbits)(model)
     # O1 has no Q/DQ spelling: its layers always get integer ops, the others the configured form.
     integer = [item for item in plan if config.integer_form or item.level is Level.O1]
     InsertIntegerMatMulPass(integer, config.weight_qmax, config.per_channel, config.level, opset)(model)
@@ -113,7 +147,8 @@ def build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quant
         common_passes.RemoveUnusedNodesPass(),
         common_passes.TopologicalSortPass(),
     )(model)
-    return Built(model, layer_reports, plan, sensitivity, judged)
+    return Built(model, layer_reports, [*plan, *(LayerQuantization(item.layer, 0.0) for item in nbits)], sensitivity,
+                 judged)
 
 
 @dataclass(frozen=True)
@@ -122,6 +157,15 @@ class RotationJudge:
 
     q: Orthogonal
     readers: frozenset[str]
+
+
+def _hessian(stats: ActivationStats, activation: str, scales: np.ndarray | None) -> np.ndarray | None:
+    """X^T X of the group's input as the quantized layers see it: divided by s on both sides when smoothed."""
+    found = stats.hessians.get(activation)
+    if found is None or scales is None:
+        return found
+    inverse = 1.0 / scales.astype(np.float64)
+    return found * inverse[:, None] * inverse[None, :]
 
 
 def _weights_in_float32(graph: ir.Graph, quantized: set[str]) -> None:

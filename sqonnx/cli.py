@@ -23,7 +23,9 @@ from sqonnx.config import (
     Format,
     Level,
     QuantizeConfig,
+    Rounding,
     Unabsorbed,
+    Weights,
 )
 from sqonnx.errors import SqonnxError
 from sqonnx.target import Target
@@ -122,6 +124,17 @@ def quantize(
     block_size: Annotated[float, typer.Option(
         "--block-size", help="MB of weights worked on at once: the model is calibrated, quantized and written "
                              "block by block along its residual stream; less memory, more sessions")] = 256,
+    weights: Annotated[Weights, typer.Option(
+        help="int8: W8A8; int4: W4A8, 4-bit block weights as onnxruntime's MatMulNBits (int8 activations per "
+             "block inside the kernel), layers 4 bits would break stay W8A8")] = Weights.INT8,
+    weight_rounding: Annotated[Rounding | None, typer.Option(
+        help="nearest, or gptq: error feedback through the calibration inputs (X^T X per layer group) "
+             "[default: gptq with --weights int4, nearest with int8]")] = None,
+    int4_block: Annotated[int, typer.Option(
+        help="--weights int4: input channels per 4-bit block (a scale each): 32, 64 or 128")] = 32,
+    act_order: Annotated[bool, typer.Option(
+        "--act-order/--no-act-order", help="GPTQ: round channels in order of decreasing X^T X diagonal (block "
+                                           "scales fixed beforehand, no g_idx)")] = True,
 ) -> None:
     """Quantize MODEL to INT8 with SmoothQuant."""
     with _user_errors("interrupted: no output written"):
@@ -137,7 +150,8 @@ def quantize(
                                           decode_steps=decode_steps),
             verify_fusion=verify, optimize=optimize, keep_float_budget=keep_float_budget,
             block_bytes=_block_bytes(block_size), cache_dir=cache_dir, sequential=sequential,
-            check_samples=check_samples, allow_lossy=allow_lossy)
+            check_samples=check_samples, allow_lossy=allow_lossy, weights=weights, weight_rounding=weight_rounding,
+            int4_block=int4_block, act_order=act_order)
         if report_json is not None:
             _check_writable_file(report_json, "--report-json")
         report = quantize_model(model, output, config, progress=True)

@@ -53,6 +53,23 @@ class Unabsorbed(str, enum.Enum):
     MUL = "mul"  # insert an explicit Mul by 1/s in front of the group (costs one elementwise op)
 
 
+class Weights(str, enum.Enum):
+    """How linear layers' weights are stored."""
+
+    INT8 = "int8"  # W8A8: int8 per-channel weights, int8 activations at the layer's level
+    # W4A8: onnxruntime's MatMulNBits, 4-bit blocks along the input channels; its CPU kernel quantizes the
+    # activations to int8 per row and block itself (accuracy_level 4), so static ranges and --level do not apply.
+    # Layers that 4 bits would hurt stay W8A8 (sqonnx.search.INT4_ERROR_LIMIT).
+    INT4 = "int4"
+
+
+class Rounding(str, enum.Enum):
+    """How weights are rounded onto their grid (sqonnx.gptq)."""
+
+    NEAREST = "nearest"
+    GPTQ = "gptq"  # error feedback through the calibration inputs' X^T X (Frantar et al. 2022)
+
+
 # Every linear layer is quantized by default, the LM head too: it is a quarter of SmolLM2's weights and
 # half the bytes a decode step reads while float (onnxruntime-genai decode: 1.7x FP32 with it float in
 # issue 13's run, 2.25x with it INT8 in ci/genai_bench.py; SmolLM2 perplexity 12.27 -> 12.31, make quality),
@@ -141,6 +158,12 @@ class QuantizeConfig:
     check_samples: int = 4
     # Write a model even when the check finds it far out of line (sqonnx.quality.FLOOR); else that is an error.
     allow_lossy: bool = False
+    weights: Weights = Weights.INT8
+    # None: GPTQ for int4 weights (round-to-nearest loses most there), nearest for int8 (see README).
+    weight_rounding: Rounding | None = None
+    int4_block: int = 32  # MatMulNBits' block along the input channels: 32 (default), 64 or 128
+    # GPTQ's act-order: channels rounded in order of decreasing X^T X diagonal, groups' scales fixed beforehand
+    act_order: bool = True
 
     def __post_init__(self) -> None:
         if self.alpha != AUTO and not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
@@ -161,12 +184,27 @@ class QuantizeConfig:
             raise SqonnxError("--smooth-only writes a float model; --keep-float-budget has nothing to keep, drop it")
         if self.check_samples < 0:
             raise SqonnxError(f"--check-samples must be >= 0 (0: no quality check), got {self.check_samples}; try 4")
+        if self.int4_block not in (16, 32, 64, 128, 256):
+            raise SqonnxError(f"--int4-block must be 16, 32, 64, 128 or 256, got {self.int4_block}; try 32")
+        if self.smooth_only and self.weights is Weights.INT4:
+            raise SqonnxError("--smooth-only writes a float model; --weights int4 has nothing to quantize, drop one")
         if self.block_bytes < 1:
             raise SqonnxError(f"--block-size must be a positive number of MB, got {self.block_bytes / (1 << 20)}; "
                               "try 256")
         for pattern in self.exclude:
             if not pattern:
                 raise SqonnxError("--exclude got an empty pattern; give a node-name glob like '*lm_head*'")
+
+    @property
+    def rounding(self) -> Rounding:
+        if self.weight_rounding is not None:
+            return self.weight_rounding
+        return Rounding.GPTQ if self.weights is Weights.INT4 else Rounding.NEAREST
+
+    @property
+    def needs_hessians(self) -> bool:
+        """Whether calibration must sum X^T X per activation (GPTQ)."""
+        return self.rounding is Rounding.GPTQ and not self.smooth_only
 
     @property
     def alpha_auto(self) -> bool:
@@ -183,7 +221,7 @@ class QuantizeConfig:
     def needs_rows(self) -> bool:
         """Whether calibration must keep activation rows (searches), not only maxima."""
         return (self.smooth and (self.alpha_auto or self.unabsorbed is Unabsorbed.AUTO)
-                or self.keep_float_budget is not None or self.level_auto
+                or self.keep_float_budget is not None or self.level_auto or self.weights is Weights.INT4
                 or (self.calib_method is not CalibMethod.MINMAX and self.level is Level.O3))
 
     @property

@@ -126,6 +126,7 @@ def _cache_key(model_path: Path, model: ir.Model, config: QuantizeConfig) -> dic
         "block size": str(config.block_bytes),
         "held-back samples (--alpha auto, --check-samples)": str(_held_out(calibration.num_samples, config)[0]),
         "--optimize setting": str(config.optimize),
+        "Hessians (--weight-rounding gptq)": str(config.needs_hessians),
         "quantization options (--sequential)": repr(replace(config, cache_dir=None)) if config.sequential else "",
         "sqonnx version": tool_version(),
     }

@@ -353,3 +353,27 @@ def _contiguous(array: np.ndarray, dtype: np.dtype | None = None) -> np.ndarray:
     if dtype is not None and array.ndim:
         array = convert(array, np.dtype(dtype))
     return np.require(np.asarray(array, dtype=dtype), requirements="C")
+
+
+# What may sit between a language model's LM head and its `logits` output: casts, reshapes, a bias, Gemma 2's
+# soft-capping (Div, Tanh, Mul by constants).
+_TO_OUTPUT = {"Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze", "Add", "Div", "Mul", "Tanh"}
+
+
+def output_layer(graph: ir.Graph) -> LinearLayer | None:
+    """The linear layer that computes the model's first output (a language model's LM head), if one does."""
+    value: ir.Value | None = graph.outputs[0] if graph.outputs else None
+    for _ in range(8):
+        node = value.producer() if value is not None else None
+        if node is None:
+            return None
+        layer = as_linear_layer(node)
+        if layer is not None:
+            return layer
+        if node.op_type not in _TO_OUTPUT:
+            return None
+        varying = [v for v in node.inputs if v is not None and not is_constant(v)]
+        if len(varying) != 1:
+            return None
+        value = varying[0]
+    return None

@@ -11,12 +11,15 @@ for the model.
 from __future__ import annotations
 
 import collections
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 
-INTEGER_KERNELS = ("QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QGemm", "MatMulInteger")
+INTEGER_KERNELS = ("QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QGemm", "MatMulInteger",
+                   "MatMulNBits")
 
 
 @dataclass
@@ -27,6 +30,8 @@ class KernelCheck:
     dequantize_nodes: int = 0
     blocks: int = 0  # quantized blocks of the model
     checked_blocks: int = 0  # of them, those onnxruntime optimized (the rest repeat a checked block's pattern)
+    # MatMulNBits block sizes at accuracy_level 4 for which MLAS has no int8 kernel on this CPU: they compute in float
+    nbits_in_float: set[int] = field(default_factory=set)
 
     @property
     def integer_total(self) -> int:
@@ -38,12 +43,17 @@ class KernelCheck:
         self.float_linear += other.float_linear
         self.unfused += other.unfused
         self.dequantize_nodes += other.dequantize_nodes
+        self.nbits_in_float |= other.nbits_in_float
 
     def summary(self) -> str:
         kernels = ", ".join(f"{n} {op}" for op, n in sorted(self.integer_kernels.items())) or "none"
         text = f"integer kernels: {kernels}; float MatMul/Gemm: {self.float_linear}"
         if self.unfused:
             text += f"; NOT fused: {len(self.unfused)}"
+        if self.integer_kernels.get("MatMulNBits"):
+            text += ("; MatMulNBits computes in FLOAT for blocks of " + ", ".join(map(str, sorted(self.nbits_in_float)))
+                     + " (no int8 kernel on this CPU)" if self.nbits_in_float
+                     else "; MatMulNBits computes in int8 (accuracy_level 4, checked)")
         if self.checked_blocks < self.blocks:
             text += f" ({self.checked_blocks} of {self.blocks} blocks optimized; the others repeat their ops)"
         return text
@@ -64,8 +74,40 @@ def count_kernels(optimized: Path) -> KernelCheck:
         dequantize_nodes=counts["DequantizeLinear"],
     )
     for node in graph.node:
+        if node.op_type == "MatMulNBits":
+            attributes = {a.name: a.i for a in node.attribute}
+            if attributes.get("accuracy_level") == 4 and not nbits_computes_int8(attributes["bits"],
+                                                                                  attributes["block_size"]):
+                check.nbits_in_float.add(attributes["block_size"])
         if node.op_type in ("MatMul", "Gemm", "FusedMatMul", "FusedGemm"):
             feeders = [producers.get(name) for name in node.input[:2]]
             if any(f is not None and f.op_type == "DequantizeLinear" for f in feeders):
                 check.unfused.append(node.name)
     return check
+
+
+@functools.cache
+def nbits_computes_int8(bits: int, block: int) -> bool:
+    """Whether onnxruntime's CPU MatMulNBits really quantizes its input to int8 at accuracy_level 4 for this
+    (bits, block) pair on this CPU. Where MLAS has no int8 kernel for the pair it silently computes in float; its
+    output is then the very output of accuracy_level 0, while int8 activations change the last digits."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = 2 * block, 16
+    rng = np.random.default_rng(0)
+    b = rng.integers(0, 256, (n, k // block, block * bits // 8), dtype=np.uint8)
+    scales = rng.uniform(0.01, 0.1, (n, k // block)).astype(np.float32)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    outputs = []
+    for level in (0, 4):
+        node = helper.make_node("MatMulNBits", ["x", "b", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=bits,
+                                block_size=block, accuracy_level=level)
+        graph = helper.make_graph([node], "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, n])],
+                                  [numpy_helper.from_array(b, "b"), numpy_helper.from_array(scales, "s")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                        helper.make_opsetid("com.microsoft", 1)])
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        outputs.append(session.run(None, {"x": x})[0])
+    return not np.array_equal(outputs[0], outputs[1])

@@ -18,20 +18,21 @@ from pathlib import Path
 import onnx_ir as ir
 
 from sqonnx.blocks import Block, Partition
-from sqonnx.build import RotationJudge, build
+from sqonnx.build import W4A8, Built, RotationJudge, build
 from sqonnx.calibrators.cache import CalibrationCache
 from sqonnx.calibrators.carry import Carry
 from sqonnx.calibrators.channel_max import ActivationStats
-from sqonnx.config import QuantizeConfig
+from sqonnx.calibrators.data import LOGITS
+from sqonnx.config import QuantizeConfig, Rounding, Weights
 from sqonnx.errors import SqonnxError
-from sqonnx.graph import find_linear_layers, prefetch
+from sqonnx.graph import find_linear_layers, output_layer, prefetch
 from sqonnx.kernels import KernelCheck, count_kernels
 from sqonnx.output import StreamingWriter, no_space
 from sqonnx.passes.smoothing_groups import find_smoothing_groups, statistics_needed
 from sqonnx.passes.transposed import FOLDED_TENSOR
 from sqonnx.pause import pause_point
 from sqonnx.progress import Progress, free_memory
-from sqonnx.quality import QualityCheck
+from sqonnx.quality import HeadVerdict, QualityCheck
 from sqonnx.report import LayerReport
 from sqonnx.session import PREPACK_TOKENS, cpu_runs, open_session
 from sqonnx.streaming import (
@@ -62,7 +63,7 @@ EVAL_SAMPLES = 4
 KEPT_STATS_BYTES = 256 << 20
 # FP outputs kept in memory for comparisons (the rest in the scratch folder).
 REFERENCE_MEMORY_BYTES = 32 << 20
-# The quality check's unsmoothed W8A8 yardstick builds every block a second time: measured up to this size.
+# The quality check's yardstick (unsmoothed W8A8) builds every block a second time: measured up to this size.
 BASELINE_MAX_BYTES = 2 << 30
 
 
@@ -76,6 +77,9 @@ class Track:
     keys: set[int] = field(default_factory=set)
     comparison: Comparison = field(default_factory=Comparison)
     timed: dict[str, float] = field(default_factory=dict)
+    # Built only from the first block where it differs (its float layers) on, from `fork_of`'s carried values
+    # there: judging the LM head float costs one build of the last block, not of every block.
+    fork_of: Track | None = None
 
 
 @dataclass
@@ -108,6 +112,7 @@ class Outcome:
     keep_float: list[KeepFloatTrial] = field(default_factory=list)
     resumed: int = 0  # blocks whose calibration an earlier run left in --cache-dir
     check: QualityCheck | None = None  # the written model against the FP model (None: --check-samples 0)
+    head: HeadVerdict | None = None  # the INT8 LM head judged against a float one (None: not judged)
 
 
 def _check(written: Track, baseline: Track | None, held_out: bool) -> QualityCheck | None:
@@ -118,7 +123,17 @@ def _check(written: Track, baseline: Track | None, held_out: bool) -> QualityChe
     return QualityCheck(len(comparison.cosines), held_out, comparison.language_model and comparison.tokens > 0,
                         comparison.quality_loss, comparison.output_error,
                         baseline.comparison.quality_loss if measured and baseline else None,
-                        baseline.comparison.output_error if measured and baseline else None)
+                        baseline.comparison.output_error if measured and baseline else None,
+                        baseline.name if baseline else baseline_name(written.config))
+
+
+def baseline_name(config: QuantizeConfig) -> str:
+    return "unsmoothed W4A8 (round to nearest)" if config.weights is Weights.INT4 else "unsmoothed W8A8"
+
+
+def _head_kind(reports: list[LayerReport], head: frozenset[str]) -> str:
+    """How the LM head was quantized in the written track's build: W4A8 or INT8."""
+    return next((W4A8 for r in reports if r.name in head and r.level == W4A8), "INT8")
 
 
 def _signature(model: ir.Model) -> tuple[object, ...]:
@@ -180,16 +195,35 @@ class Pipeline:
         baseline = None
         if primary.keys and config.smooth and not config.smooth_only and \
                 self.part.total_bytes <= BASELINE_MAX_BYTES:
-            baseline = Track("unsmoothed W8A8", replace(config, smooth=False, alpha=0.5, keep_float_budget=None,
-                                                        sequential=False), keys=set(primary.keys))
+            # (an int4 run's: unsmoothed W4A8 rounded to nearest, what onnxruntime's MatMulNBitsQuantizer writes)
+            baseline = Track(baseline_name(config), replace(
+                config, smooth=False, alpha=0.5, keep_float_budget=None, sequential=False,
+                weight_rounding=Rounding.NEAREST), keys=set(primary.keys))
             tracks.append(baseline)
+        # a language model's LM head (the layer computing `logits`) float beside the INT8 one: INT8 only where it pays
+        head = output_layer(self.model.graph) if self.part.graph_outputs[:1] == [LOGITS] else None
+        head_track = None
+        if head is not None and head.name in self.quantized and len(self.quantized) > 1 and primary.keys \
+                and not keep_float and not config.smooth_only:
+            head_track = Track("float LM head", config, frozenset({head.name}), keys=set(primary.keys),
+                               fork_of=primary)
+            tracks.append(head_track)
         references = set().union(*(t.keys for t in tracks))
         result = self.run_pass("quantizing", tracks, primary, writer, calibrate=True, references=references,
                                keep_stats=keep_float or search, timing_key=min(eval_keys) if keep_float else None)
         outcome = Outcome(config, result, resumed=result.resumed)
         written = primary
+        head_float: frozenset[str] = frozenset()
+        if head_track is not None and head_track.comparison.cosines:
+            outcome.head = HeadVerdict(head_track.float_layers, primary.comparison.quality_loss,
+                                       head_track.comparison.quality_loss, head_track.comparison.language_model,
+                                       _head_kind(result.layer_reports, head_track.float_layers))
+            logger.info("LM head: %s", outcome.head.summary())
+            if outcome.head.loses:
+                head_float = head_track.float_layers
+                written = head_track  # run_pass wrote its last block (sqonnx.pipeline.Pipeline._write)
         if search:
-            judged = [t for t in tracks if t is not baseline and (t is not trial0 or t is primary)]
+            judged = [t for t in tracks if t not in (baseline, head_track) and (t is not trial0 or t is primary)]
             outcome.alpha_trials = {t.name: t.comparison.output_error for t in judged}
             best = min(judged, key=lambda t: t.comparison.output_error)
             logger.info("--alpha auto: %s", ", ".join(f"{k} {v:.4f}" for k, v in outcome.alpha_trials.items()))
@@ -197,7 +231,11 @@ class Pipeline:
                 outcome.config = best.config
                 written = best
                 writer.restart()
-                outcome.result = self.run_pass("writing", [], Track(best.name, best.config), writer)
+                if head_float:  # the head as judged, the check measuring the model written
+                    written = Track(best.name, best.config, head_float, keys=set(best.keys))
+                    outcome.result = self.run_pass("writing", [written], written, writer)
+                else:
+                    outcome.result = self.run_pass("writing", [], Track(best.name, best.config), writer)
         if keep_float:
             written = self._keep_float(outcome, trial0, result, eval_keys, writer)
         outcome.check = _check(written, baseline, samples.held_out > 0 and written.keys <= set(samples.held_out_keys))
@@ -247,6 +285,8 @@ class Pipeline:
         progress.start_pass(label, self.part.blocks)
         self.sequential = calibrate and write is not None and write.config.sequential
         resume = self._resume_point(references) if calibrate else -1
+        forked: set[int] = set()
+        candidates: dict[int, tuple[Built, KernelCheck | None, tuple[object, ...]]] = {}
         if calibrate:
             result.resumed = resume + 1
         for block in self.part.blocks:
@@ -277,9 +317,20 @@ class Pipeline:
                 else:
                     stats = self._load(block.index)
                 for number, track in enumerate(builds):
+                    if track.fork_of is not None and id(track) not in forked:
+                        if not track.float_layers & here:
+                            continue  # built as the track it forks from: its values are that track's
+                        carries[id(track)].copy_from(carries[id(track.fork_of)])
+                        forked.add(id(track))
                     last = number == len(builds) - 1
-                    self._build_track(block, fp if last else fp.clone(), stats, here, track, track is write,
-                                      carries[id(track)], writer, result, calibrate and write is track)
+                    candidate = track is write or (write is not None and track.fork_of is write)
+                    built = self._build_track(block, fp if last else fp.clone(), stats, here, track, candidate,
+                                              carries[id(track)], writer, result, calibrate and write is track)
+                    if candidate:
+                        candidates[id(track)] = built
+                if write is not None:
+                    self._write(block, write, builds, candidates, writer, result)
+                    candidates.clear()
                 self.runner.finish_block(block, self.fp_carry)
                 self.runner.finish_block(block, self.stream)
                 if self.cache is not None and calibrate and block.index > resume and self._resumable(references):
@@ -351,33 +402,28 @@ class Pipeline:
             keep_rows = KEPT_ROWS if rows or config.needs_rows or self.cache is not None else 0
             return calibrate_block(self.runner, block, fp, request.channel_max, request.probes, keep_rows,
                                    self.fp_carry, set(references), self.references, self.progress.tick,
-                                   self.stream if self.sequential else None)
+                                   self.stream if self.sequential else None, gram=config.needs_hessians)
 
     def _build_track(self, block: Block, fp: ir.Model, stats: ActivationStats, here: set[str], track: Track,
-                     written: bool, carry: Carry, writer: StreamingWriter | None, result: BlockPassResult,
-                     calibrating: bool = False) -> None:
+                     candidate: bool, carry: Carry, writer: StreamingWriter | None, result: BlockPassResult,
+                     calibrating: bool = False) -> tuple[Built, KernelCheck | None, tuple[object, ...]]:
+        """Build `track`'s block and run its samples. A `candidate` for writing (the written track, or a track that
+        forks from it) also gets its kernels checked; the block's graph, its kernels and its pattern are returned."""
         with self.progress.phase("smooth and quantize"):
             built = build(fp, track.config, stats, here - track.float_layers,
-                          sensitivities=written and track.config.keep_float_budget is not None,
-                          rotation=self.rotation if written else None)
+                          sensitivities=candidate and track.config.keep_float_budget is not None,
+                          rotation=self.rotation if candidate else None)
         for value in built.model.graph.initializers.values():
             value.meta.pop(FOLDED_TENSOR, None)  # the materialized table copy: not to be kept with the written graph
-        if written:
-            result.layer_reports += built.layer_reports
-            result.quantized_layers += len(built.plan)
-            result.sensitivity.update(built.sensitivity)
-            result.rotation_errors.update(built.rotation_errors)
-            result.worst_pair = max(result.worst_pair, worst_int16_pair_in_graph(built.model.graph))
-        check = written and result.kernels is not None and bool(built.plan) and not track.config.smooth_only
+        check = candidate and result.kernels is not None and bool(built.plan) and not track.config.smooth_only
         signature = _signature(built.model) if check else ()
+        found = None
         if check and signature in result.checked:
             # onnxruntime's fusions depend on the graph's pattern only: a block with the very ops and levels of a
             # block already checked runs the same kernels (a 7B model has 64 alike), and its check is skipped
-            assert result.kernels is not None
             repeated = result.checked[signature]
-            result.kernels.add(replace(repeated, unfused=[f"{name} (and alike in block {block.index})"
-                                                          for name in repeated.unfused]))
-            result.kernels.blocks += 1
+            found = replace(repeated, unfused=[f"{name} (and alike in block {block.index})"
+                                               for name in repeated.unfused], checked_blocks=0)
             check = False
         # --sequential: the next block is calibrated on what this INT8 block computes from the INT8 blocks before
         sequential = calibrating and track.config.sequential and bool(built.plan)
@@ -393,12 +439,10 @@ class Pipeline:
                     if optimized is not None and "Failed to write" in str(exc):  # the scratch folder is full
                         raise SqonnxError(no_space(self.workdir.parent.parent, writer)) from None
                     raise
-                if optimized is not None and result.kernels is not None:
+                if optimized is not None:
                     found = count_kernels(optimized)
+                    found.checked_blocks += 1
                     result.checked[signature] = found
-                    result.kernels.add(found)
-                    result.kernels.blocks += 1
-                    result.kernels.checked_blocks += 1
                 if track.keys:
                     run_track_block(self.runner, block, session, carry, track.keys, self.references,
                                     track.comparison, track.timed)
@@ -406,7 +450,32 @@ class Pipeline:
                     forward_block(self.runner, block, session, self.stream, self.samples.counted_keys,
                                   self.progress.tick)
                 del session
-        if written and writer is not None:
+        return built, found, signature
+
+    def _write(self, block: Block, write: Track, builds: list[Track], candidates: dict[int, tuple[Built,
+               KernelCheck | None, tuple[object, ...]]], writer: StreamingWriter | None,
+               result: BlockPassResult) -> None:
+        """Write the block as `write` built it, or as a track forking from it built it where that wins (the LM head
+        float, judged once both have run the check's samples through the block that makes the first output)."""
+        chosen = write
+        for track in builds:
+            if id(track) in candidates and track.fork_of is write and track.comparison.cosines and \
+                    HeadVerdict(track.float_layers, write.comparison.quality_loss, track.comparison.quality_loss,
+                                track.comparison.language_model, "").loses:
+                chosen = track
+        if id(chosen) not in candidates:
+            return
+        built, found, _ = candidates[id(chosen)]
+        result.layer_reports += built.layer_reports
+        result.quantized_layers += len(built.plan)
+        result.sensitivity.update(built.sensitivity)
+        result.rotation_errors.update(built.rotation_errors)
+        result.worst_pair = max(result.worst_pair, worst_int16_pair_in_graph(built.model.graph))
+        if found is not None and result.kernels is not None:
+            result.kernels.add(found)
+            result.kernels.blocks += 1
+            result.kernels.checked_blocks += found.checked_blocks
+        if writer is not None:
             with self.progress.phase("write"):
                 writer.add(built.model, self.shared)
 

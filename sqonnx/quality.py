@@ -42,6 +42,7 @@ class QualityCheck:
     output_error: float  # relative L2 error of the first output
     baseline_loss: float | None = None  # plain W8A8 (no smoothing) on the same samples; None: not measured
     baseline_error: float | None = None
+    baseline_name: str = "unsmoothed W8A8"
 
     def describe(self, loss: float) -> str:
         if self.language_model:
@@ -52,7 +53,7 @@ class QualityCheck:
         where = "held-back" if self.held_out else "calibration (in-sample)"
         text = f"quality check on {self.samples} {where} samples: {self.describe(self.loss)}"
         if self.baseline_loss is not None:
-            text += f"; unsmoothed W8A8 {self.describe(self.baseline_loss)}"
+            text += f"; {self.baseline_name} {self.describe(self.baseline_loss)}"
         return text
 
     @property
@@ -87,7 +88,7 @@ def culprits(layers: list[LayerReport]) -> str:
     measured = [layer for layer in quantized if layer.row_error is not None]
     if measured:
         worst = sorted(measured, key=lambda layer: -(layer.row_error or 0.0))[:CULPRITS]
-        return "largest INT8 error on calibration rows: " + ", ".join(
+        return "largest quantization error on calibration rows: " + ", ".join(
             f"{layer.name} {layer.row_error:.2g}" for layer in worst)
     worst = sorted(quantized, key=lambda layer: -layer.outlier_ratio_after)[:CULPRITS]
     return "largest outlier ratio after smoothing: " + ", ".join(
@@ -98,6 +99,36 @@ def _advice(check: QualityCheck, flags: str) -> str:
     if check.worse_than_baseline:
         return f"plain W8A8 does better here: drop {flags or 'the transforms asked for'}"
     return (f"try without {flags}, " if flags else "") + "exclude those layers (--exclude) or try --level O1"
+
+
+# The LM head (the layer computing the first output) is INT8 by default: half the bytes a decode step reads while
+# float (sqonnx.config.DEFAULT_EXCLUDE). Every checked run also measures the model with it float on the same
+# samples, and keeps it INT8 unless it adds more than HEAD_SHARE of what the rest of the model loses, and more than
+# HEAD_NOISE (what a few samples cannot tell apart): SmolLM2 pays 12.27 -> 12.31 perplexity for it, kept; a head
+# whose static range cannot hold its input (a wrecked model's) goes float.
+HEAD_SHARE = 0.5
+HEAD_NOISE = 0.002
+
+
+@dataclass(frozen=True)
+class HeadVerdict:
+    layers: frozenset[str]
+    int8: float  # the check's loss with the head quantized
+    float: float  # and with it float
+    language_model: bool
+    kind: str  # how the head was quantized: INT8, or W4A8 (--weights int4)
+
+    @property
+    def loses(self) -> bool:
+        return self.int8 - self.float > max(HEAD_NOISE, HEAD_SHARE * max(self.float, 0.0))
+
+    def summary(self) -> str:
+        def describe(loss: float) -> str:
+            return f"perplexity {loss:+.2%}" if self.language_model else f"cosine {1 - loss:.4f}"
+
+        kept = f"float: {self.kind} does not pay" if self.loses else self.kind
+        return (f"{kept} ({', '.join(sorted(self.layers))}; {describe(self.int8)} with it {self.kind}, "
+                f"{describe(self.float)} float, on the check's samples)")
 
 
 # The residual-stream rotation is kept only where it pays: when the groups that read the rotated stream have this

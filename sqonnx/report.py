@@ -82,6 +82,7 @@ class QuantizeReport:
             f"  worst outlier ratio (channel max / median) before -> after smoothing: "
             f"{ratio_before:.1f} -> {ratio_after:.1f}",
             *([f"  {self.settings['quality_check']}"] if "quality_check" in self.settings else []),
+            *([f"  LM head {self.settings['lm_head']}"] if "lm_head" in self.settings else []),
             f"  size: {self.input_bytes / 1e6:.1f} MB -> {self.output_bytes / 1e6:.1f} MB in {self.seconds:.1f} s",
             *([f"  {self.settings['blocks']}"] if "blocks" in self.settings else []),
             *([f"  --cache-dir {self.settings['cache']}"] if "cache" in self.settings else []),

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sqonnx.config import CalibMethod, Level
+from sqonnx.gptq import Grid, nearest
 from sqonnx.rotation import Orthogonal
 from sqonnx.smoothing import as_float32, quantize_symmetric, quantize_weight, smoothing_scales, symmetric_scale
 
@@ -66,6 +67,9 @@ class AlphaSearch:
     weight_qmax: int
     per_channel: bool
     calib_method: CalibMethod = CalibMethod.MINMAX
+    # --weights int4: judge α on the W4A8 error (4-bit blocks of this many input channels, int8 activations per
+    # row and block, as MatMulNBits computes); 0: INT8 at `level`
+    int4_block: int = 0
 
     def choose(self, activation: str, act_max: np.ndarray, weights: list[tuple[np.ndarray, int]]) -> float | None:
         """The best α on the grid, or None when leaving the group unsmoothed is better than any."""
@@ -86,6 +90,8 @@ def group_error(rows: np.ndarray, act_max: np.ndarray, weights: list[tuple[np.nd
     Wide layers are scored on MAX_ERROR_COLUMNS of their output columns (see `_columns`).
     """
     weight_max = np.max([np.abs(w).max(axis=1 - axis) for w, axis in weights], axis=0)
+    if search.int4_block:
+        return _w4a8_group_error(rows, act_max, weight_max, weights, alpha, search.int4_block, relative)
     static_max = 0.0
     if search.level is Level.O3 and len(rows) >= 2:
         fit, rows = rows[: len(rows) // 2], rows[len(rows) // 2:]
@@ -104,6 +110,20 @@ def group_error(rows: np.ndarray, act_max: np.ndarray, weights: list[tuple[np.nd
         total += float(np.sum(reference ** 2))
     return error / max(total, 1e-30) if relative else error / max(len(rows), 1)
 
+
+
+def _w4a8_group_error(rows: np.ndarray, act_max: np.ndarray, weight_max: np.ndarray,
+                      weights: list[tuple[np.ndarray, int]], alpha: float | None, block: int, relative: bool) -> float:
+    """`group_error` for MatMulNBits layers: 4-bit block weights (rounded to nearest), int8 block activations."""
+    scales = np.ones_like(act_max) if alpha is None else smoothing_scales(act_max, weight_max, alpha)
+    x_hat = block_quantized_rows(rows / scales, block)
+    error = total = 0.0
+    for weight, in_axis in weights:
+        w = _columns(weight, in_axis)
+        reference = rows @ w
+        error += float(np.sum((x_hat @ nearest(w * scales[:, None], Grid.int4(block)).dequantized() - reference) ** 2))
+        total += float(np.sum(reference ** 2))
+    return error / max(total, 1e-30) if relative else error / max(len(rows), 1)
 
 
 # Output columns the rotation's judgement takes per group (Q W costs n x n per column).
@@ -157,6 +177,32 @@ def _dequantized(columns: np.ndarray, scales: np.ndarray, weight: np.ndarray, in
         w_scale = symmetric_scale(whole, search.weight_qmax)
         codes = quantize_symmetric(smoothed, w_scale, search.weight_qmax)
     return codes * w_scale
+
+
+# --weights int4: a layer stays W8A8 where its W4A8 output error on calibration rows (relative, squared) is above
+# this. A 4-bit block-32 grid on a well-behaved weight costs about 0.005-0.01 (uniform rounding noise of a step of
+# max|w| / 7.5); ten times that is a layer 4 bits break (massive activations, an LM head with outlier columns).
+INT4_ERROR_LIMIT = 0.05
+
+
+def block_quantized_rows(rows: np.ndarray, block: int) -> np.ndarray:
+    """`rows` [T, K] as MatMulNBits' CPU kernel sees them at accuracy_level 4: int8, one scale per row and block of
+    `block` channels (max |x| / 127), rounded to nearest."""
+    t, k = rows.shape
+    padded = np.zeros((t, -(-k // block) * block), np.float32)
+    padded[:, :k] = rows
+    blocks = padded.reshape(t, -1, block)
+    scale = np.maximum(np.abs(blocks).max(axis=2, keepdims=True), 1e-30) / ACTIVATION_QMAX
+    return (np.clip(np.rint(blocks / scale), -ACTIVATION_QMAX, ACTIVATION_QMAX) * scale).reshape(t, -1)[:, :k]
+
+
+def w4a8_error(rows: np.ndarray, weight: np.ndarray, dequantized: np.ndarray, block: int) -> float:
+    """Relative squared output error of a W4A8 layer (`weight` [K, N] float, `dequantized` its 4-bit grid values)
+    on calibration rows already divided by s, on at most MAX_ERROR_COLUMNS output columns."""
+    columns = np.linspace(0, weight.shape[1] - 1, min(weight.shape[1], MAX_ERROR_COLUMNS)).astype(np.int64)
+    reference = rows @ as_float32(weight[:, columns])
+    output = block_quantized_rows(rows, block) @ dequantized[:, columns]
+    return float(np.sum((output - reference) ** 2) / max(float(np.sum(reference ** 2)), 1e-30))
 
 
 def choose_level(rows: np.ndarray, act_max: np.ndarray, weights: list[tuple[np.ndarray, int]],

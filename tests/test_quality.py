@@ -4,6 +4,7 @@ is refused."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -81,7 +82,7 @@ def test_check_measures_the_written_model(tmp_path: Path, samples: int, held_out
     assert json.loads(meta["sqonnx.quality_check"]) == {
         "samples": 4, "held_out": held_out, "language_model": False, "loss": check.loss,
         "output_error": check.output_error, "baseline_loss": check.baseline_loss,
-        "baseline_error": check.baseline_error}
+        "baseline_error": check.baseline_error, "baseline_name": "unsmoothed W8A8"}
     assert "quality check on 4" in report.summary() and "unsmoothed W8A8 cosine to FP32" in report.summary()
 
 
@@ -166,8 +167,9 @@ def test_rotation_kept_only_where_it_pays(tmp_path: Path, caplog: pytest.LogCapt
     held_out = zoo.feeds(model, 4, 32, seed=7)
     reference = zoo.logits(model, held_out)
     default = sqonnx.quantize(model, tmp_path / "default.onnx", QuantizeConfig(calibration=calibration))
-    assert default.settings["rotation"].startswith("not rotated: the rotation loses (INT8 error on calibration rows "
-                                                   "of the 5 groups reading the stream"), default.settings["rotation"]
+    # (4 or 5 groups: the LM head's counts where it stays INT8)
+    assert re.match(r"not rotated: the rotation loses \(INT8 error on calibration rows of the [45] groups reading the "
+                    r"stream", str(default.settings["rotation"])), default.settings["rotation"]
     asked = sqonnx.quantize(model, tmp_path / "rotated.onnx", QuantizeConfig(rotate=True, calibration=calibration))
     assert asked.settings["rotation"].startswith("rotated the residual stream")  # an explicit flag is honoured...
     assert "--rotate loses (INT8 error on calibration rows" in caplog.text  # ...with a warning
@@ -178,3 +180,45 @@ def test_rotation_kept_only_where_it_pays(tmp_path: Path, caplog: pytest.LogCapt
     plain = sqonnx.quantize(zoo.build("llama"), tmp_path / "plain.onnx", QuantizeConfig(calibration=calibration))
     assert plain.settings["rotation"].startswith("rotated the residual stream") and \
         "groups reading the stream" in plain.settings["rotation"]
+
+
+@pytest.mark.zoo
+def test_int8_lm_head_kept_only_where_it_pays(tmp_path: Path) -> None:
+    """Every checked run measures the model with its LM head float too, on the same samples: an ordinary head
+    stays INT8; one whose input a static range cannot hold (a planted outlier channel in the final norm's gain,
+    unsmoothed, --static) is written float, and the check measures what was written."""
+    import torch
+
+    from models import export_into
+    from tests import zoo
+
+    calibration = CalibrationConfig(data=zoo.save_npz(zoo.build("llama"), tmp_path / "calib.npz", samples=16, seq=32,
+                                                      seed=0), num_samples=16)
+    plain = sqonnx.quantize(zoo.build("llama"), tmp_path / "plain.onnx", QuantizeConfig(calibration=calibration))
+    assert re.fullmatch(r"INT8 \(/lm_head/MatMul; perplexity [+-]\d+\.\d\d% with it INT8, "
+                        r"perplexity [+-]\d+\.\d\d% float, on the check's samples\)",
+                        str(plain.settings["lm_head"])), plain.settings["lm_head"]
+    assert next(layer for layer in plain.layers if layer.name == "/lm_head/MatMul").quantized
+
+    model = zoo.make_model("llama")
+    with torch.no_grad():
+        model.model.norm.weight[[5, 40]] *= 300
+    planted = export_into(tmp_path / "planted", model, None, "text-generation")
+    report = sqonnx.quantize(planted, tmp_path / "planted.onnx", QuantizeConfig(
+        calibration=calibration, smooth=False, per_token_where_needed=False))
+    verdict = re.fullmatch(r"float: INT8 does not pay \(/lm_head/MatMul; perplexity ([+-]\d+\.\d\d)% with it INT8, "
+                           r"perplexity ([+-]\d+\.\d\d)% float, on the check's samples\)",
+                           str(report.settings["lm_head"]))
+    assert verdict, report.settings["lm_head"]
+    int8, float_head = float(verdict[1]) / 100, float(verdict[2]) / 100
+    assert int8 > 2 * float_head + 0.01
+    # the check measured the model written, with the head float
+    assert report.check is not None and abs(report.check.loss - float_head) < 0.0006
+    head = next(layer for layer in report.layers if layer.name == "/lm_head/MatMul")
+    assert not head.quantized
+    graph = onnx.load(str(tmp_path / "planted.onnx"), load_external_data=False).graph
+    producers = {out: node.op_type for node in graph.node for out in node.output}
+    matmul = next(node for node in graph.node if node.name == "/lm_head/MatMul")
+    assert not any(producers.get(name) == "DequantizeLinear" for name in matmul.input)  # float in the saved graph
+    saved = {p.key: p.value for p in onnx.load(str(tmp_path / "planted.onnx"), load_external_data=False).metadata_props}
+    assert saved["sqonnx.lm_head"] == report.settings["lm_head"]

@@ -77,6 +77,11 @@ class Carry:
         for key, name in [k for k in (*self._memory, *self._files) if k[1] in names]:
             self.discard(key, name)
 
+    def copy_from(self, other: Carry) -> None:
+        """Every value `other` holds now, as this carry's own (arrays are shared: nothing writes into them)."""
+        for key, name in other.entries():
+            self.put(key, name, other.get(key, name))
+
     def entries(self) -> list[tuple[Key, str]]:
         """Every (run key, value name) held."""
         return sorted({*self._memory, *self._files})

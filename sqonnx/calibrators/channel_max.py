@@ -43,18 +43,21 @@ class ActivationStats:
     channel_max: dict[str, np.ndarray]
     rows: dict[str, np.ndarray] = field(default_factory=dict)
     maps: dict[str, np.ndarray] = field(default_factory=dict)  # probe name -> column per channel (see probes)
+    # X^T X per run of each activation (float32 [C, C]), for GPTQ's weight rounding (sqonnx.gptq); when asked
+    hessians: dict[str, np.ndarray] = field(default_factory=dict)
 
     def save(self, file: object) -> None:
         """To an .npz (a path or an open file)."""
         arrays = {f"max/{k}": v for k, v in self.channel_max.items()}
         arrays |= {f"rows/{k}": v for k, v in self.rows.items()}
         arrays |= {f"maps/{k}": v for k, v in self.maps.items()}
+        arrays |= {f"hess/{k}": v for k, v in self.hessians.items()}
         np.savez(file, **arrays)  # type: ignore[arg-type]
 
     @classmethod
     def load(cls, path: Path) -> ActivationStats:
         stats = cls({})
-        fields = {"max": stats.channel_max, "rows": stats.rows, "maps": stats.maps}
+        fields = {"max": stats.channel_max, "rows": stats.rows, "maps": stats.maps, "hess": stats.hessians}
         with np.load(path) as archive:
             for key in archive.files:
                 kind, name = key.split("/", 1)
@@ -71,10 +74,14 @@ class StatisticsSession:
     other outputs are `outputs` (values the caller fetches: carried to the next block, a decode step's cache).
 
     onnxruntime runs every node of a session whatever a run fetches, so the session holds only what these
-    outputs need: a block's LM head, for one, is not computed while calibrating (its input's maxima are)."""
+    outputs need: a block's LM head, for one, is not computed while calibrating (its input's maxima are).
+
+    `gram`: also X^T X of each activation, summed over every token of every run (C x C numbers per run, computed
+    by onnxruntime like the maxima: GPTQ's Hessians)."""
 
     def __init__(self, model: ir.Model, activations: dict[str, int], *, keep_rows: int = 0, row_samples: int = 1,
-                 outputs: Sequence[str] = (), what: str = "the model", prepack: bool = True) -> None:
+                 outputs: Sequence[str] = (), what: str = "the model", prepack: bool = True,
+                 gram: bool = False) -> None:
         clone = model.clone()
         graph = clone.graph
         # ReduceMax takes its axes as an input from opset 18 on, as an attribute before.
@@ -84,11 +91,16 @@ class StatisticsSession:
         maxima = [_channel_max(graph, values[name], channels, index, axes_as_input)
                   for index, (name, channels) in enumerate(activations.items())]
         self.max_outputs = [str(out.name) for out in maxima]
+        grams = [_gram(graph, values[name], channels, index)
+                 for index, (name, channels) in enumerate(activations.items())] if gram else []
+        self.gram_outputs = [str(out.name) for out in grams]
+        self.grams: dict[str, np.ndarray] = {}
+        self.gram_runs: dict[str, int] = {}
         self.inputs = {str(v.name) for v in graph.inputs}
         self.row_outputs = [name for name in self.names if name not in self.inputs] if keep_rows else []
         wanted = [values[name] for name in dict.fromkeys([*outputs, *self.row_outputs])]
         graph.outputs.clear()
-        graph.outputs.extend([*maxima, *wanted])
+        graph.outputs.extend([*maxima, *grams, *wanted])
         common_passes.RemoveUnusedNodesPass()(clone)
         self.session = open_session(clone, float32=True, prepack=prepack, what=what)
         self.keep_rows = keep_rows
@@ -103,9 +115,16 @@ class StatisticsSession:
         `row_samples` samples. Returns the `fetch` outputs."""
         keep = rows and self.per_sample > 0 and sample < self.row_samples
         row_fetch = self.row_outputs if keep else []
-        names = [*self.max_outputs, *row_fetch, *fetch]
+        names = [*self.max_outputs, *self.gram_outputs, *row_fetch, *fetch]
         results = iter(self.session.run(names, feeds, where))
         maxima = [next(results) for _ in self.max_outputs]
+        for name, _ in zip(self.names, self.gram_outputs, strict=False):
+            found = next(results)
+            if name in self.grams:
+                self.grams[name] += found
+            else:
+                self.grams[name] = found  # float32 sums: 485 MB for a Llama-2-7B down_proj input, not 970
+            self.gram_runs[name] = self.gram_runs.get(name, 0) + 1
         fetched_rows = {name: next(results) for name in row_fetch}
         returned = {name: next(results) for name in fetch}
         _add_maxima(self.maxima, self.names, maxima, where)
@@ -127,7 +146,10 @@ class StatisticsSession:
 
     def statistics(self) -> ActivationStats:
         kept = {name: np.concatenate(parts)[:self.keep_rows] for name, parts in self.rows.items() if parts}
-        return ActivationStats(dict(self.maxima), kept)
+        # per run, not per token: GPTQ needs X^T X only up to a positive factor
+        hessians = {name: (total / max(self.gram_runs.get(name, 1), 1)).astype(np.float32)
+                    for name, total in self.grams.items()}
+        return ActivationStats(dict(self.maxima), kept, hessians=hessians)
 
 
 def read_probes(model: ir.Model, probes: Sequence[Probe], feeds: dict[str, np.ndarray],
@@ -201,6 +223,23 @@ def _channel_max(graph: ir.Graph, value: ir.Value, channels: int, index: int, ax
     absolute.outputs[0].name = f"sqonnx_calib_abs_{index}_output"
     flat.outputs[0].name = f"sqonnx_calib_reshape_{index}_output"
     graph.extend([absolute, flat, reduce])
+    return out
+
+
+def _gram(graph: ir.Graph, value: ir.Value, channels: int, index: int) -> ir.Value:
+    """X^T X over the rows of `value` ([..., C] -> [C, C]), in float32."""
+    shape = add_initializer(graph, f"sqonnx_gram_shape_{index}", np.array([-1, channels], np.int64))
+    flat = ir.Node("", "Reshape", [value, shape], name=f"sqonnx_gram_reshape_{index}")
+    transposed = ir.Node("", "Transpose", [flat.outputs[0]], {"perm": ir.AttrInt64s("perm", [1, 0])},
+                         name=f"sqonnx_gram_transpose_{index}")
+    product = ir.Node("", "MatMul", [transposed.outputs[0], flat.outputs[0]], name=f"sqonnx_gram_{index}")
+    for node, suffix in ((flat, "reshape"), (transposed, "transpose")):
+        node.outputs[0].name = f"sqonnx_gram_{suffix}_{index}_output"
+    out = product.outputs[0]
+    out.name = f"sqonnx_gram_{index}_output"
+    out.dtype = ir.DataType.FLOAT
+    out.shape = ir.Shape([channels, channels])
+    graph.extend([flat, transposed, product])
     return out
 
 

@@ -24,9 +24,10 @@ import numpy as np
 import onnx_ir as ir
 
 from sqonnx.config import Level
+from sqonnx.gptq import Rounded
 from sqonnx.graph import LinearLayer, add_initializer, as_linear_layer
-from sqonnx.passes.insert_qdq import ACTIVATION_QMAX, LayerQuantization
-from sqonnx.smoothing import quantize_weight, symmetric_scale
+from sqonnx.passes.insert_qdq import ACTIVATION_QMAX, LayerQuantization, weight_codes
+from sqonnx.smoothing import symmetric_scale
 
 UINT8_ZERO = 128  # symmetric int8 codes [-127, 127] stored as uint8 [1, 255]
 
@@ -49,14 +50,15 @@ class InsertIntegerMatMulPass(ir.passes.InPlacePass):
             layer = as_linear_layer(item.layer.node)
             if layer is None or item.layer.node.graph is None:
                 continue  # already replaced
-            self._replace(model.graph, layer, item.activation_max, item.level or self.level)
+            self._replace(model.graph, layer, item.activation_max, item.level or self.level, item.rounded)
             modified = True
         return ir.passes.PassResult(model, modified=modified)
 
-    def _replace(self, graph: ir.Graph, layer: LinearLayer, activation_max: float, level: Level) -> None:
+    def _replace(self, graph: ir.Graph, layer: LinearLayer, activation_max: float, level: Level,
+                 rounded: Rounded | None) -> None:
         name = layer.name
         x_q, x_scale, x_zero_point = self._quantized_activation(graph, layer, activation_max, level)
-        w_q, w_scale = self._quantized_weight(graph, layer)
+        w_q, w_scale = self._quantized_weight(graph, layer, rounded)
         nodes = [ir.node("MatMulInteger", [x_q, w_q, x_zero_point], name=f"{name}/MatMulInteger",
                          outputs=[ir.Value(name=f"{name}/output_int32")])]
         nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], {"to": ir.DataType.FLOAT}, name=f"{name}/Cast",
@@ -84,11 +86,12 @@ class InsertIntegerMatMulPass(ir.passes.InPlacePass):
         new_output.dtype, new_output.shape = ir.DataType.FLOAT, old_output.shape
         ir.convenience.replace_nodes_and_values(graph, layer.node, [layer.node], nodes, [old_output], [new_output])
 
-    def _quantized_weight(self, graph: ir.Graph, layer: LinearLayer) -> tuple[ir.Value, np.ndarray]:
+    def _quantized_weight(self, graph: ir.Graph, layer: LinearLayer,
+                          rounded: Rounded | None) -> tuple[ir.Value, np.ndarray]:
         """int8 weight in MatMulInteger's [in, out] layout, quantized once per initializer (tied weights)."""
         cached = self._weights.get(layer.weight_value)
         if cached is None:
-            codes, scale = quantize_weight(layer.weight, layer.in_axis, self.weight_qmax, self.per_channel)
+            codes, scale = weight_codes(layer, rounded, self.weight_qmax, self.per_channel)
             if layer.in_axis == 1:  # Gemm(transB=1) stores [out, in]
                 codes = codes.T
             cached = (add_initializer(graph, f"{layer.weight_value.name}_quantized", codes), scale)

@@ -20,6 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from sqonnx.config import Level
+from sqonnx.gptq import Rounded
 from sqonnx.graph import LinearLayer, add_initializer, as_linear_layer, opset_version
 from sqonnx.smoothing import quantize_weight, symmetric_scale
 
@@ -34,6 +35,16 @@ class LayerQuantization:
     layer: LinearLayer
     activation_max: float
     level: Level | None = None
+    rounded: Rounded | None = None  # the weight's int8 codes and scales, rounded by GPTQ; None: round to nearest
+
+
+def weight_codes(layer: LinearLayer, rounded: Rounded | None, qmax: int,
+                 per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
+    """int8 codes in `layer`'s weight layout, and their scale (per output channel, or one)."""
+    if rounded is None:
+        return quantize_weight(layer.weight, layer.in_axis, qmax, per_channel)
+    codes = rounded.codes.astype(np.int8)  # [in, out]
+    return (codes if layer.in_axis == 0 else codes.T), rounded.scales[:, 0].copy()
 
 
 class InsertQDQPass(ir.passes.InPlacePass):
@@ -59,7 +70,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
             layer = item.layer
             if layer.node.op_type == "Gemm":
                 layer = gemm_as_batched_matmul(model.graph, layer, opset)
-            self._quantize_weight(model.graph, layer)
+            self._quantize_weight(model.graph, layer, item.rounded)
             level = item.level or self.level
             if level is Level.O1:
                 raise ValueError(f"{layer.name}: O1 (per-token) has no QDQ form; use InsertIntegerMatMulPass")
@@ -70,12 +81,12 @@ class InsertQDQPass(ir.passes.InPlacePass):
             modified = True
         return ir.passes.PassResult(model, modified=modified)
 
-    def _quantize_weight(self, graph: ir.Graph, layer: LinearLayer) -> None:
+    def _quantize_weight(self, graph: ir.Graph, layer: LinearLayer, rounded: Rounded | None) -> None:
         weight = layer.weight
         out_axis = 1 - layer.in_axis
         inputs = self._quantized_weights.get(layer.weight_value)
         if inputs is None:
-            inputs = self._weight_initializers(graph, layer)
+            inputs = self._weight_initializers(graph, layer, rounded)
             self._quantized_weights[layer.weight_value] = inputs
         attributes = {"axis": ir.AttrInt64("axis", out_axis)} if self.per_channel else {}
         dequantize = ir.Node("", "DequantizeLinear", inputs, attributes, name=f"{layer.name}/weight_DequantizeLinear")
@@ -83,9 +94,9 @@ class InsertQDQPass(ir.passes.InPlacePass):
         graph.insert_before(layer.node, dequantize)
         layer.node.replace_input_with(1, dequantize.outputs[0])
 
-    def _weight_initializers(self, graph: ir.Graph, layer: LinearLayer) -> list[ir.Value]:
+    def _weight_initializers(self, graph: ir.Graph, layer: LinearLayer, rounded: Rounded | None) -> list[ir.Value]:
         base = str(layer.weight_value.name)
-        codes, scale = quantize_weight(layer.weight, layer.in_axis, self.weight_qmax, self.per_channel)
+        codes, scale = weight_codes(layer, rounded, self.weight_qmax, self.per_channel)
         zero_point = np.zeros(scale.shape, dtype=np.int8)
         return [add_initializer(graph, f"{base}_quantized", codes),
                 add_initializer(graph, f"{base}_scale", scale),
