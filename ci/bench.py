@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ("FP32", "onnxruntime quantize_static", "onnxruntime quantize_dynamic", "onnxruntime MatMulNBits-int8",
             "onnxruntime MatMulNBits-int4", "sqonnx defaults", "sqonnx O1", "sqonnx O3", "sqonnx W8A8-GPTQ",
-            "sqonnx W4A8")
+            "sqonnx W4A8", "sqonnx W4A8-nearest")
 # The encoder has no decode: the weight-only and int4 rows are SmolLM2's.
 MINILM_VARIANTS = ("FP32", "onnxruntime quantize_static", "onnxruntime quantize_dynamic",
                    "onnxruntime MatMulNBits-int8", "sqonnx defaults", "sqonnx O1", "sqonnx O3")
@@ -48,10 +48,12 @@ VARIANT_NOTES = {
     "sqonnx O3": "alpha 0.5, rotation where exact, per-tensor static activations everywhere (--static)",
     "sqonnx W8A8-GPTQ": "the defaults with GPTQ weight rounding (--weight-rounding gptq)",
     "sqonnx W4A8": "--weights int4: MatMulNBits int4 blocks of 32, GPTQ, smoothing and rotation, accuracy_level 4",
+    "sqonnx W4A8-nearest": "--weights int4 --weight-rounding nearest --allow-lossy: smoothing and rotation, no GPTQ",
 }
 SQONNX_OPTIONS: dict[str, dict[str, object]] = {
     "sqonnx defaults": {}, "sqonnx O1": {"level": "O1"}, "sqonnx O3": {"per_token_where_needed": False},
-    "sqonnx W8A8-GPTQ": {"weight_rounding": "gptq"}, "sqonnx W4A8": {"weights": "int4"}}
+    "sqonnx W8A8-GPTQ": {"weight_rounding": "gptq"}, "sqonnx W4A8": {"weights": "int4"},
+    "sqonnx W4A8-nearest": {"weights": "int4", "weight_rounding": "nearest", "allow_lossy": True}}
 
 
 # ---------------------------------------------------------------- quantization, in a child process

@@ -1,12 +1,26 @@
 """sqonnx: SmoothQuant W8A8 INT8 quantization for ONNX transformer models."""
 
-from sqonnx.api import quantize
-from sqonnx.config import CalibMethod, CalibrationConfig, Format, Level, QuantizeConfig, Rounding, Unabsorbed, Weights
-from sqonnx.errors import SqonnxError
-from sqonnx.report import LayerReport, QuantizeReport
-from sqonnx.target import Target
+from sqonnx._runtime import check_onnxruntime
+
+check_onnxruntime()
+
+from sqonnx.api import quantize  # noqa: E402
+from sqonnx.config import (  # noqa: E402
+    CalibMethod,
+    CalibrationConfig,
+    Format,
+    Level,
+    Provider,
+    QuantizeConfig,
+    Rounding,
+    Unabsorbed,
+    Weights,
+)
+from sqonnx.errors import SqonnxError  # noqa: E402
+from sqonnx.report import LayerReport, QuantizeReport  # noqa: E402
+from sqonnx.target import Target  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["CalibMethod", "CalibrationConfig", "Format", "LayerReport", "Level", "QuantizeConfig", "QuantizeReport",
-           "Rounding", "SqonnxError", "Target", "Unabsorbed", "Weights", "__version__", "quantize"]
+           "Provider", "Rounding", "SqonnxError", "Target", "Unabsorbed", "Weights", "__version__", "quantize"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from sqonnx.config import Level, QuantizeConfig, tool_version
+from sqonnx.config import Level, QuantizeConfig, Rounding, Weights, tool_version
 from sqonnx.errors import SqonnxError
 from sqonnx.front import Prepared, prepare_model
 from sqonnx.genai import companion_files
@@ -24,7 +24,9 @@ from sqonnx.pipeline import Outcome, Pipeline
 from sqonnx.progress import Progress, peak_rss_bytes
 from sqonnx.quality import RotationVerdict, floor, rotation_judge, rotation_verdict
 from sqonnx.report import QuantizeReport
+from sqonnx.session import calibration_providers
 from sqonnx.target import INT16_MAX, Target, full_range_is_safe, resolve
+from sqonnx.tensorrt import MAX_OPSET
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,9 @@ def _quantize(model_path: Path, output_path: str | Path | None, config: Quantize
         _check_quantizable(model, config)
         input_bytes = _model_bytes(model_path, model)
         external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+    note = calibration_providers(config.calibration_provider.value)[1]
+    if note:
+        logger.warning(note)
     with StreamingWriter(output_path, external, companions) as writer:
         front, outcome = _run(model, model_path, config, writer, progress)
         del model
@@ -87,6 +92,7 @@ def _run(model: ir.Model, model_path: Path, config: QuantizeConfig, writer: Stre
     pipeline = Pipeline(front.model, front.partition, front.samples, front.quantized, writer.scratch, progress,
                         config.verify_fusion and not config.smooth_only, front.cache,
                         rotation_judge(front.rotation) if not config.smooth_only else None)
+    pipeline.providers = calibration_providers(config.calibration_provider.value)[0]
     return front, pipeline.quantize(config, writer)
 
 
@@ -128,6 +134,13 @@ def _settings(requested: QuantizeConfig, outcome: Outcome, front: Prepared) -> d
         kept = "per group" if config.alpha_auto else config.alpha
         settings["alpha"] = f"{settings['alpha']}: chose {kept} (output error on calibration samples: " + \
             ", ".join(f"{key} {loss:.4f}" for key, loss in outcome.alpha_trials.items()) + ")"
+    if config.target is Target.TENSORRT and not config.smooth_only:
+        floated = [r.name for r in result.layer_reports if r.level_reason.startswith("float: needs per-token")]
+        settings["tensorrt"] = (f"{result.tensorrt_qdq} Q/DQ nodes checked against TensorRT's INT8 rules (int8, zero "
+                                "points 0, positive constant scales, per-tensor activations, per-channel weights, "
+                                f"opset <= {MAX_OPSET}): all pass; " + (
+                                    f"{len(floated)} layers kept float (per-token groups): {', '.join(floated)}"
+                                    if floated else "no layer kept float"))
     if requested.cache_dir is not None:
         settings["cache"] = (f"{requested.cache_dir}: calibration of blocks 1-{outcome.resumed} reused"
                              if outcome.resumed else f"{requested.cache_dir}: calibration kept for later runs")
@@ -176,6 +189,9 @@ def _check_quantizable(model: ir.Model, config: QuantizeConfig) -> None:
         raise SqonnxError(f"the model uses opset {opset}; {config.level.value} {config.format_used.value} "
                           f"quantization needs opset {needed} or newer: convert it with "
                           f"onnx.version_converter.convert_version(model, 17){hint}")
+    if config.target is Target.TENSORRT and opset > MAX_OPSET and not config.smooth_only:
+        raise SqonnxError(f"the model uses opset {opset}; TensorRT 10's parser reads up to {MAX_OPSET}: convert it "
+                          f"with onnx.version_converter.convert_version(model, {MAX_OPSET}) first")
     already = sorted({node.op_type for node in model.graph if node.op_type in QUANTIZED_OPS})
     if already:
         raise SqonnxError(f"the model is already quantized (it has {', '.join(already)}); "
@@ -193,8 +209,13 @@ def _base_settings(config: QuantizeConfig, worst_pair: int) -> dict[str, object]
         if config.level_auto else config.level.value,
         "format": config.format_used.value,
         "target": target_text,
-        "weights": f"int8 symmetric {'per-channel' if config.per_channel else 'per-tensor'} "
-                   f"[-{config.weight_qmax}, {config.weight_qmax}]",
+        "weights": (f"int4 symmetric blocks of {config.int4_block} (MatMulNBits, accuracy_level 4: int8 activations "
+                    "per block in the kernel); where 4 bits break, " if config.weights is Weights.INT4 else "")
+        + f"int8 symmetric {'per-channel' if config.per_channel else 'per-tensor'} "
+          f"[-{config.weight_qmax}, {config.weight_qmax}]",
+        "weight_rounding": config.rounding.value + (
+            f" (act-order{'' if config.act_order else ' off'}; X^T X per layer group from calibration)"
+            if config.rounding is Rounding.GPTQ else ""),
         "weight_range": "reduced (7-bit): no int16 saturation on x86 without VNNI" if config.reduced_range
         else "full (8-bit): only for VNNI, ARM or GPU targets",
         # u8 activation 255 times the worst adjacent weight pair: what vpmaddubsw adds into int16.
@@ -207,12 +228,13 @@ def _base_settings(config: QuantizeConfig, worst_pair: int) -> dict[str, object]
 
 
 # What --smooth-only leaves in float: the metadata says so instead of describing a quantization.
-FLOAT_SETTINGS = ("calib_method", "level", "format", "weights", "weight_range", "activations")
+FLOAT_SETTINGS = ("calib_method", "level", "format", "weights", "weight_rounding", "weight_range", "activations")
 
 
 def _base_metadata(settings: dict[str, object], samples: int, quantized: int, smoothed: int,
                    smooth_only: bool) -> dict[str, str]:
-    keys = ("level", "format", "target", "weights", "weight_range", "int16_worst_case", "activations", "calib_method")
+    keys = ("level", "format", "target", "weights", "weight_rounding", "weight_range", "int16_worst_case",
+            "activations", "calib_method")
     return {
         "sqonnx.version": tool_version(),
         "sqonnx.alpha": "none (not smoothed)" if settings["alpha"] is None else str(settings["alpha"]),

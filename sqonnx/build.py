@@ -35,6 +35,7 @@ from sqonnx.search import (
     w4a8_error,
 )
 from sqonnx.smoothing import as_float32
+from sqonnx.target import Target
 
 W4A8 = "W4A8"  # a layer's level in the report when it is written as MatMulNBits (its kernel quantizes activations)
 
@@ -79,6 +80,7 @@ def build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quant
 
     plan: list[LayerQuantization] = []
     nbits: list[NBitsLayer] = []
+    float_groups: set[str] = set()  # --target tensorrt: groups --level auto puts per-token stay float
     layer_reports: list[LayerReport] = []
     sensitivity: dict[str, float] = {}
     judged: dict[str, tuple[float, float]] = {}
@@ -97,6 +99,8 @@ def build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quant
                     smoothed_rows, act_max / scales, [(ly.weight, ly.in_axis) for ly in group.layers], scheme)
                 why = f"O3 error {static_error:.2g} vs per-token {token_error:.2g} on calibration rows"
                 error = static_error if level is Level.O3 else token_error
+                if level is Level.O1 and config.target is Target.TENSORRT:
+                    float_groups.add(str(group.activation.name))
             name = str(group.activation.name)
             if rotation is not None and rows is not None and name in rotation.readers and not config.smooth_only:
                 judged[name] = rotation_errors(as_float32(rows), [originals[ly.name] for ly in group.layers
@@ -109,8 +113,9 @@ def build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quant
                                                               [originals[layer.name]], result.alpha, scheme,
                                                               relative=False)
         hessian = _hessian(stats, str(group.activation.name), result.scales) if config.needs_hessians else None
+        float_group = str(group.activation.name) in float_groups
         for layer in group.layers:
-            is_quantized = layer.name in quantized and not config.smooth_only
+            is_quantized = layer.name in quantized and not config.smooth_only and not float_group
             four = None
             layer_level, layer_why, layer_error = level.value, why, error
             if is_quantized:
@@ -131,8 +136,11 @@ def build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quant
                     rounded = round_weight(weight, Grid.int8(config.weight_qmax), hessian, config.act_order) \
                         if hessian is not None and config.per_channel else None
                     plan.append(LayerQuantization(layer, static_max, level, rounded))
+            if float_group and layer.name in quantized:
+                layer_why = f"float: needs per-token activations, which TensorRT has no form for ({why})"
             layer_reports.append(_layer_report(layer.name, result, act_max, is_quantized, static_max,
-                                               layer_level if is_quantized else "", layer_why if is_quantized else "",
+                                               layer_level if is_quantized else "",
+                                               layer_why if is_quantized or float_group else "",
                                                layer_error if is_quantized else None))
     opset = opset_version(graph)
     FloatIslandsPass([*(item.layer for item in plan), *(item.layer for item in nbits)])(model)

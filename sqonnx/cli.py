@@ -22,6 +22,7 @@ from sqonnx.config import (
     CalibrationConfig,
     Format,
     Level,
+    Provider,
     QuantizeConfig,
     Rounding,
     Unabsorbed,
@@ -132,6 +133,9 @@ def quantize(
              "[default: gptq with --weights int4, nearest with int8]")] = None,
     int4_block: Annotated[int, typer.Option(
         help="--weights int4: input channels per 4-bit block (a scale each): 32, 64 or 128")] = 32,
+    calibration_provider: Annotated[Provider, typer.Option(
+        help="Where calibration runs: cuda (onnxruntime-gpu on an NVIDIA GPU, TF32 off), cpu, or auto: cuda when "
+             "this onnxruntime has it")] = Provider.AUTO,
     act_order: Annotated[bool, typer.Option(
         "--act-order/--no-act-order", help="GPTQ: round channels in order of decreasing X^T X diagonal (block "
                                            "scales fixed beforehand, no g_idx)")] = True,
@@ -151,7 +155,7 @@ def quantize(
             verify_fusion=verify, optimize=optimize, keep_float_budget=keep_float_budget,
             block_bytes=_block_bytes(block_size), cache_dir=cache_dir, sequential=sequential,
             check_samples=check_samples, allow_lossy=allow_lossy, weights=weights, weight_rounding=weight_rounding,
-            int4_block=int4_block, act_order=act_order)
+            int4_block=int4_block, act_order=act_order, calibration_provider=calibration_provider)
         if report_json is not None:
             _check_writable_file(report_json, "--report-json")
         report = quantize_model(model, output, config, progress=True)

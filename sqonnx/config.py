@@ -70,6 +70,14 @@ class Rounding(str, enum.Enum):
     GPTQ = "gptq"  # error feedback through the calibration inputs' X^T X (Frantar et al. 2022)
 
 
+class Provider(str, enum.Enum):
+    """Where calibration's onnxruntime sessions run (quantized blocks are always checked on the CPU)."""
+
+    AUTO = "auto"  # CUDA when this onnxruntime has it (onnxruntime-gpu and a GPU), else the CPU, silently
+    CPU = "cpu"
+    CUDA = "cuda"  # CUDA, or the CPU with a one-line note when there is none
+
+
 # Every linear layer is quantized by default, the LM head too: it is a quarter of SmolLM2's weights and
 # half the bytes a decode step reads while float (onnxruntime-genai decode: 1.7x FP32 with it float in
 # issue 13's run, 2.25x with it INT8 in ci/genai_bench.py; SmolLM2 perplexity 12.27 -> 12.31, make quality),
@@ -164,6 +172,7 @@ class QuantizeConfig:
     int4_block: int = 32  # MatMulNBits' block along the input channels: 32 (default), 64 or 128
     # GPTQ's act-order: channels rounded in order of decreasing X^T X diagonal, groups' scales fixed beforehand
     act_order: bool = True
+    calibration_provider: Provider = Provider.AUTO
 
     def __post_init__(self) -> None:
         if self.alpha != AUTO and not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
@@ -184,6 +193,14 @@ class QuantizeConfig:
             raise SqonnxError("--smooth-only writes a float model; --keep-float-budget has nothing to keep, drop it")
         if self.check_samples < 0:
             raise SqonnxError(f"--check-samples must be >= 0 (0: no quality check), got {self.check_samples}; try 4")
+        if self.target is Target.TENSORRT:
+            if self.weights is Weights.INT4:
+                raise SqonnxError("--weights int4 writes MatMulNBits, which TensorRT cannot import; drop --weights "
+                                  "int4 for --target tensorrt (INT8 Q/DQ), or use another --target")
+            if self.format is Format.QOPERATOR or self.level is not Level.O3:
+                raise SqonnxError(f"--target tensorrt takes static Q/DQ only; drop "
+                                  f"{'--format qoperator' if self.format is Format.QOPERATOR else '--dynamic/--level'}"
+                                  " (groups that need per-token activations stay float there)")
         if self.int4_block not in (16, 32, 64, 128, 256):
             raise SqonnxError(f"--int4-block must be 16, 32, 64, 128 or 256, got {self.int4_block}; try 32")
         if self.smooth_only and self.weights is Weights.INT4:

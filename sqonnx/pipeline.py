@@ -17,6 +17,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from sqonnx import tensorrt
 from sqonnx.blocks import Block, Partition
 from sqonnx.build import W4A8, Built, RotationJudge, build
 from sqonnx.calibrators.cache import CalibrationCache
@@ -25,7 +26,7 @@ from sqonnx.calibrators.channel_max import ActivationStats
 from sqonnx.calibrators.data import LOGITS
 from sqonnx.config import QuantizeConfig, Rounding, Weights
 from sqonnx.errors import SqonnxError
-from sqonnx.graph import find_linear_layers, output_layer, prefetch
+from sqonnx.graph import find_linear_layers, opset_version, output_layer, prefetch
 from sqonnx.kernels import KernelCheck, count_kernels
 from sqonnx.output import StreamingWriter, no_space
 from sqonnx.passes.smoothing_groups import find_smoothing_groups, statistics_needed
@@ -48,7 +49,7 @@ from sqonnx.streaming import (
     run_track_block,
     time_fp_block,
 )
-from sqonnx.target import worst_int16_pair_in_graph
+from sqonnx.target import Target, worst_int16_pair_in_graph
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,8 @@ class BlockPassResult:
     resumed: int = 0  # blocks whose calibration an earlier run left in --cache-dir
     checked: dict[tuple[object, ...], KernelCheck] = field(default_factory=dict)  # kernels per block pattern
     rotation_errors: dict[str, tuple[float, float]] = field(default_factory=dict)  # see build.Built
+    head_kind: str = "INT8"  # how the written track's build quantized the LM head (judged against it float)
+    tensorrt_qdq: int = 0  # --target tensorrt: Q/DQ nodes written, each checked against TensorRT's rules
 
 
 @dataclass
@@ -132,7 +135,7 @@ def baseline_name(config: QuantizeConfig) -> str:
 
 
 def _head_kind(reports: list[LayerReport], head: frozenset[str]) -> str:
-    """How the LM head was quantized in the written track's build: W4A8 or INT8."""
+    """How the LM head is quantized in a build: W4A8 or INT8."""
     return next((W4A8 for r in reports if r.name in head and r.level == W4A8), "INT8")
 
 
@@ -152,6 +155,7 @@ class Pipeline:
         self.model, self.part, self.samples = model, part, samples
         self.rotation = rotation
         self.quantized = quantized
+        self.providers: list[str | tuple[str, dict[str, str]]] | None = None  # calibration's (None: the CPU)
         self.workdir = workdir
         self.progress = progress
         self.verify = verify
@@ -217,7 +221,7 @@ class Pipeline:
         if head_track is not None and head_track.comparison.cosines:
             outcome.head = HeadVerdict(head_track.float_layers, primary.comparison.quality_loss,
                                        head_track.comparison.quality_loss, head_track.comparison.language_model,
-                                       _head_kind(result.layer_reports, head_track.float_layers))
+                                       result.head_kind)
             logger.info("LM head: %s", outcome.head.summary())
             if outcome.head.loses:
                 head_float = head_track.float_layers
@@ -402,7 +406,8 @@ class Pipeline:
             keep_rows = KEPT_ROWS if rows or config.needs_rows or self.cache is not None else 0
             return calibrate_block(self.runner, block, fp, request.channel_max, request.probes, keep_rows,
                                    self.fp_carry, set(references), self.references, self.progress.tick,
-                                   self.stream if self.sequential else None, gram=config.needs_hessians)
+                                   self.stream if self.sequential else None, gram=config.needs_hessians,
+                                   providers=self.providers)
 
     def _build_track(self, block: Block, fp: ir.Model, stats: ActivationStats, here: set[str], track: Track,
                      candidate: bool, carry: Carry, writer: StreamingWriter | None, result: BlockPassResult,
@@ -459,6 +464,8 @@ class Pipeline:
         float, judged once both have run the check's samples through the block that makes the first output)."""
         chosen = write
         for track in builds:
+            if id(track) in candidates and track.fork_of is write and id(write) in candidates:
+                result.head_kind = _head_kind(candidates[id(write)][0].layer_reports, track.float_layers)
             if id(track) in candidates and track.fork_of is write and track.comparison.cosines and \
                     HeadVerdict(track.float_layers, write.comparison.quality_loss, track.comparison.quality_loss,
                                 track.comparison.language_model, "").loses:
@@ -466,6 +473,11 @@ class Pipeline:
         if id(chosen) not in candidates:
             return
         built, found, _ = candidates[id(chosen)]
+        if chosen.config.target is Target.TENSORRT and not chosen.config.smooth_only:
+            broken = tensorrt.violation(built.model.graph, opset_version(built.model.graph))
+            if broken:
+                raise AssertionError(f"internal error: --target tensorrt wrote what TensorRT cannot import: {broken}")
+            result.tensorrt_qdq += tensorrt.count_qdq(built.model.graph)
         result.layer_reports += built.layer_reports
         result.quantized_layers += len(built.plan)
         result.sensitivity.update(built.sensitivity)

@@ -70,7 +70,8 @@ class QuantizeReport:
             f"  calibration: {self.calibration}",
             f"  level {self.settings.get('level')} ({self.settings.get('activations')}), "
             f"{self.settings.get('format')} form, target {self.settings.get('target')}",
-            f"  weights: {self.settings.get('weights')}; int16 worst case {self.settings.get('int16_worst_case')}",
+            f"  weights: {self.settings.get('weights')}, rounded {self.settings.get('weight_rounding')}; "
+            f"int16 worst case {self.settings.get('int16_worst_case')}",
             *([f"  --optimize fused: {self.settings['optimize']}"] if "optimize" in self.settings else []),
             *([f"  {self.settings['rotation']}"] if "rotation" in self.settings else []),
             *[f"  keep-float trial: {len(t['float_layers'])} layers in float -> quality loss {t['quality_loss']:.4f}, "
@@ -83,6 +84,7 @@ class QuantizeReport:
             f"{ratio_before:.1f} -> {ratio_after:.1f}",
             *([f"  {self.settings['quality_check']}"] if "quality_check" in self.settings else []),
             *([f"  LM head {self.settings['lm_head']}"] if "lm_head" in self.settings else []),
+            *([f"  TensorRT: {self.settings['tensorrt']}"] if "tensorrt" in self.settings else []),
             f"  size: {self.input_bytes / 1e6:.1f} MB -> {self.output_bytes / 1e6:.1f} MB in {self.seconds:.1f} s",
             *([f"  {self.settings['blocks']}"] if "blocks" in self.settings else []),
             *([f"  --cache-dir {self.settings['cache']}"] if "cache" in self.settings else []),

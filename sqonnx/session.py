@@ -63,9 +63,29 @@ class Session:
             raise SqonnxError(f"{where} does not fit the model: {str(exc).splitlines()[0]}") from None
 
 
+CPU = ["CPUExecutionProvider"]
+# CUDA for calibration: no TF32 (its 10-bit mantissa would move the maxima and Hessians by 1e-3 and more), the CPU
+# for what CUDA has no kernel for.
+CUDA: list[str | tuple[str, dict[str, str]]] = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
+
+
+def calibration_providers(choice: str) -> tuple[list[str | tuple[str, dict[str, str]]], str]:
+    """Where calibration runs for --calibration-provider `choice` (auto, cpu, cuda), and a line to say when CUDA
+    was asked for and cannot be had."""
+    available = "CUDAExecutionProvider" in ort.get_available_providers()
+    if choice == "cpu" or (choice == "auto" and not available):
+        return list(CPU), ""
+    if available:
+        return list(CUDA), ""
+    return list(CPU), ("--calibration-provider cuda: this onnxruntime has no CUDA provider (install onnxruntime-gpu "
+                       "instead of onnxruntime, on a machine with an NVIDIA GPU); calibrating on the CPU")
+
+
 def open_session(model: ir.Model, *, float32: bool = False, optimized_path: Path | None = None,
-                 prepack: bool = True, what: str = "the model") -> Session:
-    """A CPU session over `model` as it is in memory. `float32`: run half-precision models in float32.
+                 prepack: bool = True, what: str = "the model",
+                 providers: list[str | tuple[str, dict[str, str]]] | None = None) -> Session:
+    """A session over `model` as it is in memory, on the CPU unless `providers` (calibration on CUDA).
+    `float32`: run half-precision models in float32.
     `optimized_path`: also write onnxruntime's optimized graph there (which kernels it really runs).
     `prepack`: let onnxruntime pre-pack the weights, which pays only over many tokens (see PREPACK_TOKENS)."""
     if float32 and has_half_floats(model):
@@ -109,7 +129,7 @@ def open_session(model: ir.Model, *, float32: bool = False, optimized_path: Path
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
                                          "1024")
     try:
-        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(proto.SerializeToString(), options, providers=providers or CPU)
     except Exception as exc:
         raise SqonnxError(f"onnxruntime cannot run {what}: {str(exc).splitlines()[0]}") from None
     return Session(session, keep)

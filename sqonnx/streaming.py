@@ -303,7 +303,8 @@ def _cache_of_length(empty: np.ndarray, prompt: dict[str, np.ndarray], step: int
 def calibrate_block(runner: BlockRunner, block: Block, model: ir.Model, activations: dict[str, int],
                     probes: list[Probe], keep_rows: int, carry: Carry, references: set[int],
                     reference_carry: Carry, tick: Callable[[], None], stream: Carry | None = None,
-                    gram: bool = False) -> ActivationStats:
+                    gram: bool = False, providers: list[str | tuple[str, dict[str, str]]] | None = None
+                    ) -> ActivationStats:
     """Statistics of `block` (its FP model) over the counted samples, and the carried values for the next blocks
     from every sample. The FP model's first output is kept (in `reference_carry`) for the samples in
     `references`, which (with the held-back samples) run in a plain session of their own, so that the
@@ -337,7 +338,8 @@ def calibrate_block(runner: BlockRunner, block: Block, model: ir.Model, activati
     if counted:  # a block without linear layers has no statistics: its samples only pass through (below)
         session = StatisticsSession(model, activations, keep_rows=keep_rows, row_samples=samples.row_samples,
                                     outputs=[*carried, *presents], what=what,
-                                    prepack=samples.tokens(len(counted)) >= PREPACK_TOKENS, gram=gram)
+                                    prepack=samples.tokens(len(counted)) >= PREPACK_TOKENS, gram=gram,
+                                    providers=providers)
 
         def run_counted(sequence: Sequence, run: Run, feeds: dict[str, np.ndarray],
                         fetch: list[str]) -> dict[str, np.ndarray]:

@@ -33,6 +33,9 @@ class Target(str, enum.Enum):
     X86_VNNI = "x86-vnni"  # AVX512-VNNI or AVX-VNNI: full 8-bit weights
     ARM64 = "arm64"  # int32 dot-product instructions: full 8-bit weights
     GPU = "gpu"  # CUDA / TensorRT integer GEMMs accumulate in int32: full 8-bit weights
+    # TensorRT's INT8 engines (sqonnx.tensorrt): Q/DQ only, int8 with zero points 0, static per-tensor activations,
+    # per-channel weights, opset <= 20; groups that need per-token activations stay float. Full 8-bit weights.
+    TENSORRT = "tensorrt"
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
@@ -63,7 +66,7 @@ def resolve(target: Target) -> Target:
 
 
 def full_range_is_safe(target: Target) -> bool:
-    return resolve(target) in (Target.X86_VNNI, Target.ARM64, Target.GPU)
+    return resolve(target) in (Target.X86_VNNI, Target.ARM64, Target.GPU, Target.TENSORRT)
 
 
 def worst_int16_pair(weight_codes: np.ndarray, in_axis: int) -> int:

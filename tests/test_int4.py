@@ -211,3 +211,18 @@ def test_int4_flag_errors(tmp_path: Path, flags: list[str], message: str) -> Non
                            str(feeds), "--num-samples", "16", *flags], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_hessians_summed_by_onnxruntime_equal_numpy(tmp_path: Path) -> None:
+    """Calibration's X^T X (one MatMul output per activation, summed over runs) is numpy's, per run."""
+    from sqonnx.calibrators.channel_max import StatisticsSession
+
+    rng = np.random.default_rng(8)
+    path, _, _ = _linear(tmp_path / "m.onnx", 40, 8, False, rng)
+    session = StatisticsSession(ir.load(path), {"x": 40}, gram=True)
+    xs = [rng.standard_normal((1, 7 + i, 40)).astype(np.float32) for i in range(3)]
+    for index, x in enumerate(xs):
+        session.run({"x": x}, sample=index)
+    expected = sum(x.reshape(-1, 40).T.astype(np.float64) @ x.reshape(-1, 40) for x in xs) / len(xs)
+    found = session.statistics().hessians["x"]
+    np.testing.assert_allclose(found, expected, rtol=1e-5, atol=1e-4)

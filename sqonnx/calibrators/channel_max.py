@@ -81,7 +81,7 @@ class StatisticsSession:
 
     def __init__(self, model: ir.Model, activations: dict[str, int], *, keep_rows: int = 0, row_samples: int = 1,
                  outputs: Sequence[str] = (), what: str = "the model", prepack: bool = True,
-                 gram: bool = False) -> None:
+                 gram: bool = False, providers: list[str | tuple[str, dict[str, str]]] | None = None) -> None:
         clone = model.clone()
         graph = clone.graph
         # ReduceMax takes its axes as an input from opset 18 on, as an attribute before.
@@ -102,7 +102,7 @@ class StatisticsSession:
         graph.outputs.clear()
         graph.outputs.extend([*maxima, *grams, *wanted])
         common_passes.RemoveUnusedNodesPass()(clone)
-        self.session = open_session(clone, float32=True, prepack=prepack, what=what)
+        self.session = open_session(clone, float32=True, prepack=prepack, what=what, providers=providers)
         self.keep_rows = keep_rows
         self.row_samples = max(row_samples, 1)
         self.per_sample = -(-keep_rows // self.row_samples) if keep_rows else 0
