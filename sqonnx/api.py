@@ -25,7 +25,7 @@ from sqonnx.progress import Progress, peak_rss_bytes
 from sqonnx.quality import RotationVerdict, floor, rotation_judge, rotation_verdict
 from sqonnx.report import QuantizeReport
 from sqonnx.session import calibration_providers
-from sqonnx.target import INT16_MAX, Target, full_range_is_safe, resolve
+from sqonnx.target import CUDA_QDQ_OPSET, INT16_MAX, Target, full_range_is_safe, resolve, static_only
 from sqonnx.tensorrt import MAX_OPSET
 
 logger = logging.getLogger(__name__)
@@ -134,13 +134,18 @@ def _settings(requested: QuantizeConfig, outcome: Outcome, front: Prepared) -> d
         kept = "per group" if config.alpha_auto else config.alpha
         settings["alpha"] = f"{settings['alpha']}: chose {kept} (output error on calibration samples: " + \
             ", ".join(f"{key} {loss:.4f}" for key, loss in outcome.alpha_trials.items()) + ")"
-    if config.target is Target.TENSORRT and not config.smooth_only:
+    if static_only(config.target) and not config.smooth_only:
         floated = [r.name for r in result.layer_reports if r.level_reason.startswith("float: needs per-token")]
-        settings["tensorrt"] = (f"{result.tensorrt_qdq} Q/DQ nodes checked against TensorRT's INT8 rules (int8, zero "
-                                "points 0, positive constant scales, per-tensor activations, per-channel weights, "
-                                f"opset <= {MAX_OPSET}): all pass; " + (
-                                    f"{len(floated)} layers kept float (per-token groups): {', '.join(floated)}"
-                                    if floated else "no layer kept float"))
+        kept = (f"{len(floated)} layers kept float (per-token groups): {', '.join(floated)}" if floated
+                else "no layer kept float")
+        if config.target is Target.TENSORRT:
+            settings["tensorrt"] = (f"{result.tensorrt_qdq} Q/DQ nodes checked against TensorRT's INT8 rules (int8, "
+                                    "zero points 0, positive constant scales, per-tensor activations, per-channel "
+                                    f"weights, opset <= {MAX_OPSET}): all pass; {kept}")
+        else:
+            settings["cuda"] = (f"{result.quantized_layers} layers as int8 QuantizeLinear -> MatMulInteger (int8 x "
+                                "int8) -> Cast -> Mul, every node with a kernel of onnxruntime's CUDA provider (by its "
+                                f"registrations; not run on a GPU here); {kept}")
     if requested.cache_dir is not None:
         settings["cache"] = (f"{requested.cache_dir}: calibration of blocks 1-{outcome.resumed} reused"
                              if outcome.resumed else f"{requested.cache_dir}: calibration kept for later runs")
@@ -189,6 +194,10 @@ def _check_quantizable(model: ir.Model, config: QuantizeConfig) -> None:
         raise SqonnxError(f"the model uses opset {opset}; {config.level.value} {config.format_used.value} "
                           f"quantization needs opset {needed} or newer: convert it with "
                           f"onnx.version_converter.convert_version(model, 17){hint}")
+    if config.target is Target.CUDA and opset > CUDA_QDQ_OPSET and not config.smooth_only:
+        raise SqonnxError(f"the model uses opset {opset}; onnxruntime's CUDA QuantizeLinear is registered up to "
+                          f"{CUDA_QDQ_OPSET} (later ones run on the CPU): convert it with "
+                          f"onnx.version_converter.convert_version(model, {CUDA_QDQ_OPSET}) first")
     if config.target is Target.TENSORRT and opset > MAX_OPSET and not config.smooth_only:
         raise SqonnxError(f"the model uses opset {opset}; TensorRT 10's parser reads up to {MAX_OPSET}: convert it "
                           f"with onnx.version_converter.convert_version(model, {MAX_OPSET}) first")

@@ -35,7 +35,7 @@ from sqonnx.search import (
     w4a8_error,
 )
 from sqonnx.smoothing import as_float32
-from sqonnx.target import Target
+from sqonnx.target import Target, static_only
 
 W4A8 = "W4A8"  # a layer's level in the report when it is written as MatMulNBits (its kernel quantizes activations)
 
@@ -99,7 +99,7 @@ def build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quant
                     smoothed_rows, act_max / scales, [(ly.weight, ly.in_axis) for ly in group.layers], scheme)
                 why = f"O3 error {static_error:.2g} vs per-token {token_error:.2g} on calibration rows"
                 error = static_error if level is Level.O3 else token_error
-                if level is Level.O1 and config.target is Target.TENSORRT:
+                if level is Level.O1 and static_only(config.target):
                     float_groups.add(str(group.activation.name))
             name = str(group.activation.name)
             if rotation is not None and rows is not None and name in rotation.readers and not config.smooth_only:
@@ -137,7 +137,8 @@ def build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quant
                         if hessian is not None and config.per_channel else None
                     plan.append(LayerQuantization(layer, static_max, level, rounded))
             if float_group and layer.name in quantized:
-                layer_why = f"float: needs per-token activations, which TensorRT has no form for ({why})"
+                runtime = "TensorRT" if config.target is Target.TENSORRT else "onnxruntime's CUDA provider"
+                layer_why = f"float: needs per-token activations, which {runtime} has no form for ({why})"
             layer_reports.append(_layer_report(layer.name, result, act_max, is_quantized, static_max,
                                                layer_level if is_quantized else "",
                                                layer_why if is_quantized or float_group else "",
@@ -147,7 +148,8 @@ def build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quant
     InsertMatMulNBitsPass(nbits)(model)
     # O1 has no Q/DQ spelling: its layers always get integer ops, the others the configured form.
     integer = [item for item in plan if config.integer_form or item.level is Level.O1]
-    InsertIntegerMatMulPass(integer, config.weight_qmax, config.per_channel, config.level, opset)(model)
+    InsertIntegerMatMulPass(integer, config.weight_qmax, config.per_channel, config.level, opset,
+                            signed=config.target is Target.CUDA)(model)
     InsertQDQPass([item for item in plan if not (config.integer_form or item.level is Level.O1)],
                   config.weight_qmax, config.per_channel)(model)
     ir.passes.Sequential(

@@ -201,6 +201,9 @@ class QuantizeConfig:
                 raise SqonnxError(f"--target tensorrt takes static Q/DQ only; drop "
                                   f"{'--format qoperator' if self.format is Format.QOPERATOR else '--dynamic/--level'}"
                                   " (groups that need per-token activations stay float there)")
+        if self.target is Target.CUDA and self.level is not Level.O3:
+            raise SqonnxError("--target cuda writes static int8 activations (onnxruntime's CUDA provider has no "
+                              "DynamicQuantizeLinear); drop --dynamic/--level (per-token groups stay float there)")
         if self.int4_block not in (16, 32, 64, 128, 256):
             raise SqonnxError(f"--int4-block must be 16, 32, 64, 128 or 256, got {self.int4_block}; try 32")
         if self.smooth_only and self.weights is Weights.INT4:
@@ -250,7 +253,7 @@ class QuantizeConfig:
     def integer_form(self) -> bool:
         """Explicit integer ops: asked for, or O1, whose per-token scales have no Q/DQ spelling. (With
         --level auto the O1 layers are written with integer ops and the rest in this form.)"""
-        return self.format is Format.QOPERATOR or self.level is Level.O1
+        return self.format is Format.QOPERATOR or self.level is Level.O1 or self.target is Target.CUDA
 
     @property
     def format_used(self) -> Format:

@@ -36,6 +36,13 @@ class Target(str, enum.Enum):
     # TensorRT's INT8 engines (sqonnx.tensorrt): Q/DQ only, int8 with zero points 0, static per-tensor activations,
     # per-channel weights, opset <= 20; groups that need per-token activations stay float. Full 8-bit weights.
     TENSORRT = "tensorrt"
+    # onnxruntime's CUDA provider, which has no fused W8A8 kernel: int8 QuantizeLinear -> MatMulInteger (int8 x int8)
+    # -> Cast -> Mul, every node with a CUDA kernel by onnxruntime's registrations (not measured on a GPU yet);
+    # groups that need per-token activations stay float (DynamicQuantizeLinear has no CUDA kernel).
+    CUDA = "cuda"
+
+
+CUDA_QDQ_OPSET = 21  # onnxruntime registers its CUDA QuantizeLinear / DequantizeLinear up to this opset
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
@@ -66,7 +73,12 @@ def resolve(target: Target) -> Target:
 
 
 def full_range_is_safe(target: Target) -> bool:
-    return resolve(target) in (Target.X86_VNNI, Target.ARM64, Target.GPU, Target.TENSORRT)
+    return resolve(target) in (Target.X86_VNNI, Target.ARM64, Target.GPU, Target.TENSORRT, Target.CUDA)
+
+
+def static_only(target: Target) -> bool:
+    """Targets whose runtime has no per-token (O1) or dynamic form: those groups stay float."""
+    return target in (Target.TENSORRT, Target.CUDA)
 
 
 def worst_int16_pair(weight_codes: np.ndarray, in_axis: int) -> int:

@@ -57,3 +57,43 @@ def test_cuda_statistics_equal_the_cpus(tmp_path: Path) -> None:
         found.append(session.statistics())
     np.testing.assert_allclose(found[1].channel_max["x"], found[0].channel_max["x"], rtol=1e-3)
     np.testing.assert_allclose(found[1].hessians["x"], found[0].hessians["x"], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.zoo
+def test_cuda_target_form(tmp_path: Path) -> None:
+    """--target cuda: every quantized layer is int8 QuantizeLinear -> MatMulInteger (int8 x int8, what onnxruntime's
+    CUDA MatMulInteger takes) -> Cast -> Mul, nothing without a CUDA kernel (DynamicQuantizeLinear, uint8, fused
+    contrib ops); the groups the CPU build puts per-token (if any) stay float; the numbers are the CPU's (run
+    here)."""
+    import onnx
+
+    from tests import zoo
+
+    model = zoo.build("llama")
+    feeds = zoo.feeds(model, 8, 32, seed=0)
+    for feed in feeds:
+        feed["input_ids"][0, 0] = 3  # massive first-token activations: per-token groups on the CPU
+    np.savez(tmp_path / "c.npz", **{k: np.stack([f[k] for f in feeds]) for k in feeds[0]})
+    calibration = CalibrationConfig(data=tmp_path / "c.npz", num_samples=8)
+    cpu = sqonnx.quantize(model, tmp_path / "cpu.onnx", QuantizeConfig(calibration=calibration))
+    report = sqonnx.quantize(model, tmp_path / "cuda.onnx", QuantizeConfig(calibration=calibration,
+                                                                            target=sqonnx.Target.CUDA))
+    per_token = {layer.name for layer in cpu.layers if layer.quantized and layer.level == "O1"}
+    floated = {layer.name for layer in report.layers if layer.level_reason.startswith("float: needs per-token")}
+    quantized = [layer for layer in report.layers if layer.quantized]
+    assert floated == per_token and quantized
+    graph = onnx.load(str(tmp_path / "cuda.onnx")).graph
+    ops = [node.op_type for node in graph.node]
+    assert ops.count("MatMulInteger") == len(quantized) and not {"DynamicQuantizeLinear", "MatMulIntegerToFloat",
+                                                                  "DequantizeLinear"} & set(ops)
+    inits = {i.name: i for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear":
+            assert inits[node.input[2]].data_type == onnx.TensorProto.INT8
+        if node.op_type == "MatMulInteger":
+            assert inits[node.input[1]].data_type == onnx.TensorProto.INT8
+    assert report.settings["cuda"].startswith(f"{len(quantized)} layers as int8 QuantizeLinear -> MatMulInteger")
+    held = zoo.feeds(model, 2, 32, seed=7)
+    reference = zoo.logits(model, held)
+    error = float(np.linalg.norm(zoo.logits(tmp_path / "cuda.onnx", held) - reference) / np.linalg.norm(reference))
+    assert error < 0.1, error

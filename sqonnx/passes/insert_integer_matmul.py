@@ -16,6 +16,9 @@ kernel (also for O1's per-row x_scale, and DynamicQuantizeMatMul at O2). At O3 b
 so their product is stored as one and the integer MatMul runs unfused, followed by one Mul.
 
 Siblings reading the same x (q/k/v, gate/up) share one quantized x.
+
+`--target cuda` writes O3 with int8 activations (zero point 0): onnxruntime's CUDA MatMulInteger is int8 x int8
+only (cublasGemmEx), and its QuantizeLinear, Cast and Mul have CUDA kernels, so every node stays on the GPU.
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ UINT8_ZERO = 128  # symmetric int8 codes [-127, 127] stored as uint8 [1, 255]
 
 class InsertIntegerMatMulPass(ir.passes.InPlacePass):
     def __init__(self, plan: list[LayerQuantization], weight_qmax: int, per_channel: bool, level: Level,
-                 opset: int = 18) -> None:
+                 opset: int = 18, signed: bool = False) -> None:
         super().__init__()
         self.opset = opset
+        # int8 activations with zero point 0 (O3 only): onnxruntime's CUDA MatMulInteger takes int8 x int8 only
+        self.signed = signed
         self.plan = plan
         self.weight_qmax = weight_qmax
         self.per_channel = per_channel
@@ -113,13 +118,15 @@ class InsertIntegerMatMulPass(ir.passes.InPlacePass):
             nodes, cached = [node], (node.outputs[0], node.outputs[1], node.outputs[2])
         elif level is Level.O3:
             scale = add_initializer(graph, f"{base}_scale", symmetric_scale(activation_max, ACTIVATION_QMAX))
-            zero_point = add_initializer(graph, f"{base}_zero_point", np.array(UINT8_ZERO, dtype=np.uint8))
+            zero_point = add_initializer(graph, f"{base}_zero_point", np.array(0, dtype=np.int8)) if self.signed \
+                else add_initializer(graph, f"{base}_zero_point", np.array(UINT8_ZERO, dtype=np.uint8))
             node = ir.node("QuantizeLinear", [x, scale, zero_point], name=f"{base}_QuantizeLinear",
                            outputs=[ir.Value(name=f"{base}_quantized")])
             nodes, cached = [node], (node.outputs[0], scale, zero_point)
         else:
             nodes, cached = self._per_token(graph, x, base)
-        cached[0].dtype, cached[0].shape = ir.DataType.UINT8, x.shape
+        signed = self.signed and level is Level.O3
+        cached[0].dtype, cached[0].shape = ir.DataType.INT8 if signed else ir.DataType.UINT8, x.shape
         graph.insert_before(layer.node, nodes)
         self._activations[x] = cached
         return cached
