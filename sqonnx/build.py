@@ -123,7 +123,7 @@ def build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quant
                 if config.weights is Weights.INT4:
                     four = round_weight(weight, Grid.int4(config.int4_block), hessian, config.act_order)
                     four_error = 0.0 if smoothed_rows is None else w4a8_error(
-                        smoothed_rows, weight, four.dequantized(), config.int4_block)
+                        smoothed_rows, weight, four, config.int4_block)
                     if four_error > INT4_ERROR_LIMIT:
                         layer_why = f"W4A8 error {four_error:.2g} on calibration rows (limit {INT4_ERROR_LIMIT}); {why}"
                         four = None

@@ -59,18 +59,25 @@ class Grid:
     def round(self, values: np.ndarray, scale: np.ndarray) -> np.ndarray:
         return np.clip(np.rint(values / scale), self.low, self.high)
 
+    @property
+    def dtype(self) -> type:
+        return np.int8 if self.low >= -128 and self.high <= 127 else np.int32
+
 
 @dataclass(frozen=True)
 class Rounded:
-    """A weight on a grid: `codes` [K, N] (int32) and `scales` [N, groups] (float32)."""
+    """A weight on a grid: `codes` [K, N] (int8, or int32 for wider grids) and `scales` [N, groups] (float32)."""
 
     codes: np.ndarray
     scales: np.ndarray
     group: int
 
-    def dequantized(self) -> np.ndarray:
-        per_row = np.repeat(self.scales, self.group, axis=1)[:, : len(self.codes)]  # [N, K]
-        return (self.codes * per_row.T).astype(np.float32)
+    def dequantized(self, columns: np.ndarray | None = None) -> np.ndarray:
+        """The grid values [K, N] (or of output `columns` only), float32."""
+        codes = self.codes if columns is None else self.codes[:, columns]
+        scales = self.scales if columns is None else self.scales[columns]
+        per_row = np.repeat(scales.T, self.group, axis=0)[: len(codes)]  # [K, N]
+        return np.multiply(codes, per_row, dtype=np.float32)
 
 
 def nearest(weight: np.ndarray, grid: Grid) -> Rounded:
@@ -80,7 +87,7 @@ def nearest(weight: np.ndarray, grid: Grid) -> Rounded:
     size = grid.size(k)
     scales = np.stack([grid.scales(w[:, g:g + size]) for g in range(0, k, size)], axis=1)
     per_row = np.repeat(scales, size, axis=1)[:, :k]
-    return Rounded(grid.round(w, per_row).T.astype(np.int32), scales, size)
+    return Rounded(np.ascontiguousarray(grid.round(w, per_row).T.astype(grid.dtype)), scales, size)
 
 
 def gptq(weight: np.ndarray, hessian: np.ndarray, grid: Grid, *, damp: float = DAMP, act_order: bool = False,
@@ -104,7 +111,7 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, grid: Grid, *, damp: float = D
     h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
     # the upper Cholesky factor of H^-1: row i holds what rounding channel i asks of the channels after it
     u = np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)
-    codes = np.zeros((n, k), np.int32)
+    codes: np.ndarray = np.zeros((n, k), grid.dtype)
     for start in range(0, k, block):
         stop = min(start + block, k)
         part = w[:, start:stop].copy()

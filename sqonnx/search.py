@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sqonnx.config import CalibMethod, Level
-from sqonnx.gptq import Grid, nearest
+from sqonnx.gptq import Grid, Rounded, nearest
 from sqonnx.rotation import Orthogonal
 from sqonnx.smoothing import as_float32, quantize_symmetric, quantize_weight, smoothing_scales, symmetric_scale
 
@@ -196,12 +196,12 @@ def block_quantized_rows(rows: np.ndarray, block: int) -> np.ndarray:
     return (np.clip(np.rint(blocks / scale), -ACTIVATION_QMAX, ACTIVATION_QMAX) * scale).reshape(t, -1)[:, :k]
 
 
-def w4a8_error(rows: np.ndarray, weight: np.ndarray, dequantized: np.ndarray, block: int) -> float:
-    """Relative squared output error of a W4A8 layer (`weight` [K, N] float, `dequantized` its 4-bit grid values)
-    on calibration rows already divided by s, on at most MAX_ERROR_COLUMNS output columns."""
+def w4a8_error(rows: np.ndarray, weight: np.ndarray, rounded: Rounded, block: int) -> float:
+    """Relative squared output error of a W4A8 layer (`weight` [K, N] float, `rounded` it on the 4-bit grid) on
+    calibration rows already divided by s, on at most MAX_ERROR_COLUMNS output columns."""
     columns = np.linspace(0, weight.shape[1] - 1, min(weight.shape[1], MAX_ERROR_COLUMNS)).astype(np.int64)
     reference = rows @ as_float32(weight[:, columns])
-    output = block_quantized_rows(rows, block) @ dequantized[:, columns]
+    output = block_quantized_rows(rows, block) @ rounded.dequantized(columns)
     return float(np.sum((output - reference) ** 2) / max(float(np.sum(reference ** 2)), 1e-30))
 
 

@@ -41,7 +41,7 @@ def pack(rounded: Rounded) -> tuple[np.ndarray, np.ndarray]:
     block = rounded.group
     blocks = -(-k // block)
     stored = np.full((n, blocks * block), 8, np.uint8)
-    stored[:, :k] = (codes.T + 8).astype(np.uint8)
+    stored[:, :k] = (codes.T.astype(np.int16) + 8).astype(np.uint8)
     packed = stored[:, 0::2] | (stored[:, 1::2] << 4)
     return packed.reshape(n, blocks, block // 2), np.ascontiguousarray(rounded.scales, np.float32)
 
