@@ -92,7 +92,10 @@ def main() -> None:
     import sqonnx
 
     model = build(args.work / "fp32")
-    calibration = windows(32, args.seq, seed=0)
+    import onnx
+
+    inputs = {i.name for i in onnx.load(str(model), load_external_data=False).graph.input}
+    calibration = [{k: v for k, v in f.items() if k in inputs} for f in windows(32, args.seq, seed=0)]
     np.savez(args.work / "calib.npz", **{k: np.stack([f[k] for f in calibration]) for k in calibration[0]})
     held = windows(4, args.seq, seed=9)
     reference = logits(model, held)

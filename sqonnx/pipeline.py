@@ -127,7 +127,7 @@ def _check(written: Track, baseline: Track | None, held_out: bool) -> QualityChe
                         comparison.quality_loss, comparison.output_error,
                         baseline.comparison.quality_loss if measured and baseline else None,
                         baseline.comparison.output_error if measured and baseline else None,
-                        baseline.name if baseline else baseline_name(written.config))
+                        baseline.name if baseline else baseline_name(written.config), comparison.mean_kl)
 
 
 def baseline_name(config: QuantizeConfig) -> str:

@@ -183,6 +183,7 @@ class Comparison:
     squared_reference: float = 0.0
     nll_reference: float = 0.0
     nll: float = 0.0
+    kl: float = 0.0  # KL(FP || this model) of the next-token distributions, summed over positions
     tokens: int = 0
     cosines: list[float] = field(default_factory=list)
     language_model: bool = True
@@ -200,6 +201,7 @@ class Comparison:
         tokens = ids[0, 1:]
         self.nll_reference += _nll(ref[0, :-1], tokens)
         self.nll += _nll(out[0, :-1], tokens)
+        self.kl += _kl(ref[0, :-1], out[0, :-1])
         self.tokens += len(tokens)
 
     @property
@@ -211,6 +213,25 @@ class Comparison:
         if self.language_model and self.tokens:
             return float(np.exp((self.nll - self.nll_reference) / self.tokens)) - 1.0
         return 1.0 - float(np.mean(self.cosines)) if self.cosines else 0.0
+
+
+    @property
+    def mean_kl(self) -> float:
+        """Mean KL divergence per position from the FP model's next-token distribution (nats): what the perplexity
+        ratio measures on text the FP model predicts well, and also where it does not (random-token data, on which
+        a wrecked model's perplexity can fall below the FP model's)."""
+        return self.kl / self.tokens if self.tokens else 0.0
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    top = logits.max(axis=-1, keepdims=True)
+    shifted = logits - top
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def _kl(reference: np.ndarray, output: np.ndarray) -> float:
+    log_p, log_q = _log_softmax(reference), _log_softmax(output)
+    return float(np.sum(np.exp(log_p) * (log_p - log_q)))
 
 
 def _nll(logits: np.ndarray, tokens: np.ndarray) -> float:
