@@ -28,10 +28,11 @@ from sqonnx.rotation import orthogonal
 PERPLEXITY_FLOOR = 1.5
 COSINE_FLOOR = 0.9
 # A language model is also out of line when its next-token distributions are this far (mean KL, nats) from the FP
-# model's: ln 1.5, the perplexity floor's own size where the FP model predicts the text well. On data it does not
-# predict (random tokens) the perplexity ratio says nothing: a real-shape Gemma 3 wrecked by --static --rotate
-# (logits error 0.51, top token kept at 65 % of positions) scored "perplexity 0.001x FP32" there.
-KL_FLOOR = 0.405
+# model's: on data the FP model does not predict (random tokens) the perplexity ratio says nothing, and a
+# real-shape Gemma 3 wrecked by --static --rotate (logits error 0.54, top token kept at 65 % of positions) scored
+# "perplexity 0.001x FP32" there, with KL 7.6. Lossy but working models stay under it: the same Gemma unrotated
+# 0.79 (logits error 0.18), random zoo models without smoothing up to 1.0, SmolLM2's defaults far below.
+KL_FLOOR = 2.0
 CULPRITS = 3  # layers the floor's message names
 
 

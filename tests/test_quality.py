@@ -233,7 +233,7 @@ def test_kl_floor_catches_what_perplexity_cannot() -> None:
 
     rng = np.random.default_rng(0)
     reference = rng.standard_normal((1, 9, 50)).astype(np.float32)
-    output = reference + rng.standard_normal(reference.shape).astype(np.float32) * 3
+    output = reference + rng.standard_normal(reference.shape).astype(np.float32) * 6
     ids = rng.integers(0, 50, (1, 9))
     comparison = Comparison()
     comparison.add("logits", reference, output, {"input_ids": ids})
