@@ -227,7 +227,8 @@ class Pipeline:
                 head_float = head_track.float_layers
                 written = head_track  # run_pass wrote its last block (sqonnx.pipeline.Pipeline._write)
         if search:
-            judged = [t for t in tracks if t not in (baseline, head_track) and (t is not trial0 or t is primary)]
+            judged = [t for t in tracks if t is not baseline and t is not head_track
+                      and (t is not trial0 or t is primary)]
             outcome.alpha_trials = {t.name: t.comparison.output_error for t in judged}
             best = min(judged, key=lambda t: t.comparison.output_error)
             logger.info("--alpha auto: %s", ", ".join(f"{k} {v:.4f}" for k, v in outcome.alpha_trials.items()))
