@@ -52,11 +52,11 @@ def _quantize(model_path: Path, output_path: str | Path | None, config: Quantize
         _check_quantizable(model, config)
         input_bytes = _model_bytes(model_path, model)
         external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
-    note = calibration_providers(config.calibration_provider.value)[1]
+    providers, note = calibration_providers(config.calibration_provider.value)
     if note:
         logger.warning(note)
     with StreamingWriter(output_path, external, companions) as writer:
-        front, outcome = _run(model, model_path, config, writer, progress)
+        front, outcome = _run(model, model_path, config, writer, progress, providers)
         del model
         verdict = rotation_verdict(outcome.result.rotation_errors)
         declined = config.rotate is None and verdict is not None and verdict.loses
@@ -67,7 +67,7 @@ def _quantize(model_path: Path, output_path: str | Path | None, config: Quantize
             del front, outcome
             writer.restart()
             front, outcome = _run(load_model(model_path), model_path, replace(config, rotate=False, cache_dir=None),
-                                  writer, progress)
+                                  writer, progress, providers)
         _judge(outcome, config, verdict)
         settings = _settings(config, outcome, front)
         if verdict is not None:
@@ -86,13 +86,13 @@ def _quantize(model_path: Path, output_path: str | Path | None, config: Quantize
     return report
 
 
-def _run(model: ir.Model, model_path: Path, config: QuantizeConfig, writer: StreamingWriter,
-         progress: Progress) -> tuple[Prepared, Outcome]:
+def _run(model: ir.Model, model_path: Path, config: QuantizeConfig, writer: StreamingWriter, progress: Progress,
+         providers: list[str | tuple[str, dict[str, str]]]) -> tuple[Prepared, Outcome]:
     front = prepare_model(model, model_path, config, writer.scratch, progress)
     pipeline = Pipeline(front.model, front.partition, front.samples, front.quantized, writer.scratch, progress,
                         config.verify_fusion and not config.smooth_only, front.cache,
                         rotation_judge(front.rotation) if not config.smooth_only else None)
-    pipeline.providers = calibration_providers(config.calibration_provider.value)[0]
+    pipeline.providers = providers
     return front, pipeline.quantize(config, writer)
 
 

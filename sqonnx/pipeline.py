@@ -94,7 +94,7 @@ class BlockPassResult:
     resumed: int = 0  # blocks whose calibration an earlier run left in --cache-dir
     checked: dict[tuple[object, ...], KernelCheck] = field(default_factory=dict)  # kernels per block pattern
     rotation_errors: dict[str, tuple[float, float]] = field(default_factory=dict)  # see build.Built
-    head_kind: str = "INT8"  # how the written track's build quantized the LM head (judged against it float)
+    head: HeadVerdict | None = None  # the quantized LM head judged against a float one, where the block was written
     tensorrt_qdq: int = 0  # --target tensorrt: Q/DQ nodes written, each checked against TensorRT's rules
 
 
@@ -218,10 +218,8 @@ class Pipeline:
         outcome = Outcome(config, result, resumed=result.resumed)
         written = primary
         head_float: frozenset[str] = frozenset()
-        if head_track is not None and head_track.comparison.cosines:
-            outcome.head = HeadVerdict(head_track.float_layers, primary.comparison.quality_loss,
-                                       head_track.comparison.quality_loss, head_track.comparison.language_model,
-                                       result.head_kind)
+        if head_track is not None and result.head is not None:
+            outcome.head = result.head
             logger.info("LM head: %s", outcome.head.summary())
             if outcome.head.loses:
                 head_float = head_track.float_layers
@@ -465,12 +463,13 @@ class Pipeline:
         float, judged once both have run the check's samples through the block that makes the first output)."""
         chosen = write
         for track in builds:
-            if id(track) in candidates and track.fork_of is write and id(write) in candidates:
-                result.head_kind = _head_kind(candidates[id(write)][0].layer_reports, track.float_layers)
-            if id(track) in candidates and track.fork_of is write and track.comparison.cosines and \
-                    HeadVerdict(track.float_layers, write.comparison.quality_loss, track.comparison.quality_loss,
-                                track.comparison.language_model, "").loses:
-                chosen = track
+            if id(track) in candidates and track.fork_of is write and id(write) in candidates and \
+                    track.comparison.cosines:
+                result.head = HeadVerdict(track.float_layers, write.comparison.quality_loss,
+                                          track.comparison.quality_loss, track.comparison.language_model,
+                                          _head_kind(candidates[id(write)][0].layer_reports, track.float_layers))
+                if result.head.loses:
+                    chosen = track
         if id(chosen) not in candidates:
             return
         built, found, _ = candidates[id(chosen)]
