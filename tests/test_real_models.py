@@ -9,17 +9,24 @@ import pytest
 
 import sqonnx
 from models.evaluate import eval_windows, mean_cosine, perplexity, sentence_embeddings, sentences
+from tests.digests import check_digest
 
 pytestmark = pytest.mark.real_model
+
+
+def _model_files(model: Path) -> list[Path]:
+    """The .onnx file and the external data files beside it: what the output's bytes depend on."""
+    return [model, *sorted(p for p in model.parent.iterdir() if p.suffix in (".data", ".onnx_data"))]
 
 
 def test_minilm_o3_keeps_embeddings(tmp_path: Path) -> None:
     from models import minilm
 
     fp32 = minilm.build()
-    out = tmp_path / "minilm-int8.onnx"
+    out = tmp_path / "out" / "minilm-int8.onnx"
     config = sqonnx.QuantizeConfig(calibration=sqonnx.CalibrationConfig(num_samples=32, seq_len=128))
     report = sqonnx.quantize(fp32, out, config)
+    check_digest("minilm-defaults-32x128", _model_files(fp32), out.parent)
     assert report.kernels is not None and not report.kernels.unfused
     assert report.kernels.integer_total == len(report.quantized_layers) == 36
     # BERT is post-LN: each LayerNorm output also feeds the next residual Add, so folding 1/s into
@@ -39,9 +46,10 @@ def test_smollm2_o3_perplexity(tmp_path: Path) -> None:
     from models import smollm2
 
     fp32 = smollm2.build()
-    out = tmp_path / "smollm2-int8.onnx"
+    out = tmp_path / "out" / "smollm2-int8.onnx"
     config = sqonnx.QuantizeConfig(calibration=sqonnx.CalibrationConfig(num_samples=16, seq_len=512))
     report = sqonnx.quantize(fp32, out, config)
+    check_digest("smollm2-defaults-16x512", _model_files(fp32), out.parent)
     # 210 decoder layers and the LM head (tied: its own INT8 copy, the embedding Gather keeps the float table)
     assert report.kernels is not None and report.kernels.integer_total == 211 and not report.kernels.unfused
     kinds = {layer.smoothing for layer in report.smoothed_layers}
