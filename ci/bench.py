@@ -61,7 +61,7 @@ def quantize_variant(variant: str, model: str, source: Path, output: Path, sampl
     """Runs inside the child process that the parent measures."""
     import sqonnx
     from sqonnx.calibrators import calibration_feeds
-    from sqonnx.graph import load_model
+    from sqonnx.io.load import load_model
 
     calibration = sqonnx.CalibrationConfig(num_samples=samples, seq_len=seq_len)
     if variant.startswith("sqonnx"):

@@ -97,15 +97,15 @@ def drop_caches() -> bool:
 
 def baseline(model: Path, feeds: Path, result: Path) -> None:
     """In a child process: onnxruntime's float32 forward passes over the samples, block by block."""
-    from sqonnx.blocks import partition
     from sqonnx.calibrators.carry import Carry
     from sqonnx.calibrators.data import _npz_feeds
     from sqonnx.config import DEFAULT_BLOCK_BYTES
-    from sqonnx.graph import load_model
+    from sqonnx.io.load import load_model
     from sqonnx.passes.prepare import prepare
-    from sqonnx.progress import free_memory
-    from sqonnx.session import PREPACK_TOKENS, open_session
-    from sqonnx.streaming import BlockRunner, Samples, extract_block, release_block
+    from sqonnx.run.progress import free_memory
+    from sqonnx.runtime.session import PREPACK_TOKENS, open_session
+    from sqonnx.streaming.blocks import partition
+    from sqonnx.streaming.runner import BlockRunner, Samples, extract_block, release_block
 
     start = time.perf_counter()
     ir_model = prepare(load_model(model))
@@ -265,12 +265,12 @@ def forward_whole(model: Path, result: Path) -> None:
 def decode_cost(model: Path, feeds: Path, result: Path, chains: int = 4, steps: int = 8) -> None:
     """In a child process: what generating decode chains' tokens costs on a with-past model too large to keep
     every block's session open: `steps` passes over the blocks, all chains together (sqonnx.streaming)."""
-    from sqonnx.blocks import partition
     from sqonnx.calibrators.data import DecodeChain, cache_outputs
     from sqonnx.config import DEFAULT_BLOCK_BYTES
-    from sqonnx.graph import load_model
+    from sqonnx.io.load import load_model
     from sqonnx.passes.prepare import prepare
-    from sqonnx.streaming import generate_tokens
+    from sqonnx.streaming.blocks import partition
+    from sqonnx.streaming.runner import generate_tokens
 
     ir_model = prepare(load_model(model))
     inputs = [v for v in ir_model.graph.inputs if not v.is_initializer()]

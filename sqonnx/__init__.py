@@ -1,6 +1,6 @@
 """sqonnx: SmoothQuant W8A8 INT8 quantization for ONNX transformer models."""
 
-from sqonnx._runtime import check_onnxruntime
+from sqonnx.runtime.install import check_onnxruntime
 
 check_onnxruntime()
 
@@ -17,8 +17,9 @@ from sqonnx.config import (  # noqa: E402
     Weights,
 )
 from sqonnx.errors import SqonnxError  # noqa: E402
-from sqonnx.report import LayerReport, QuantizeReport  # noqa: E402
-from sqonnx.target import Target  # noqa: E402
+from sqonnx.judgements.layer_report import LayerReport  # noqa: E402
+from sqonnx.report import QuantizeReport  # noqa: E402
+from sqonnx.targets import Target  # noqa: E402
 
 __version__ = "0.1.0"
 

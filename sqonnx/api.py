@@ -15,18 +15,19 @@ import onnx_ir as ir
 
 from sqonnx.config import Level, QuantizeConfig, Rounding, Weights, tool_version
 from sqonnx.errors import SqonnxError
-from sqonnx.front import Prepared, prepare_model
-from sqonnx.genai import companion_files
-from sqonnx.graph import load_model, opset_version
-from sqonnx.output import StreamingWriter, check_output_path
+from sqonnx.graph.tensorrt import MAX_OPSET
+from sqonnx.graph.tensors import opset_version
+from sqonnx.io.genai import companion_files
+from sqonnx.io.load import load_model
+from sqonnx.io.writer import StreamingWriter, check_output_path
+from sqonnx.judgements.quality import RotationVerdict, floor, rotation_judge, rotation_verdict
 from sqonnx.passes.smooth import SMOOTHED_KEY
-from sqonnx.pipeline import Outcome, Pipeline
-from sqonnx.progress import Progress, peak_rss_bytes
-from sqonnx.quality import RotationVerdict, floor, rotation_judge, rotation_verdict
 from sqonnx.report import QuantizeReport
-from sqonnx.session import calibration_providers
-from sqonnx.target import CUDA_QDQ_OPSET, INT16_MAX, Target, full_range_is_safe, resolve, static_only
-from sqonnx.tensorrt import MAX_OPSET
+from sqonnx.run.front import Prepared, prepare_model
+from sqonnx.run.pipeline import Outcome, Pipeline
+from sqonnx.run.progress import Progress, peak_rss_bytes
+from sqonnx.runtime.session import calibration_providers
+from sqonnx.targets import CUDA_QDQ_OPSET, INT16_MAX, Target, full_range_is_safe, resolve, static_only
 
 logger = logging.getLogger(__name__)
 

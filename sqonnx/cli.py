@@ -29,7 +29,7 @@ from sqonnx.config import (
     Weights,
 )
 from sqonnx.errors import SqonnxError
-from sqonnx.target import Target
+from sqonnx.targets import Target
 
 
 class LevelChoice(str, enum.Enum):
@@ -180,7 +180,7 @@ def inspect(
     top: Annotated[int, typer.Option(help="Plot this many layer groups with the worst outliers")] = 8,
 ) -> None:
     """Show MODEL's activation outliers per layer, before and after smoothing (HTML + PNG report)."""
-    from sqonnx.inspection import inspect_model
+    from sqonnx.run.inspection import inspect_model
 
     with _user_errors("interrupted"):
         config = QuantizeConfig(alpha=_alpha(alpha), level=level, calibration=CalibrationConfig(

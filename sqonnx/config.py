@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqonnx.errors import SqonnxError
-from sqonnx.target import Target, full_range_is_safe, resolve
+from sqonnx.targets import Target, full_range_is_safe, resolve
 
 
 class Level(str, enum.Enum):
@@ -59,12 +59,12 @@ class Weights(str, enum.Enum):
     INT8 = "int8"  # W8A8: int8 per-channel weights, int8 activations at the layer's level
     # W4A8: onnxruntime's MatMulNBits, 4-bit blocks along the input channels; its CPU kernel quantizes the
     # activations to int8 per row and block itself (accuracy_level 4), so static ranges and --level do not apply.
-    # Layers that 4 bits would hurt stay W8A8 (sqonnx.search.INT4_ERROR_LIMIT).
+    # Layers that 4 bits would hurt stay W8A8 (sqonnx.math.search.INT4_ERROR_LIMIT).
     INT4 = "int4"
 
 
 class Rounding(str, enum.Enum):
-    """How weights are rounded onto their grid (sqonnx.gptq)."""
+    """How weights are rounded onto their grid (sqonnx.math.gptq)."""
 
     NEAREST = "nearest"
     GPTQ = "gptq"  # error feedback through the calibration inputs' X^T X (Frantar et al. 2022)
@@ -138,7 +138,7 @@ class QuantizeConfig:
     # below it costs SmolLM2 perplexity 24.2 instead of 16.9 (FP32 11.8); per-channel scales cost no
     # run time in onnxruntime's integer kernels, which scale each output column anyway.
     per_channel: bool = True
-    # Where the model will run decides the weight range (see sqonnx.target): portable and x86 without
+    # Where the model will run decides the weight range (see sqonnx.targets): portable and x86 without
     # VNNI need weights in [-63, 63]; reduce_range None means "what the target needs".
     target: Target = Target.PORTABLE
     reduce_range: bool | None = None
@@ -152,7 +152,7 @@ class QuantizeConfig:
     keep_float_budget: float | None = None
     # The model is calibrated, smoothed, quantized and written one block of at most this many bytes of weights
     # at a time (a decoder layer or two of a 7B model; a segment between two cuts can be larger): memory
-    # follows the block, not the model. See sqonnx.blocks.
+    # follows the block, not the model. See sqonnx.streaming.blocks.
     block_bytes: int = DEFAULT_BLOCK_BYTES
     # Keep each finished block's calibration statistics and the values entering the next block here: a killed run
     # resumes, a rerun with other choices skips calibration (see sqonnx.calibrators.cache).
@@ -162,9 +162,10 @@ class QuantizeConfig:
     sequential: bool = False
     # Every run measures the model it writes against the FP model on this many samples kept back from the
     # statistics (the last ones; in-sample when there are fewer than four samples), next to unsmoothed W8A8 on
-    # the same samples; 0: no check. See sqonnx.quality.
+    # the same samples; 0: no check. See sqonnx.judgements.quality.
     check_samples: int = 4
-    # Write a model even when the check finds it far out of line (sqonnx.quality.FLOOR); else that is an error.
+    # Write a model even when the check finds it far out of line (sqonnx.judgements.quality.FLOOR); else that is
+    # an error.
     allow_lossy: bool = False
     weights: Weights = Weights.INT8
     # None: GPTQ for int4 weights (round-to-nearest loses most there), nearest for int8 (see README).

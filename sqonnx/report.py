@@ -3,32 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from sqonnx.kernels import KernelCheck
-
-if TYPE_CHECKING:
-    from sqonnx.quality import QualityCheck
-
-
-@dataclass
-class LayerReport:
-    name: str
-    activation: str
-    quantized: bool
-    smoothing: str  # producer kind that absorbed 1/s, "explicit Mul", or "not smoothed: <why>"
-    folded_into: str
-    scale_min: float | None
-    scale_max: float | None
-    activation_max_before: float  # max over channels of max|X_j|
-    activation_max_after: float  # max over channels of max|X_j / s_j|: the static range that is used
-    outlier_ratio_before: float  # max / median of the per-channel maxima
-    outlier_ratio_after: float
-    alpha: float | None = None  # the group's α (differs per layer with --alpha auto)
-    static_range: float = 0.0  # O3: the max |x| the static scale covers (after smoothing and clipping)
-    level: str = ""  # the layer's activation quantization (differs per layer with --level auto)
-    level_reason: str = ""  # why --level auto chose it
-    row_error: float | None = None  # relative INT8 error of the group at its level on calibration rows (--level auto)
+from sqonnx.judgements.layer_report import LayerReport
+from sqonnx.judgements.quality import QualityCheck
+from sqonnx.runtime.kernels import KernelCheck
 
 
 @dataclass
@@ -44,7 +23,7 @@ class QuantizeReport:
     seconds: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase (load, calibrate, ...)
     peak_rss_bytes: int = 0
-    check: QualityCheck | None = None  # the written model against FP32 on held-back samples (sqonnx.quality)
+    check: QualityCheck | None = None  # the written model against FP32 on held-back samples (sqonnx.judgements.quality)
 
     @property
     def quantized_layers(self) -> list[LayerReport]:

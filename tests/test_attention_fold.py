@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 import sqonnx
 from sqonnx import CalibrationConfig, QuantizeConfig
 from sqonnx.config import Unabsorbed
-from sqonnx.graph import find_linear_layers
+from sqonnx.graph.layers import find_linear_layers
 from sqonnx.passes.absorbers import ValueAbsorber
 from sqonnx.passes.smooth import SmoothPass, smoothing_statistics
 from sqonnx.passes.smoothing_groups import find_smoothing_groups

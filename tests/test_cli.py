@@ -165,7 +165,7 @@ class _FailingFile:
 
 
 def _failing_writes(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
-    from sqonnx.output import StreamingWriter
+    from sqonnx.io.writer import StreamingWriter
 
     real_open = StreamingWriter._open
 

@@ -14,8 +14,8 @@ import sqonnx
 from sqonnx import CalibrationConfig, QuantizeConfig
 from sqonnx.calibrators import channel_max, collect_channel_max
 from sqonnx.calibrators.data import cache_dims, calibration_feeds, decode_chains, feeds_for_tokens
-from sqonnx.graph import find_linear_layers
-from sqonnx.session import Session
+from sqonnx.graph.layers import find_linear_layers
+from sqonnx.runtime.session import Session
 from tests import zoo
 from tests.test_cli import sqonnx as run_cli
 from tests.test_genai import SEQ, build_genai, generate

@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from sqonnx.config import Unabsorbed
-from sqonnx.graph import find_linear_layers
+from sqonnx.graph.layers import find_linear_layers
 from sqonnx.passes.smooth import SmoothPass, smoothing_statistics
 from sqonnx.passes.smoothing_groups import find_smoothing_groups
 

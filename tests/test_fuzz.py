@@ -29,7 +29,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from sqonnx.output import STAGING_PREFIX
+from sqonnx.io.writer import STAGING_PREFIX
 from tests.synthetic import HIDDEN, activations, build_block
 
 CASES = int(os.environ.get("SQONNX_FUZZ_CASES", "300"))

@@ -13,7 +13,7 @@ import pytest
 
 import sqonnx
 from sqonnx import CalibrationConfig, Provider, QuantizeConfig
-from sqonnx.session import CPU, calibration_providers
+from sqonnx.runtime.session import CPU, calibration_providers
 from tests.test_int4 import _linear, _outlier_model
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()

@@ -15,7 +15,7 @@ import pytest
 
 import sqonnx
 from sqonnx import CalibrationConfig, QuantizeConfig
-from sqonnx.passes.upcast import HALF_TYPES, upcast_to_float32
+from sqonnx.runtime.upcast import HALF_TYPES, upcast_to_float32
 from tests import zoo
 
 pytestmark = pytest.mark.zoo

@@ -57,7 +57,7 @@ def test_plot_shows_every_channel() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sqonnx.inspection import GroupInspection, draw_group, top_channels
+    from sqonnx.run.inspection import GroupInspection, draw_group, top_channels
 
     rng = np.random.default_rng(0)
     act = np.abs(rng.normal(2.0, 0.5, 1536)).astype(np.float32)
@@ -87,7 +87,7 @@ def test_inspect_describes_the_graph_quantize_smooths(tmp_path: Path) -> None:
     """inspect goes through quantize's front end: the residual stream rotated as quantize rotates it, the same
     activations (outlier ratios per group equal to the quantize report's), one block at a time."""
     from sqonnx import CalibrationConfig, QuantizeConfig
-    from sqonnx.inspection import inspect_model
+    from sqonnx.run.inspection import inspect_model
     from tests import zoo
 
     model = zoo.build("llama")

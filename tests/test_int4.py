@@ -17,11 +17,11 @@ from onnx import TensorProto, helper, numpy_helper
 import sqonnx
 from sqonnx import CalibrationConfig, QuantizeConfig, Rounding, Weights
 from sqonnx.errors import SqonnxError
-from sqonnx.gptq import Grid, gptq, nearest
-from sqonnx.graph import find_linear_layers
-from sqonnx.kernels import nbits_computes_int8
+from sqonnx.graph.layers import find_linear_layers
+from sqonnx.math.gptq import Grid, gptq, nearest
+from sqonnx.math.search import block_quantized_rows
 from sqonnx.passes.insert_matmul_nbits import InsertMatMulNBitsPass, NBitsLayer, pack, unpack
-from sqonnx.search import block_quantized_rows
+from sqonnx.runtime.kernels import nbits_computes_int8
 
 
 def _correlated_inputs(tokens: int, k: int, seed: int = 0) -> np.ndarray:

@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from sqonnx.output import STAGING_PREFIX
+from sqonnx.io.writer import STAGING_PREFIX
 from tests.paused import marker_of, start_paused
 from tests.synthetic import activations
 
@@ -114,7 +114,7 @@ def test_writer_keeps_tensors_that_share_a_name_apart(tmp_path: Path) -> None:
     with different contents: the second is renamed in its block, and each node reads its own."""
     import onnx_ir as ir
 
-    from sqonnx.output import StreamingWriter
+    from sqonnx.io.writer import StreamingWriter
 
     def block(index: int, value: float) -> ir.Model:
         x = ir.Value(name=f"x{index}", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([4]))

@@ -15,7 +15,7 @@ from onnx import numpy_helper
 
 import sqonnx
 from sqonnx.config import Unabsorbed
-from sqonnx.graph import find_linear_layers
+from sqonnx.graph.layers import find_linear_layers
 from sqonnx.passes.smooth import SmoothPass, smoothing_statistics
 from tests.synthetic import build_block, run, save_feeds
 

@@ -1,5 +1,5 @@
-"""The quality check every run makes (sqonnx.quality): it measures what was written, and a model far out of line
-is refused."""
+"""The quality check every run makes (sqonnx.judgements.quality): it measures what was written, and a model far
+out of line is refused."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 import sqonnx
 from sqonnx import CalibrationConfig, QuantizeConfig
 from sqonnx.errors import SqonnxError
-from sqonnx.quality import COSINE_FLOOR
+from sqonnx.judgements.quality import COSINE_FLOOR
 
 WIDTH = 16
 OUTLIER = 3  # an activation channel 10^4 times the others, read by a weight row 10^4 times smaller
@@ -228,8 +228,8 @@ def test_int8_lm_head_kept_only_where_it_pays(tmp_path: Path) -> None:
 def test_kl_floor_catches_what_perplexity_cannot() -> None:
     """On data the FP model does not predict (random tokens), a wrecked model's perplexity can fall below FP32's:
     the mean KL from the FP model's next-token distributions still shows it, and is exact."""
-    from sqonnx.quality import KL_FLOOR, QualityCheck
-    from sqonnx.streaming import Comparison
+    from sqonnx.judgements.quality import KL_FLOOR, QualityCheck
+    from sqonnx.streaming.runner import Comparison
 
     rng = np.random.default_rng(0)
     reference = rng.standard_normal((1, 9, 50)).astype(np.float32)

@@ -11,9 +11,9 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+from sqonnx.math.rotation import block_diagonal, hadamard, orthogonal, rotate_columns, rotate_rows
 from sqonnx.passes.prepare import load_prepared
 from sqonnx.passes.rotate import ROTATED_KEY, RotatePass, RotatePassResult, RotationResult, rotate_model
-from sqonnx.rotation import block_diagonal, hadamard, orthogonal, rotate_columns, rotate_rows
 from tests import zoo
 
 RMS_DECODERS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3", "mixtral")

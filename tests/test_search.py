@@ -11,7 +11,7 @@ import pytest
 
 import sqonnx
 from sqonnx import CalibMethod, CalibrationConfig, Level, QuantizeConfig
-from sqonnx.search import AlphaSearch, group_error, static_range
+from sqonnx.math.search import AlphaSearch, group_error, static_range
 from tests.synthetic import activations, run
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from sqonnx.calibrators import collect_channel_max
 from sqonnx.config import Unabsorbed
-from sqonnx.graph import find_linear_layers
+from sqonnx.graph.layers import find_linear_layers
 from sqonnx.passes.smooth import SmoothPass, smoothing_statistics
 from tests.synthetic import activations, build_block, run
 

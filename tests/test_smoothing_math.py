@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from sqonnx.smoothing import input_channel_max, quantize_symmetric, smoothing_scales, symmetric_scale
+from sqonnx.math.smoothing import input_channel_max, quantize_symmetric, smoothing_scales, symmetric_scale
 
 
 def test_scales_follow_the_paper_formula() -> None:

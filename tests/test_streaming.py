@@ -1,4 +1,4 @@
-"""Block by block (sqonnx.blocks, sqonnx.streaming): a model cut along its residual stream and quantized one block
+"""Block by block (sqonnx.streaming): a model cut along its residual stream and quantized one block
 at a time makes the same decisions per layer and computes the same outputs as the same model quantized whole, for
 every family of the zoo, onnxruntime-genai's fused graph with decode-shaped calibration, and models in external
 data; the cut never separates a smoothing group from its absorber; memory does not grow with depth."""
@@ -17,10 +17,10 @@ import pytest
 
 import sqonnx
 from sqonnx import CalibrationConfig, QuantizeConfig
-from sqonnx.blocks import partition
-from sqonnx.graph import load_model
+from sqonnx.io.load import load_model
 from sqonnx.passes.prepare import prepare
 from sqonnx.passes.smoothing_groups import find_smoothing_groups
+from sqonnx.streaming.blocks import partition
 from tests import zoo
 from tests.large_model import build_stack
 from tests.test_genai import SEQ, build_genai

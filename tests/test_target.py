@@ -12,8 +12,8 @@ from onnx import numpy_helper
 
 import sqonnx
 from sqonnx import CalibrationConfig, QuantizeConfig, SqonnxError, Target
-from sqonnx import target as target_module
-from sqonnx.target import INT16_MAX, cpu_flags, detect_native, worst_int16_pair
+from sqonnx import targets as target_module
+from sqonnx.targets import INT16_MAX, cpu_flags, detect_native, worst_int16_pair
 
 
 def vpmaddubsw_matmul(a_u8: np.ndarray, w_s8: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import sqonnx
 from sqonnx import CalibrationConfig, QuantizeConfig, Target
-from sqonnx.tensorrt import violation
+from sqonnx.graph.tensorrt import violation
 
 INT8_ZERO = np.zeros((), np.int8)
 

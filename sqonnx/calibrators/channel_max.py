@@ -7,7 +7,7 @@ activations (onnxruntime's own calibrator assumes axis 1, the image layout).
 
 `StatisticsSession` is one session over a block with those outputs added; the caller decides what each run is
 fed (a sample's inputs and the values carried from the block before) and what else it fetches. A
-half-precision model is run in float32 (sqonnx.session). `collect_statistics` drives a whole small model
+half-precision model is run in float32 (sqonnx.runtime.session). `collect_statistics` drives a whole small model
 over samples, decode chains included (tests, and models that are one block).
 """
 
@@ -25,9 +25,9 @@ import onnx_ir.passes.common as common_passes
 from sqonnx.calibrators.data import DecodeChain
 from sqonnx.calibrators.probes import Probe, add_probe, read_map
 from sqonnx.errors import SqonnxError
-from sqonnx.graph import add_initializer, opset_version
+from sqonnx.graph.tensors import add_initializer, opset_version
 from sqonnx.pause import pause_point
-from sqonnx.session import open_session
+from sqonnx.runtime.session import open_session
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class ActivationStats:
     channel_max: dict[str, np.ndarray]
     rows: dict[str, np.ndarray] = field(default_factory=dict)
     maps: dict[str, np.ndarray] = field(default_factory=dict)  # probe name -> column per channel (see probes)
-    # X^T X per run of each activation (float32 [C, C]), for GPTQ's weight rounding (sqonnx.gptq); when asked
+    # X^T X per run of each activation (float32 [C, C]), for GPTQ's weight rounding (sqonnx.math.gptq); when asked
     hessians: dict[str, np.ndarray] = field(default_factory=dict)
 
     def save(self, file: object) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from sqonnx.graph import add_initializer
+from sqonnx.graph.tensors import add_initializer
 
 LABEL_BASE = 128
 TOLERANCE = 0.25  # |label - nearest integer| and spread across tokens must stay below this

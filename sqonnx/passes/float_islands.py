@@ -19,7 +19,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from sqonnx.graph import HALF_TYPES, LinearLayer, set_constant_input
+from sqonnx.graph.layers import LinearLayer
+from sqonnx.graph.tensors import HALF_TYPES, set_constant_input
 
 
 class FloatIslandsPass(ir.passes.InPlacePass):

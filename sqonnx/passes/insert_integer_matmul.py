@@ -27,10 +27,11 @@ import numpy as np
 import onnx_ir as ir
 
 from sqonnx.config import Level
-from sqonnx.gptq import Rounded
-from sqonnx.graph import LinearLayer, add_initializer, as_linear_layer
+from sqonnx.graph.layers import LinearLayer, as_linear_layer
+from sqonnx.graph.tensors import add_initializer
+from sqonnx.math.gptq import Rounded
+from sqonnx.math.smoothing import symmetric_scale
 from sqonnx.passes.insert_qdq import ACTIVATION_QMAX, LayerQuantization, weight_codes
-from sqonnx.smoothing import symmetric_scale
 
 UINT8_ZERO = 128  # symmetric int8 codes [-127, 127] stored as uint8 [1, 255]
 

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from sqonnx.gptq import Rounded
-from sqonnx.graph import LinearLayer, add_initializer, as_linear_layer, constant
+from sqonnx.graph.layers import LinearLayer, as_linear_layer
+from sqonnx.graph.tensors import add_initializer, constant
+from sqonnx.math.gptq import Rounded
 
 MS_DOMAIN = "com.microsoft"
 BITS = 4

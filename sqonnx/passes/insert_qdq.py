@@ -20,9 +20,10 @@ import numpy as np
 import onnx_ir as ir
 
 from sqonnx.config import Level
-from sqonnx.gptq import Rounded
-from sqonnx.graph import LinearLayer, add_initializer, as_linear_layer, opset_version
-from sqonnx.smoothing import quantize_weight, symmetric_scale
+from sqonnx.graph.layers import LinearLayer, as_linear_layer
+from sqonnx.graph.tensors import add_initializer, opset_version
+from sqonnx.math.gptq import Rounded
+from sqonnx.math.smoothing import quantize_weight, symmetric_scale
 
 ACTIVATION_QMAX = 127
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from sqonnx.graph import add_initializer
+from sqonnx.graph.tensors import add_initializer
 from sqonnx.passes.smoothing_groups import SmoothingGroup
 
 

@@ -63,22 +63,20 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from sqonnx.graph import (
+from sqonnx.graph.layers import LinearLayer, as_linear_layer, find_linear_layers
+from sqonnx.graph.tensors import (
     FLOAT_TYPES,
-    LinearLayer,
     add_initializer,
-    as_linear_layer,
     constant,
     constant_shape,
     deferred,
-    find_linear_layers,
     is_constant,
     set_constant_input,
 )
+from sqonnx.math.rotation import Orthogonal, block_diagonal, orthogonal, rotate_columns, rotate_rows, scaled_rotation
 from sqonnx.passes.absorbers._columns import ColumnPath, walk_to_linear
 from sqonnx.passes.absorbers.base import Site, is_channel_vector, value_uses
 from sqonnx.passes.absorbers.gqa import GroupQueryAttentionAbsorber
-from sqonnx.rotation import Orthogonal, block_diagonal, orthogonal, rotate_columns, rotate_rows, scaled_rotation
 
 logger = logging.getLogger(__name__)
 

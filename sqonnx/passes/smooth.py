@@ -18,11 +18,12 @@ import onnx_ir as ir
 
 from sqonnx.calibrators import ActivationStats, Sample, collect_statistics
 from sqonnx.config import Unabsorbed
-from sqonnx.graph import SHARED, find_linear_layers, set_constant_input
+from sqonnx.graph.layers import find_linear_layers
+from sqonnx.graph.tensors import SHARED, set_constant_input
+from sqonnx.math.search import AlphaSearch, group_error
+from sqonnx.math.smoothing import along, as_float32, input_channel_max, shared_scales
 from sqonnx.passes.insert_smoothing_mul import insert_smoothing_mul
 from sqonnx.passes.smoothing_groups import SmoothingGroup, find_smoothing_groups, statistics_needed
-from sqonnx.search import AlphaSearch, group_error
-from sqonnx.smoothing import along, as_float32, input_channel_max, shared_scales
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from sqonnx.graph import LinearLayer, constant, find_linear_layers
+from sqonnx.graph.layers import LinearLayer, find_linear_layers
+from sqonnx.graph.tensors import constant
 from sqonnx.passes.absorbers import ABSORBERS, Absorber, Probe, Site
 from sqonnx.passes.absorbers.base import single_reader, value_uses
 

@@ -14,7 +14,7 @@ transposed and stays a copy of its own.
 
 The copy is computed when it is read (`graph.deferred`): a model processed block by block holds a 32000 x 4096
 head copy only while the head's block is worked on. The pass may run on one block of the model (see
-`sqonnx.blocks`): the table then lives in another block, and the Transpose reads it by name.
+`sqonnx.streaming.blocks`): the table then lives in another block, and the Transpose reads it by name.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from sqonnx.graph import add_initializer, constant_shape, deferred
+from sqonnx.graph.tensors import add_initializer, constant_shape, deferred
 
 
 def _transpose_of_constant(node: ir.Node) -> bool:

@@ -24,9 +24,10 @@ import numpy as np
 import onnx_ir as ir
 
 from sqonnx.calibrators import ActivationStats
-from sqonnx.graph import LinearLayer, as_linear_layer, constant, is_constant, set_constant_input
+from sqonnx.graph.layers import LinearLayer, as_linear_layer
+from sqonnx.graph.tensors import constant, is_constant, set_constant_input
+from sqonnx.math.smoothing import along
 from sqonnx.passes.absorbers.base import SHAPE_ONLY_OPS, Absorber, Probe, is_channel_vector, single_reader, value_uses
-from sqonnx.smoothing import along
 
 MOVING_OPS = ("Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Identity", "Split", "Slice", "Gather",
               "Concat", "Cast")

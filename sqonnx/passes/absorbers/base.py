@@ -23,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from sqonnx.calibrators.probes import Probe
-from sqonnx.graph import FLOAT_TYPES, constant
+from sqonnx.graph.tensors import FLOAT_TYPES, constant
 
 if TYPE_CHECKING:
     from sqonnx.calibrators import ActivationStats

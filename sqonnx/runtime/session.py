@@ -21,7 +21,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from sqonnx.errors import SqonnxError
-from sqonnx.graph import HALF_TYPES
+from sqonnx.graph.tensors import HALF_TYPES
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def open_session(model: ir.Model, *, float32: bool = False, optimized_path: Path
     `optimized_path`: also write onnxruntime's optimized graph there (which kernels it really runs).
     `prepack`: let onnxruntime pre-pack the weights, which pays only over many tokens (see PREPACK_TOKENS)."""
     if float32 and has_half_floats(model):
-        from sqonnx.passes.upcast import upcast_to_float32
+        from sqonnx.runtime.upcast import upcast_to_float32
 
         model = upcast_to_float32(model)
     graph = model.graph

@@ -1,4 +1,4 @@
-"""Running a model block by block (see `sqonnx.blocks`): the samples, the values carried between blocks, and
+"""Running a model block by block (see `sqonnx.streaming.blocks`): the samples, the values carried between blocks, and
 the passes that calibrate, build, judge and write one block at a time.
 
 A block is worked on as a model of its own: `extract_block` clones its nodes with the values that cross its
@@ -25,16 +25,16 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from sqonnx.blocks import Block, Partition
 from sqonnx.calibrators.carry import Carry, Key
 from sqonnx.calibrators.channel_max import ROW_SAMPLES, ActivationStats, StatisticsSession, read_probes
 from sqonnx.calibrators.data import LOGITS, CalibrationFeeds, DecodeChain
 from sqonnx.calibrators.probes import Probe
 from sqonnx.errors import SqonnxError
-from sqonnx.graph import SHARED, release
-from sqonnx.passes.upcast import upcast_to_float32
+from sqonnx.graph.tensors import SHARED, release
 from sqonnx.pause import pause_point
-from sqonnx.session import PREPACK_TOKENS, Session, has_half_floats, open_session
+from sqonnx.runtime.session import PREPACK_TOKENS, Session, has_half_floats, open_session
+from sqonnx.runtime.upcast import upcast_to_float32
+from sqonnx.streaming.blocks import Block, Partition
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from sqonnx.graph import constant
+from sqonnx.graph.tensors import constant
 
 MAX_OPSET = 20
 # onnxruntime's integer and contrib quantization ops: no TensorRT importer for any of them

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TextIO
 
-from sqonnx.blocks import Block
+from sqonnx.streaming.blocks import Block
 
 
 class Progress:

@@ -16,11 +16,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from sqonnx.build import RotationJudge
 from sqonnx.errors import SqonnxError
+from sqonnx.judgements.layer_report import LayerReport
+from sqonnx.math.rotation import Orthogonal, orthogonal
 from sqonnx.passes.rotate import RotationResult
-from sqonnx.report import LayerReport
-from sqonnx.rotation import orthogonal
 
 # A language model whose perplexity grows beyond this factor, or an encoder whose outputs' cosine to the FP
 # model's falls below COSINE_FLOOR, is not written (unless --allow-lossy). Far beyond what INT8 costs a model
@@ -171,6 +170,14 @@ def rotation_verdict(errors: dict[str, tuple[float, float]]) -> RotationVerdict 
         return None
     return RotationVerdict(float(np.mean([r for r, _ in errors.values()])),
                            float(np.mean([p for _, p in errors.values()])), len(errors))
+
+
+@dataclass(frozen=True)
+class RotationJudge:
+    """What judging the rotation needs: Q, and the values the folded norms hand to their readers."""
+
+    q: Orthogonal
+    readers: frozenset[str]
 
 
 def rotation_judge(rotation: RotationResult) -> RotationJudge | None:

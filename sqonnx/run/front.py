@@ -13,17 +13,18 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from sqonnx.blocks import Partition, partition
 from sqonnx.calibrators import CalibrationFeeds, calibration_feeds
 from sqonnx.calibrators.cache import CalibrationCache, data_identity, model_identity
 from sqonnx.config import QuantizeConfig, tool_version
 from sqonnx.errors import SqonnxError
-from sqonnx.graph import find_linear_layers, load_model
-from sqonnx.optimize import fuse_transformer_ops
+from sqonnx.graph.layers import find_linear_layers
+from sqonnx.io.load import load_model
 from sqonnx.passes.prepare import prepare
 from sqonnx.passes.rotate import RotationResult, rotate_model
-from sqonnx.progress import Progress
-from sqonnx.streaming import Samples, generate_tokens
+from sqonnx.run.progress import Progress
+from sqonnx.runtime.optimize import fuse_transformer_ops
+from sqonnx.streaming.blocks import Partition, partition
+from sqonnx.streaming.runner import Samples, generate_tokens
 
 logger = logging.getLogger(__name__)
 

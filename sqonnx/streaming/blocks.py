@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from sqonnx.graph import HALF_TYPES
+from sqonnx.graph.tensors import HALF_TYPES
 from sqonnx.passes.absorbers.base import SHAPE_ONLY_OPS
 from sqonnx.passes.smoothing_groups import find_smoothing_groups
 

@@ -33,8 +33,9 @@ class Target(str, enum.Enum):
     X86_VNNI = "x86-vnni"  # AVX512-VNNI or AVX-VNNI: full 8-bit weights
     ARM64 = "arm64"  # int32 dot-product instructions: full 8-bit weights
     GPU = "gpu"  # CUDA / TensorRT integer GEMMs accumulate in int32: full 8-bit weights
-    # TensorRT's INT8 engines (sqonnx.tensorrt): Q/DQ only, int8 with zero points 0, static per-tensor activations,
-    # per-channel weights, opset <= 20; groups that need per-token activations stay float. Full 8-bit weights.
+    # TensorRT's INT8 engines (sqonnx.graph.tensorrt): Q/DQ only, int8 with zero points 0, static per-tensor
+    # activations, per-channel weights, opset <= 20; groups that need per-token activations stay float. Full
+    # 8-bit weights.
     TENSORRT = "tensorrt"
     # onnxruntime's CUDA provider, which has no fused W8A8 kernel: int8 QuantizeLinear -> MatMulInteger (int8 x int8)
     # -> Cast -> Mul, every node with a CUDA kernel by onnxruntime's registrations (not measured on a GPU yet);

@@ -14,18 +14,12 @@ import onnx_ir.passes.common as common_passes
 
 from sqonnx.calibrators import ActivationStats
 from sqonnx.config import Level, QuantizeConfig, Weights
-from sqonnx.gptq import Grid, round_weight
-from sqonnx.graph import HALF_TYPES, SHARED, find_linear_layers, opset_version
-from sqonnx.passes.float_islands import FloatIslandsPass
-from sqonnx.passes.insert_integer_matmul import InsertIntegerMatMulPass
-from sqonnx.passes.insert_matmul_nbits import InsertMatMulNBitsPass, NBitsLayer
-from sqonnx.passes.insert_qdq import InsertQDQPass, LayerQuantization
-from sqonnx.passes.smooth import GroupResult, SmoothPass
-from sqonnx.passes.smoothing_groups import find_smoothing_groups
-from sqonnx.passes.transposed import RestoreTransposedCopiesPass
-from sqonnx.report import LayerReport
-from sqonnx.rotation import Orthogonal
-from sqonnx.search import (
+from sqonnx.graph.layers import find_linear_layers
+from sqonnx.graph.tensors import HALF_TYPES, SHARED, opset_version
+from sqonnx.judgements.layer_report import LayerReport
+from sqonnx.judgements.quality import RotationJudge
+from sqonnx.math.gptq import Grid, round_weight
+from sqonnx.math.search import (
     INT4_ERROR_LIMIT,
     AlphaSearch,
     choose_level,
@@ -34,8 +28,15 @@ from sqonnx.search import (
     static_range,
     w4a8_error,
 )
-from sqonnx.smoothing import as_float32
-from sqonnx.target import Target, static_only
+from sqonnx.math.smoothing import as_float32
+from sqonnx.passes.float_islands import FloatIslandsPass
+from sqonnx.passes.insert_integer_matmul import InsertIntegerMatMulPass
+from sqonnx.passes.insert_matmul_nbits import InsertMatMulNBitsPass, NBitsLayer
+from sqonnx.passes.insert_qdq import InsertQDQPass, LayerQuantization
+from sqonnx.passes.smooth import GroupResult, SmoothPass
+from sqonnx.passes.smoothing_groups import find_smoothing_groups
+from sqonnx.passes.transposed import RestoreTransposedCopiesPass
+from sqonnx.targets import Target, static_only
 
 W4A8 = "W4A8"  # a layer's level in the report when it is written as MatMulNBits (its kernel quantizes activations)
 
@@ -159,14 +160,6 @@ def build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quant
     )(model)
     return Built(model, layer_reports, [*plan, *(LayerQuantization(item.layer, 0.0) for item in nbits)], sensitivity,
                  judged)
-
-
-@dataclass(frozen=True)
-class RotationJudge:
-    """What judging the rotation needs: Q, and the values the folded norms hand to their readers."""
-
-    q: Orthogonal
-    readers: frozenset[str]
 
 
 def _hessian(stats: ActivationStats, activation: str, scales: np.ndarray | None) -> np.ndarray | None:

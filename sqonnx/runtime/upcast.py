@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from sqonnx.graph import HALF_TYPES
-from sqonnx.smoothing import as_float32
+from sqonnx.graph.tensors import HALF_TYPES
+from sqonnx.math.smoothing import as_float32
 
 _FLOAT = ir.DataType.FLOAT
 

@@ -17,26 +17,27 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from sqonnx import tensorrt
-from sqonnx.blocks import Block, Partition
-from sqonnx.build import W4A8, Built, RotationJudge, build
 from sqonnx.calibrators.cache import CalibrationCache
 from sqonnx.calibrators.carry import Carry
 from sqonnx.calibrators.channel_max import ActivationStats
 from sqonnx.calibrators.data import LOGITS
 from sqonnx.config import QuantizeConfig, Rounding, Weights
 from sqonnx.errors import SqonnxError
-from sqonnx.graph import find_linear_layers, opset_version, output_layer, prefetch
-from sqonnx.kernels import KernelCheck, count_kernels
-from sqonnx.output import StreamingWriter, no_space
+from sqonnx.graph import tensorrt
+from sqonnx.graph.layers import find_linear_layers, output_layer
+from sqonnx.graph.tensors import opset_version, prefetch
+from sqonnx.io.writer import StreamingWriter, no_space
+from sqonnx.judgements.layer_report import LayerReport
+from sqonnx.judgements.quality import HeadVerdict, QualityCheck, RotationJudge
 from sqonnx.passes.smoothing_groups import find_smoothing_groups, statistics_needed
 from sqonnx.passes.transposed import FOLDED_TENSOR
 from sqonnx.pause import pause_point
-from sqonnx.progress import Progress, free_memory
-from sqonnx.quality import HeadVerdict, QualityCheck
-from sqonnx.report import LayerReport
-from sqonnx.session import PREPACK_TOKENS, cpu_runs, open_session
-from sqonnx.streaming import (
+from sqonnx.run.build import W4A8, Built, build
+from sqonnx.run.progress import Progress, free_memory
+from sqonnx.runtime.kernels import KernelCheck, count_kernels
+from sqonnx.runtime.session import PREPACK_TOKENS, cpu_runs, open_session
+from sqonnx.streaming.blocks import Block, Partition
+from sqonnx.streaming.runner import (
     CARRY_MEMORY_BYTES,
     BlockRunner,
     Comparison,
@@ -49,7 +50,7 @@ from sqonnx.streaming import (
     run_track_block,
     time_fp_block,
 )
-from sqonnx.target import Target, worst_int16_pair_in_graph
+from sqonnx.targets import Target, worst_int16_pair_in_graph
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +224,7 @@ class Pipeline:
             logger.info("LM head: %s", outcome.head.summary())
             if outcome.head.loses:
                 head_float = head_track.float_layers
-                written = head_track  # run_pass wrote its last block (sqonnx.pipeline.Pipeline._write)
+                written = head_track  # run_pass wrote its last block (sqonnx.run.pipeline.Pipeline._write)
         if search:
             judged = [t for t in tracks if t is not baseline and t is not head_track
                       and (t is not trial0 or t is primary)]

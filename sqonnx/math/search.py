@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from sqonnx.config import CalibMethod, Level
-from sqonnx.gptq import Grid, Rounded, nearest
-from sqonnx.rotation import Orthogonal
-from sqonnx.smoothing import as_float32, quantize_symmetric, quantize_weight, smoothing_scales, symmetric_scale
+from sqonnx.math.gptq import Grid, Rounded, nearest
+from sqonnx.math.rotation import Orthogonal
+from sqonnx.math.smoothing import as_float32, quantize_symmetric, quantize_weight, smoothing_scales, symmetric_scale
 
 ACTIVATION_QMAX = 127
 # --level auto: a group goes per-token when its static (O3) error is this many times its per-token error.

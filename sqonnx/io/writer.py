@@ -18,7 +18,8 @@ import onnx
 import onnx_ir as ir
 
 from sqonnx.errors import SqonnxError
-from sqonnx.graph import release
+from sqonnx.graph.tensors import release
+from sqonnx.io.load import check_onnx
 from sqonnx.pause import pause_point
 
 # Protobuf cannot serialize a model over 2 GiB; keep a margin for the graph itself.
@@ -352,17 +353,3 @@ def _folder_lock(folder: Path) -> Iterator[None]:
         yield
     finally:
         os.close(descriptor)
-
-
-# onnxruntime registers these contrib ops in the standard domain; its transformer optimizer (--optimize)
-# writes them there, so onnx.checker does not know them although onnxruntime runs them.
-ONNXRUNTIME_OPS_IN_STANDARD_DOMAIN = ("SimplifiedLayerNormalization",)
-
-
-def check_onnx(path: Path) -> None:
-    """onnx.checker on a saved model (read from the path, so models over 2 GB work)."""
-    try:
-        onnx.checker.check_model(str(path))
-    except onnx.checker.ValidationError as exc:
-        if not any(f"No Op registered for {op} " in str(exc) for op in ONNXRUNTIME_OPS_IN_STANDARD_DOMAIN):
-            raise

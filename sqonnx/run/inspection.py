@@ -1,6 +1,6 @@
 """`sqonnx inspect`: where a model's outliers are, and what smoothing does to them, without writing a model.
 
-It goes through `quantize`'s own front end (sqonnx.front): the residual stream is rotated where quantize rotates
+It goes through `quantize`'s own front end (sqonnx.run.front): the residual stream is rotated where quantize rotates
 it and the model is calibrated block by block, so the report describes the graph quantize smooths.
 
 Per smoothing group (the layers that read one activation): the max/median ratio of per-channel max|X|
@@ -24,13 +24,13 @@ import numpy as np
 from sqonnx.calibrators import ActivationStats
 from sqonnx.config import QuantizeConfig
 from sqonnx.errors import SqonnxError
-from sqonnx.front import prepare_model
-from sqonnx.graph import load_model
+from sqonnx.io.load import load_model
+from sqonnx.math.search import AlphaSearch, group_error
+from sqonnx.math.smoothing import as_float32, input_channel_max, shared_scales
 from sqonnx.passes.smoothing_groups import SmoothingGroup, find_smoothing_groups
-from sqonnx.pipeline import Pipeline
-from sqonnx.progress import Progress
-from sqonnx.search import AlphaSearch, group_error
-from sqonnx.smoothing import as_float32, input_channel_max, shared_scales
+from sqonnx.run.front import prepare_model
+from sqonnx.run.pipeline import Pipeline
+from sqonnx.run.progress import Progress
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""onnxruntime: sessions, the kernels it really runs, its transformer optimizer."""
