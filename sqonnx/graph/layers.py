@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from sqonnx.graph.match import is_standard
 from sqonnx.graph.tensors import FLOAT_TYPES, constant, constant_shape, is_constant
 
 
@@ -62,7 +63,7 @@ class LinearLayer:
 
 
 def as_linear_layer(node: ir.Node) -> LinearLayer | None:
-    if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm"):
+    if not is_standard(node, "MatMul", "Gemm"):
         return None
     weight = constant_shape(node.inputs[1]) if len(node.inputs) > 1 else None
     if weight is None or len(weight[0]) != 2 or weight[1] not in FLOAT_TYPES:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from sqonnx.graph.match import is_standard
 from sqonnx.graph.tensors import constant
 
 MAX_OPSET = 20
@@ -30,7 +31,7 @@ def violation(graph: ir.Graph, opset: int) -> str | None:
         return f"ai.onnx opset {opset}: TensorRT 10's parser reads up to {MAX_OPSET}"
     for node in graph:
         name = node.name or node.op_type
-        standard = node.domain in ("", "ai.onnx")
+        standard = is_standard(node)
         if node.op_type in INTEGER_OPS or (node.op_type in QDQ and not standard):
             return f"{name}: {'' if standard else node.domain + '.'}{node.op_type} has no TensorRT importer"
         if node.op_type not in QDQ:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from sqonnx.graph.match import STANDARD_DOMAINS
 from sqonnx.math.smoothing import convert
 
 # The float types a linear layer's weight may have: the model's own float type is kept for what stays float.
@@ -21,7 +22,7 @@ HALF_TYPES = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
 def opset_version(graph: ir.Graph) -> int:
     """The standard (ai.onnx) opset the graph imports; 0 when it imports none."""
-    return graph.opset_imports.get("", graph.opset_imports.get("ai.onnx", 0))
+    return next((graph.opset_imports[d] for d in STANDARD_DOMAINS if d in graph.opset_imports), 0)
 
 
 def constant(value: ir.Value | None) -> np.ndarray | None:

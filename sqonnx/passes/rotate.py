@@ -64,6 +64,7 @@ import numpy as np
 import onnx_ir as ir
 
 from sqonnx.graph.layers import LinearLayer, as_linear_layer, find_linear_layers
+from sqonnx.graph.match import is_standard
 from sqonnx.graph.tensors import (
     FLOAT_TYPES,
     add_initializer,
@@ -267,7 +268,7 @@ def find_stream(graph: ir.Graph) -> _Plan | str:
         uses = value_uses(value)
         claimed: set[int] = set()
         for use in uses:
-            if use.node.op_type == "Pow" and use.node.domain == "" and use.idx == 0:
+            if is_standard(use.node, "Pow") and use.idx == 0:
                 norm = _match_rms_norm(use.node, value, plan.hidden)
                 if isinstance(norm, str):
                     return norm
@@ -295,7 +296,7 @@ def find_stream(graph: ir.Graph) -> _Plan | str:
                     return skip
                 plan.norms.append(skip)
                 total = node.outputs[3] if len(node.outputs) > 3 else None
-            elif node.op_type != "Add" or node.domain != "" or len(node.inputs) != 2:
+            elif not is_standard(node, "Add") or len(node.inputs) != 2:
                 return (f"{node.name or node.op_type} ({node.op_type}) reads the residual stream '{value.name}'; "
                         "only residual Adds, RMSNorms (Pow/ReduceMean/Sqrt then Mul by the weight, or onnxruntime's "
                         "Simplified/SkipSimplifiedLayerNormalization) and Shape may")
@@ -325,7 +326,7 @@ def _unsupported_norm(graph: ir.Graph) -> str:
             return (f"{node.name} is a LayerNorm: it subtracts the mean over channels, and mean(x Q) is not mean(x) Q, "
                     "so the residual stream cannot be rotated without first removing the mean direction from every "
                     "writer (not done); only RMSNorm decoders are rotated")
-        if node.op_type == "Sub" and node.domain == "" and node.inputs[1] is not None:
+        if is_standard(node, "Sub") and node.inputs[1] is not None:
             mean = node.inputs[1].producer()
             if mean is not None and mean.op_type == "ReduceMean" and mean.inputs[0] is node.inputs[0]:
                 return (f"{node.name} subtracts a mean over channels (a LayerNorm): mean(x Q) is not mean(x) Q; "
@@ -335,7 +336,7 @@ def _unsupported_norm(graph: ir.Graph) -> str:
 
 def _embedding(graph: ir.Graph) -> ir.Node | None:
     for node in graph:
-        if node.op_type == "Gather" and node.domain == "" and node.attributes.get_int("axis", 0) == 0:
+        if is_standard(node, "Gather") and node.attributes.get_int("axis", 0) == 0:
             table = constant_shape(node.inputs[0])
             ids = node.inputs[1]
             if table is not None and len(table[0]) == 2 and table[1] in FLOAT_TYPES and ids is not None \
@@ -349,18 +350,18 @@ def _table_lookup(value: ir.Value) -> ir.Node | None:
     node = value.producer()
     while node is not None and _is_float_cast(node):
         node = node.inputs[0].producer() if node.inputs[0] is not None else None
-    if node is None or node.op_type != "Gather" or node.domain != "" or node.attributes.get_int("axis", 0) != 0:
+    if node is None or not is_standard(node, "Gather") or node.attributes.get_int("axis", 0) != 0:
         return None
     table = constant_shape(node.inputs[0])
     return node if table is not None and len(table[0]) == 2 and table[1] in FLOAT_TYPES else None
 
 
 def _is_float_cast(node: ir.Node) -> bool:
-    return node.op_type == "Cast" and node.domain == "" and node.attributes.get_int("to", 0) in _FLOATS
+    return is_standard(node, "Cast") and node.attributes.get_int("to", 0) in _FLOATS
 
 
 def _is_scalar_mul(node: ir.Node, index: int) -> bool:
-    if node.op_type != "Mul" or node.domain != "" or len(node.inputs) != 2:
+    if not is_standard(node, "Mul") or len(node.inputs) != 2:
         return False
     array = constant(node.inputs[1 - index])
     return array is not None and array.size == 1
@@ -411,7 +412,7 @@ def _match_rms_norm(pow_node: ir.Node, x: ir.Value, hidden: int) -> _Norm | str:
         value = reader.outputs[0]
     weight = None
     reader = _only_reader(value)
-    if reader is not None and reader.op_type == "Mul" and reader.domain == "":
+    if reader is not None and is_standard(reader, "Mul"):
         index = 1 if reader.inputs[0] is value else 0
         if is_channel_vector(reader, index, hidden, allow_scalar=True):
             weight, value = (reader, index), reader.outputs[0]
@@ -423,7 +424,7 @@ def _match_rms_norm(pow_node: ir.Node, x: ir.Value, hidden: int) -> _Norm | str:
 
 def _is_fused_rms_norm(node: ir.Node) -> bool:
     """onnxruntime's SimplifiedLayerNormalization (registered in the ONNX domain): x / rms(x) * gamma."""
-    return node.op_type == "SimplifiedLayerNormalization" and node.domain in ("", "ai.onnx")
+    return is_standard(node, "SimplifiedLayerNormalization")
 
 
 def _is_skip_rms_norm(node: ir.Node) -> bool:
@@ -510,7 +511,7 @@ def _walk_branch(start: ir.Value, add: ir.Node, plan: _Plan) -> str:
     while stack:
         value = stack.pop()
         node = value.producer()
-        if node is None or node.domain != "":
+        if node is None or not is_standard(node):
             return f"what {add.name} adds to the residual stream comes from '{value.name}', not from a linear layer"
         if len(value_uses(value)) != 1 or value.is_graph_output():
             return f"'{value.name}' on the branch into {add.name} has other readers; rotating it would change them"

@@ -15,6 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from sqonnx.graph.layers import LinearLayer, find_linear_layers
+from sqonnx.graph.match import is_standard
 from sqonnx.graph.tensors import constant
 from sqonnx.passes.absorbers import ABSORBERS, Absorber, Probe, Site
 from sqonnx.passes.absorbers.base import single_reader, value_uses
@@ -110,7 +111,7 @@ def _before_flattening(activation: ir.Value, channels: int) -> ir.Value:
     x itself. With a constant C the absorber behind it proves x's last axis is C (a norm's scale, a layer's
     columns)."""
     value = activation
-    while (node := value.producer()) is not None and node.op_type == "Reshape" and node.domain == "":
+    while (node := value.producer()) is not None and is_standard(node, "Reshape"):
         source = node.inputs[0]
         if source is None or len(node.inputs) < 2 or node.inputs[1] is None or node.attributes.get_int("allowzero", 0):
             break

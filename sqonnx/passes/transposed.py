@@ -22,11 +22,12 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from sqonnx.graph.match import is_standard
 from sqonnx.graph.tensors import add_initializer, constant_shape, deferred
 
 
 def _transpose_of_constant(node: ir.Node) -> bool:
-    if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 1:
+    if not is_standard(node, "Transpose") or len(node.inputs) != 1:
         return False
     table = constant_shape(node.inputs[0])
     return table is not None and len(table[0]) == 2 and tuple(node.attributes.get_ints("perm", (1, 0))) == (1, 0)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from sqonnx.graph.match import is_standard
 from sqonnx.graph.tensors import HALF_TYPES
 from sqonnx.passes.absorbers.base import SHAPE_ONLY_OPS
 from sqonnx.passes.smoothing_groups import find_smoothing_groups
@@ -140,7 +141,7 @@ def _hidden_state_values(graph: ir.Graph, nodes: list[ir.Node]) -> set[int]:
     """ids of the values that depend, through data, on a float model input or an embedding lookup."""
     hidden: set[int] = {id(v) for v in graph.inputs if v.dtype is not None and v.dtype not in _INTEGERS}
     for node in nodes:
-        if node.op_type in SHAPE_ONLY_OPS and node.domain == "":
+        if is_standard(node, *SHAPE_ONLY_OPS):
             continue
         table = node.inputs[0] if node.op_type == "Gather" and node.inputs else None
         embedding = table is not None and table.is_initializer() and table.dtype not in _INTEGERS

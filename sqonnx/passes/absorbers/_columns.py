@@ -25,6 +25,7 @@ import onnx_ir as ir
 
 from sqonnx.calibrators import ActivationStats
 from sqonnx.graph.layers import LinearLayer, as_linear_layer
+from sqonnx.graph.match import is_standard
 from sqonnx.graph.tensors import constant, is_constant, set_constant_input
 from sqonnx.math.smoothing import along
 from sqonnx.passes.absorbers.base import SHAPE_ONLY_OPS, Absorber, Probe, is_channel_vector, single_reader, value_uses
@@ -163,7 +164,7 @@ def _walk(x: ir.Value, value: ir.Value, channels: int, attention: bool, crossed:
     consumer: ir.Node | None = None
     while True:
         node = value.producer()
-        if node is None or node.domain != "":
+        if node is None or not is_standard(node):
             return None
         if value is not x:
             others = _other_readers(value, consumer)
@@ -303,7 +304,7 @@ def _other_readers(value: ir.Value, consumer: ir.Node | None) -> tuple[tuple[ir.
     if consumer is None or consumer.op_type not in SPLITTING_OPS:
         return None
     others = tuple((use.node, use.idx) for use in uses if use.node is not consumer)
-    if any(node.op_type not in MOVING_OPS or node.domain != "" or _moving_input(node) != index
+    if any(not is_standard(node, *MOVING_OPS) or _moving_input(node) != index
            for node, index in others):
         return None
     return others

@@ -23,6 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from sqonnx.calibrators.probes import Probe
+from sqonnx.graph.match import is_standard
 from sqonnx.graph.tensors import FLOAT_TYPES, constant
 
 if TYPE_CHECKING:
@@ -91,7 +92,7 @@ class Absorber(abc.ABC):
 
 def value_uses(value: ir.Value) -> list:  # list[onnx_ir Usage]
     """Readers of a value's numbers; Shape and Size read only its shape, which scaling keeps."""
-    return [use for use in value.uses() if use.node.op_type not in SHAPE_ONLY_OPS or use.node.domain != ""]
+    return [use for use in value.uses() if not is_standard(use.node, *SHAPE_ONLY_OPS)]
 
 
 def is_channel_vector(node: ir.Node, index: int, channels: int, *, allow_scalar: bool = False) -> bool:

@@ -18,6 +18,7 @@ import numpy as np
 import onnx_ir as ir
 
 from sqonnx.calibrators import ActivationStats
+from sqonnx.graph.match import is_standard
 from sqonnx.graph.tensors import constant, set_constant_input
 from sqonnx.passes.absorbers.base import Absorber, Site, is_channel_vector
 
@@ -31,7 +32,7 @@ class MulAbsorber(Absorber):
     @classmethod
     def match(cls, site: Site) -> MulAbsorber | str:
         producer = site.producer
-        if producer is None or producer.op_type != "Mul" or producer.domain != "":
+        if producer is None or not is_standard(producer, "Mul"):
             return ""
         for index in (1, 0):
             if is_channel_vector(producer, index, site.channels):
