@@ -3,11 +3,11 @@ absorber kind), and why the rest are not. Writes ci/results/coverage.md / covera
 
     .venv/bin/python ci/coverage.py [family ...]
 
-Each family is a tiny trained-like model from tests/zoo.py (2 layers, hidden 64, planted outlier channels),
+Each family is a tiny trained-like model from models/zoo.py (2 layers, hidden 64, planted outlier channels),
 quantized with the defaults (α 0.5, rotation where exact, --level auto, LM head included) with an .npz of
 random token windows. "Linear layers" counts MatMul/Gemm whose weight is a constant in the exported
 file, read directly, through Identity, a Transpose (a tied LM head) or from a Constant node, independently
-of sqonnx's own matcher (`tests.zoo.constant_weight_layers`). The logits error is
+of sqonnx's own matcher (`models.zoo.constant_weight_layers`). The logits error is
 the relative L2 error against FP32 on held-out windows, with the defaults and with --no-smooth.
 """
 
@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import sqonnx  # noqa: E402
+from models import zoo  # noqa: E402
 from sqonnx import CalibrationConfig, QuantizeConfig  # noqa: E402
-from tests import zoo  # noqa: E402
 
 RESULTS = REPO / "ci" / "results"
 

@@ -20,7 +20,7 @@ weights are `onnx::MatMul_<n>`, [in, out]). Two attention forms:
 - "sdpa" (default): transformers' default attention, so what `optimum-cli export onnx` writes for a checkpoint
   (SmolLM2 in models/): q and k^T each scaled by head_dim^-1/4, a boolean mask turned into 0/-inf per layer,
   Softmax guarded by IsNaN.
-- "eager": what tests/zoo.py exports: scores scaled by head_dim^-1/2, an additive 0/finfo.min mask built once.
+- "eager": what models/zoo.py exports: scores scaled by head_dim^-1/2, an additive 0/finfo.min mask built once.
 
 FP16 is what the exporter writes for a model in float16 (verified on tiny exports): float16 weights,
 activations, cache and logits; RMSNorm statistics stay in float32 (Cast to float, Cast back before the weight);
@@ -32,7 +32,7 @@ attention on are float32, each down_proj output cast up before its Add; the "eag
 Weights are random but trained-like, so SmoothQuant has something to do: linear weights N(0, 1/in) (o_proj and
 down_proj further by 1/sqrt(2 * layers), so the residual stream stays O(1) at depth), norm weights 1 + 0.05 N
 with `OUTLIER_FRACTIONS` channels x`OUTLIER_SCALE` in every norm (the outlier channels of real LLMs) and those
-rows x`READER_ROW_SCALE` in the linears that read a norm (the trick tests/zoo.py uses), an embedding of small
+rows x`READER_ROW_SCALE` in the linears that read a norm (the trick models/zoo.py uses), an embedding of small
 N(0, 0.05) with the same channels larger. Each tensor has its own generator seeded by (seed, layer, name).
 
     python ci/scale_models.py --shape tinyllama --out /tmp/tinyllama            # 4.4 GB

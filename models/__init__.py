@@ -49,7 +49,7 @@ def building(target: Path) -> Iterator[Path]:
 
 def export_into(target: Path, model: object, tokenizer: object | None, task: str) -> Path:
     """Export a transformers model with optimum into `target` (with its tokenizer, if any), all or nothing.
-    Models built from a bare config (tests/zoo.py) have no tokenizer; their feeds are random token ids."""
+    Models built from a bare config (models/zoo.py) have no tokenizer; their feeds are random token ids."""
     from optimum.exporters.onnx import onnx_export_from_model
 
     with building(target) as staging:

@@ -18,6 +18,7 @@ from sqonnx.calibrators.data import (
     pydoc_text,
     special_tokens,
 )
+from sqonnx.math.metrics import next_token_nll
 
 
 def session(model_path: Path, threads: int = 0) -> ort.InferenceSession:
@@ -54,10 +55,7 @@ def perplexity(model_path: Path, windows: np.ndarray) -> float:
     total, count = 0.0, 0
     for window in windows:
         logits = sess.run(["logits"], feeds_for_tokens(inputs, window, dims))[0][0].astype(np.float64)
-        logits = logits[:-1]
-        top = logits.max(axis=-1, keepdims=True)
-        log_z = np.log(np.exp(logits - top).sum(axis=-1)) + top[:, 0]
-        total += float((log_z - logits[np.arange(len(window) - 1), window[1:]]).sum())
+        total += next_token_nll(logits[:-1], window[1:])
         count += len(window) - 1
     return float(np.exp(total / count))
 

@@ -27,6 +27,7 @@ from sqonnx.config import (
     Rounding,
     Unabsorbed,
     Weights,
+    block_bytes,
 )
 from sqonnx.errors import SqonnxError
 from sqonnx.targets import Target
@@ -153,7 +154,7 @@ def quantize(
             calibration=CalibrationConfig(data=calib_data, num_samples=num_samples, seq_len=seq_len,
                                           decode_steps=decode_steps),
             verify_fusion=verify, optimize=optimize, keep_float_budget=keep_float_budget,
-            block_bytes=_block_bytes(block_size), cache_dir=cache_dir, sequential=sequential,
+            block_bytes=block_bytes(block_size), cache_dir=cache_dir, sequential=sequential,
             check_samples=check_samples, allow_lossy=allow_lossy, weights=weights, weight_rounding=weight_rounding,
             int4_block=int4_block, act_order=act_order, calibration_provider=calibration_provider)
         if report_json is not None:
@@ -226,12 +227,6 @@ def _check_writable_file(path: Path, option: str) -> None:
         raise SqonnxError(f"{option} {path} is a folder; give a file name such as report.json")
     if not path.parent.is_dir():
         raise SqonnxError(f"{option} {path}: folder {path.parent} does not exist; create it first")
-
-
-def _block_bytes(megabytes: float) -> int:
-    if not megabytes > 0:
-        raise SqonnxError(f"--block-size must be a positive number of MB, got {megabytes}; try 256")
-    return max(1, int(megabytes * (1 << 20)))
 
 
 def _alpha(text: str) -> float | str:

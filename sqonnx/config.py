@@ -88,7 +88,15 @@ DEFAULT_EXCLUDE: tuple[str, ...] = ()
 
 # 256 MB of weights per block: SmolLM2 (540 MB) runs as 3 blocks, a Llama-2-7B decoder layer (808 MB) as its
 # attention and MLP halves. Blocks add an onnxruntime session each (about a second of set-up on 7B shapes).
-DEFAULT_BLOCK_BYTES = 256 << 20
+MB = 1 << 20
+DEFAULT_BLOCK_BYTES = 256 * MB
+
+
+def block_bytes(megabytes: float) -> int:
+    """--block-size in bytes; the one check of it (the CLI's flag and QuantizeConfig.block_bytes)."""
+    if not megabytes > 0:
+        raise SqonnxError(f"--block-size must be a positive number of MB, got {megabytes:g}; try 256")
+    return max(1, int(megabytes * MB))
 
 
 @dataclass(frozen=True)
@@ -210,8 +218,7 @@ class QuantizeConfig:
         if self.smooth_only and self.weights is Weights.INT4:
             raise SqonnxError("--smooth-only writes a float model; --weights int4 has nothing to quantize, drop one")
         if self.block_bytes < 1:
-            raise SqonnxError(f"--block-size must be a positive number of MB, got {self.block_bytes / (1 << 20)}; "
-                              "try 256")
+            block_bytes(self.block_bytes / MB)  # raises the --block-size message
         for pattern in self.exclude:
             if not pattern:
                 raise SqonnxError("--exclude got an empty pattern; give a node-name glob like '*lm_head*'")

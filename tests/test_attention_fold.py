@@ -17,8 +17,9 @@ from sqonnx import CalibrationConfig, QuantizeConfig
 from sqonnx.config import Unabsorbed
 from sqonnx.graph.layers import find_linear_layers
 from sqonnx.passes.absorbers import ValueAbsorber
-from sqonnx.passes.smooth import SmoothPass, smoothing_statistics
+from sqonnx.passes.smooth import GroupResult, SmoothPass, SmoothSettings
 from sqonnx.passes.smoothing_groups import find_smoothing_groups
+from tests.calibrate import statistics
 from tests.synthetic import run
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, SEQ = 32, 4, 2, 8, 12
@@ -109,27 +110,26 @@ def test_finds_v_proj_and_measures_the_gqa_channel_map(tmp_path: Path) -> None:
     assert isinstance(group.absorber, ValueAbsorber)
     assert group.absorber.layer_name == "/attn/v_proj/MatMul"
     assert str(group.absorber.path.values.name) == "v"  # after the bias: what attention mixes
-    stats = smoothing_statistics(model, ({"x": s} for s in inputs(2, 1)), 2)
+    stats = statistics(model, ({"x": s} for s in inputs(2, 1)))
     np.testing.assert_array_equal(stats.maps[str(group.activation.name)], expected_channel_map())
 
 
-def smooth(path: Path, out: Path, wrong_map: bool = False) -> SmoothPass:
+def smooth(path: Path, out: Path, wrong_map: bool = False) -> list[GroupResult]:
     model, _, group = o_proj_group(path)
-    stats = smoothing_statistics(model, ({"x": s} for s in inputs(4, 1)), 4)
+    stats = statistics(model, ({"x": s} for s in inputs(4, 1)))
     if wrong_map:  # as if 2 heads were assumed: pairs output channels with the wrong value channels
         index = np.arange(HIDDEN)
         stats.maps[str(group.activation.name)] = (index // (HIDDEN // 2) // 2) * HEAD_DIM + index % HEAD_DIM
     layers = {layer.name for layer in find_linear_layers(model.graph)}
-    result = SmoothPass(stats, layers, 0.5, Unabsorbed.SKIP)
-    result(model)
+    result = SmoothPass(stats, layers, SmoothSettings(0.5, Unabsorbed.SKIP))(model)
     ir.save(model, out)
-    return result
+    return result.groups
 
 
 def test_fold_is_exact_and_shares_s_across_query_heads(tmp_path: Path) -> None:
     path = build_attention(tmp_path / "m.onnx")
     result = smooth(path, tmp_path / "s.onnx")
-    o_proj = next(r for r in result.results if r.group.layers[0].name == "/attn/o_proj/MatMul")
+    o_proj = next(r for r in result if r.group.layers[0].name == "/attn/o_proj/MatMul")
     assert o_proj.method == "MatMul (value columns)" and o_proj.scales is not None
     channel_map = expected_channel_map()
     for value_channel in range(KV_HEADS * HEAD_DIM):  # query heads of one KV head share its s
@@ -144,7 +144,7 @@ def test_wrong_channel_map_is_caught_by_calibration(tmp_path: Path) -> None:
     and nothing is folded."""
     path = build_attention(tmp_path / "m.onnx")
     result = smooth(path, tmp_path / "s.onnx", wrong_map=True)
-    o_proj = next(r for r in result.results if r.group.layers[0].name == "/attn/o_proj/MatMul")
+    o_proj = next(r for r in result if r.group.layers[0].name == "/attn/o_proj/MatMul")
     assert o_proj.scales is None and "exceed the value channels" in o_proj.method
 
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import sqonnx
+from models import zoo
 from sqonnx import CalibrationConfig, QuantizeConfig
 from sqonnx.calibrators import channel_max
-from tests import zoo
 from tests.paused import start_paused
 from tests.test_cli import sqonnx as run_cli
 

@@ -11,12 +11,13 @@ import onnx_ir as ir
 import pytest
 
 import sqonnx
+from models import zoo
 from sqonnx import CalibrationConfig, QuantizeConfig
-from sqonnx.calibrators import channel_max, collect_channel_max
+from sqonnx.calibrators import channel_max
 from sqonnx.calibrators.data import cache_dims, calibration_feeds, decode_chains, feeds_for_tokens
 from sqonnx.graph.layers import find_linear_layers
 from sqonnx.runtime.session import Session
-from tests import zoo
+from tests.calibrate import statistics, teacher_forced
 from tests.test_cli import sqonnx as run_cli
 from tests.test_genai import SEQ, build_genai, generate
 
@@ -65,22 +66,23 @@ def test_teacher_forced_decode_equals_prefill(tmp_path: Path, form: str) -> None
     assert [chain.steps for chain in chains] == [10, 10, 10]
     activations = _activations(model)
     assert len(activations) >= 3  # genai: qkv, o_proj (reads the cache), lm_head
-    decoded = collect_channel_max(model, activations, chains, len(chains), progress=False)
-    prefill = collect_channel_max(model, activations, [feeds_for_tokens(_inputs(model), w, dims) for w in windows],
-                                  len(windows), progress=False)
+    decoded = statistics(model, [], chains, activations=activations).channel_max
+    prefill = statistics(model, [feeds_for_tokens(_inputs(model), w, dims) for w in windows],
+                         activations=activations).channel_max
     assert decoded.keys() == prefill.keys() == activations.keys()
     for name in activations:
         np.testing.assert_allclose(decoded[name], prefill[name], rtol=1e-4, atol=1e-6, err_msg=name)
 
 
-def test_free_running_decode_feeds_the_models_greedy_tokens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each single token is the argmax of the run before, through a growing cache and mask; every one of
-    them is a run that adds to the maxima."""
+def test_decode_feeds_the_models_greedy_tokens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each single token is the argmax of the FP model's run before (generated first, then teacher-forced),
+    through a growing cache and mask; every one of them is a run that adds to the maxima."""
     path = build_genai(tmp_path / "genai")
     model = ir.load(path)
     feeds = calibration_feeds(model.graph, path.parent, CalibrationConfig(num_samples=8, seq_len=SEQ, decode_steps=10))
     assert [chain.steps for chain in feeds.decode] == [3, 3, 2, 2]
     assert feeds.description == f"built-in pydoc topics, 8 x {SEQ} tokens + 10 decode steps"
+    chains = teacher_forced(model, feeds.decode, tmp_path)
     runs: list[dict[str, np.ndarray]] = []
     real_run = Session.run
 
@@ -90,7 +92,7 @@ def test_free_running_decode_feeds_the_models_greedy_tokens(tmp_path: Path, monk
 
     monkeypatch.setattr(Session, "run", counted)
     activations = _activations(model)
-    decoded = collect_channel_max(model, activations, feeds.decode, len(feeds.decode), progress=False)
+    decoded = statistics(model, [], chains, activations=activations).channel_max
     prompt = SEQ // 2
     assert [run["input_ids"].shape[1] for run in runs] == [prompt, 1, 1, 1, prompt, 1, 1, 1, prompt, 1, 1, prompt, 1, 1]
     singles = [run for run in runs if run["input_ids"].shape[1] == 1]
@@ -102,8 +104,7 @@ def test_free_running_decode_feeds_the_models_greedy_tokens(tmp_path: Path, monk
     assert [int(run["input_ids"][0, 0]) for run in singles[:3]] == [int(step[-1].argmax()) for step in logits]
     # Free-running tokens reach activations the prompts alone do not.
     runs.clear()
-    prompts_only = collect_channel_max(model, activations, [chain.prompt for chain in feeds.decode],
-                                       len(feeds.decode), progress=False)
+    prompts_only = statistics(model, [chain.prompt for chain in feeds.decode], activations=activations).channel_max
     assert len(runs) == 4
     assert any(np.any(decoded[name] > prompts_only[name] * (1 + 1e-3)) for name in activations)
 

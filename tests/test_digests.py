@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 
 import sqonnx
+from models import zoo
 from sqonnx import CalibrationConfig, Level, QuantizeConfig, Rounding, Target, Weights
-from tests import zoo
 from tests.digests import check_digest
 from tests.test_half import to_bfloat16
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import sqonnx
+from models import zoo
 from sqonnx import CalibrationConfig, QuantizeConfig
-from tests import zoo
 
 NORM_MUL, LN = "Mul (per-channel weight)", "LayerNormalization"
 VALUE, GATED = "MatMul (value columns)", "MatMul (output columns through Mul)"

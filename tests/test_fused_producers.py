@@ -13,8 +13,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from sqonnx.config import Unabsorbed
 from sqonnx.graph.layers import find_linear_layers
-from sqonnx.passes.smooth import SmoothPass, smoothing_statistics
+from sqonnx.passes.smooth import SmoothPass, SmoothPassResult, SmoothSettings
 from sqonnx.passes.smoothing_groups import find_smoothing_groups
+from tests.calibrate import statistics
 
 C, N = 16, 24
 MS = "com.microsoft"
@@ -71,10 +72,12 @@ def test_fold_into_fused_norm(tmp_path: Path, norm: str, linear: str) -> None:
     model = ir.load(path)
     groups = find_smoothing_groups(model.graph)
     assert len(groups) == 1 and groups[0].absorber is not None, groups[0].reason
-    stats = smoothing_statistics(model, iter(feeds), len(feeds))
-    smooth = SmoothPass(stats, {layer.name for layer in find_linear_layers(model.graph)}, 0.5, Unabsorbed.SKIP)
-    assert smooth(model).modified
-    assert smooth.results[0].method == norm
+    stats = statistics(model, feeds)
+    smooth = SmoothPass(stats, {layer.name for layer in find_linear_layers(model.graph)},
+                        SmoothSettings(0.5, Unabsorbed.SKIP))
+    result = smooth(model)
+    assert isinstance(result, SmoothPassResult) and result.modified
+    assert result.groups[0].method == norm
     ir.save(model, tmp_path / "s.onnx")
 
     def run(p: Path) -> list[np.ndarray]:

@@ -22,7 +22,7 @@ from sqonnx import CalibrationConfig, QuantizeConfig, Weights
 from sqonnx.calibrators.data import pydoc_text
 from sqonnx.passes.absorbers import Site
 from sqonnx.passes.absorbers.gqa import GroupQueryAttentionAbsorber
-from sqonnx.passes.prepare import load_prepared
+from sqonnx.passes.prepare import prepare
 from sqonnx.passes.rotate import RotatePass, RotatePassResult, rotate_model
 from sqonnx.passes.smoothing_groups import find_smoothing_groups
 
@@ -329,7 +329,7 @@ def test_fused_norms_rotate_exactly_in_prefill_and_decode(tmp_path: Path, packed
     within 1e-4 of the original in prefill and through three decode steps on the rotated cache."""
     path = build_genai(tmp_path / "fp", packed=packed, layers=2, fused_norms=True, stream_second=stream_second,
                        skip_bias=skip_bias)
-    model = load_prepared(path)
+    model = prepare(ir.load(path))
     result = rotate_model(model, seed=0, model_dir=path.parent)
     assert result.rotated, result.reason
     assert result.norms == ("h", "n", "h.1", "n.1", "final")  # input norm, 2 Skip norms per layer (last: final)
@@ -342,7 +342,7 @@ def test_fused_norms_rotate_exactly_in_prefill_and_decode(tmp_path: Path, packed
     final = "/model/layers.2/final_norm_layernorm/SkipLayerNorm"
     np.testing.assert_array_equal(_initializer(model, final, 2), 1.0)
     if skip_bias:
-        original = load_prepared(path)
+        original = prepare(ir.load(path))
         bias, rotated_bias = _initializer(original, final, 3), _initializer(model, final, 3)
         assert not np.allclose(bias, rotated_bias)
         np.testing.assert_allclose(np.linalg.norm(rotated_bias), np.linalg.norm(bias), rtol=1e-6)  # b Q
@@ -413,7 +413,7 @@ def _edit(path: Path, edit: str) -> None:
 def test_fused_norms_it_cannot_prove_are_refused(tmp_path: Path, edit: str, reason: str) -> None:
     path = build_genai(tmp_path, layers=2, fused_norms=True)
     _edit(path, edit)
-    model = load_prepared(path)
+    model = prepare(ir.load(path))
     before = ir.serde.serialize_model(model).SerializeToString(deterministic=True)
     result = RotatePass()(model)
     assert isinstance(result, RotatePassResult) and not result.modified

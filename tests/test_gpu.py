@@ -67,7 +67,7 @@ def test_cuda_target_form(tmp_path: Path) -> None:
     here)."""
     import onnx
 
-    from tests import zoo
+    from models import zoo
 
     model = zoo.build("llama")
     feeds = zoo.feeds(model, 8, 32, seed=0)

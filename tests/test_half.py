@@ -14,9 +14,9 @@ import onnx_ir as ir
 import pytest
 
 import sqonnx
+from models import zoo
 from sqonnx import CalibrationConfig, QuantizeConfig
 from sqonnx.runtime.upcast import HALF_TYPES, upcast_to_float32
-from tests import zoo
 
 pytestmark = pytest.mark.zoo
 

@@ -31,7 +31,8 @@ def test_inspect_report(tmp_path: Path, block: Path, feeds: Path) -> None:
     assert {top[0]["channel"], top[1]["channel"]} == set(OUTLIERS)
     assert [t["activation_before"] for t in top] == sorted((t["activation_before"] for t in top), reverse=True)
     o_proj = groups[("/attn/o_proj/MatMul",)]
-    assert o_proj["absorber"].startswith("nothing can absorb")
+    # as quantize decides it (--unabsorbed auto): nothing absorbs o_proj's 1/s, and an explicit Mul pays here
+    assert o_proj["absorber"] == "/attn/o_proj/MatMul/SmoothMul (explicit Mul)"
     plots = sorted(p.name for p in out.glob("*.png"))
     assert plots == ["group_00.png", "group_01.png"]
     assert all((out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
@@ -65,7 +66,7 @@ def test_plot_shows_every_channel() -> None:
     weight = np.abs(rng.normal(0.1, 0.02, 1536)).astype(np.float32)
     scales = np.sqrt(act / weight) / 30
     assert top_channels(act, 2) == [1387, 200] == [int(np.argmax(act)), 200]
-    result = GroupInspection("x", ["down_proj"], "up_proj", 0.5, 0, 0, 0, 0, {}, {})
+    result = GroupInspection("x", ["down_proj"], "up_proj", 0.5, 1.0, 2.0, 0, 0, 0, 0, {}, {})
     figure = draw_group(plt, act, scales, weight, result)
     figure.set_dpi(90)
     figure.canvas.draw()
@@ -82,23 +83,42 @@ def test_plot_shows_every_channel() -> None:
     plt.close(figure)
 
 
-@pytest.mark.zoo
-def test_inspect_describes_the_graph_quantize_smooths(tmp_path: Path) -> None:
-    """inspect goes through quantize's front end: the residual stream rotated as quantize rotates it, the same
-    activations (outlier ratios per group equal to the quantize report's), one block at a time."""
+@pytest.mark.parametrize(("family", "alpha"), [
+    pytest.param(family, alpha, id=f"{family}-{alpha}", marks=pytest.mark.zoo)
+    for family, alpha in (("llama", 0.5), ("llama", "auto"), ("gemma3", 0.5), ("opt", 0.5), ("bert", 0.5),
+                          ("mixtral", 0.5))])
+def test_inspect_describes_the_graph_quantize_smooths(tmp_path: Path, family: str, alpha: float | str) -> None:
+    """inspect goes through quantize's front end and smoothing: the residual stream rotated as quantize rotates it,
+    the same activations (outlier ratios per group equal to the quantize report's), one block at a time, and the
+    same smoothing: per layer the same α, the same range of s, the same groups left unsmoothed and why."""
+    from models import zoo
     from sqonnx import CalibrationConfig, QuantizeConfig
     from sqonnx.run.inspection import inspect_model
-    from tests import zoo
 
-    model = zoo.build("llama")
-    config = QuantizeConfig(alpha=0.5, block_bytes=1, calibration=CalibrationConfig(
+    model = zoo.build(family)
+    config = QuantizeConfig(alpha=alpha, block_bytes=1, calibration=CalibrationConfig(
         data=zoo.save_npz(model, tmp_path / "c.npz", samples=4, seq=32, seed=0), num_samples=4))
     report = sqonnx.quantize(model, tmp_path / "q.onnx", config)
-    assert report.settings["rotation"].startswith("rotated the residual stream")
     results = inspect_model(model, tmp_path / "report", config, top=2)
-    quantized = {layer.name: layer.outlier_ratio_before for layer in report.layers}
-    inspected = {layer: r.activation_ratio_before for r in results for layer in r.layers}
-    assert inspected.keys() == quantized.keys()
-    for layer, ratio in inspected.items():
-        assert ratio == pytest.approx(quantized[layer], rel=1e-4), layer
-    assert "rotated the residual stream" in (tmp_path / "report" / "index.html").read_text()
+    assert_inspect_matches(report, results)
+    if family in ("llama", "mixtral"):  # RMSNorm decoders without post-norms: rotated by default
+        assert report.settings["rotation"].startswith("rotated the residual stream")
+        assert "rotated the residual stream" in (tmp_path / "report" / "index.html").read_text()
+
+
+def assert_inspect_matches(report: sqonnx.QuantizeReport, results: list) -> None:  # noqa: ANN001
+    """Every layer of every inspected group has the quantize report's outlier ratio, α, range of s and reason."""
+    quantized = {layer.name: layer for layer in report.layers}
+    inspected = {layer: r for r in results for layer in r.layers}
+    assert inspected.keys() == {name for name, layer in quantized.items()
+                                if any(other.quantized for other in report.layers
+                                       if other.activation == layer.activation)}
+    for name, group in inspected.items():
+        layer = quantized[name]
+        assert group.activation_ratio_before == pytest.approx(layer.outlier_ratio_before, rel=1e-4), name
+        assert group.alpha == layer.alpha, name
+        if layer.scale_min is None:
+            assert group.absorber == layer.smoothing and group.absorber.startswith("not smoothed"), name
+        else:
+            assert group.absorber == f"{layer.folded_into} ({layer.smoothing})", name
+        assert (group.scale_min, group.scale_max) == (layer.scale_min, layer.scale_max), name

@@ -177,7 +177,7 @@ def test_int4_llama_end_to_end(tmp_path: Path) -> None:
     """A zoo Llama as W4A8: every linear layer a MatMulNBits on the int8 kernel, the check measured against
     round-to-nearest W4A8, GPTQ closer to FP32 than round-to-nearest, and the output refused as already
     quantized."""
-    from tests import zoo
+    from models import zoo
 
     model = zoo.build("llama")
     calibration = CalibrationConfig(data=zoo.save_npz(model, tmp_path / "c.npz", samples=16, seq=64, seed=0),

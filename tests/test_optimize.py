@@ -64,7 +64,7 @@ def test_optimized_rms_norm_decoder_is_rotated_exactly(tmp_path: Path) -> None:
     """--optimize fuses Llama's RMSNorms into (Skip)SimplifiedLayerNormalization; the rotation goes through
     the fused norms as it does through onnxruntime-genai's, and smoothing-only stays exact."""
     pytest.importorskip("optimum.exporters.onnx")
-    from tests import zoo
+    from models import zoo
 
     model = zoo.build("llama")
     data = zoo.save_npz(model, tmp_path / "calib.npz", samples=4, seq=32, seed=0)

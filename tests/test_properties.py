@@ -16,7 +16,8 @@ from onnx import numpy_helper
 import sqonnx
 from sqonnx.config import Unabsorbed
 from sqonnx.graph.layers import find_linear_layers
-from sqonnx.passes.smooth import SmoothPass, smoothing_statistics
+from sqonnx.passes.smooth import SmoothPass, SmoothSettings
+from tests.calibrate import statistics
 from tests.synthetic import build_block, run, save_feeds
 
 
@@ -58,9 +59,9 @@ def test_fold_is_exact(case: dict) -> None:
         path = build_block(Path(tmp) / "m.onnx", bias=case["bias"], shared_weight=case["shared"], seed=case["seed"])
         x = _inputs(case["seed"], 3, case["outliers"], case["magnitude"])
         model = ir.load(path)
-        stats = smoothing_statistics(model, ({"x": s} for s in x), len(x))
+        stats = statistics(model, ({"x": s} for s in x))
         layers = {layer.name for layer in find_linear_layers(model.graph)}
-        SmoothPass(stats, layers, case["alpha"], Unabsorbed.MUL)(model)
+        SmoothPass(stats, layers, SmoothSettings(case["alpha"], Unabsorbed.MUL))(model)
         ir.save(model, Path(tmp) / "s.onnx")
         # The fold's constants were computed in float32; evaluated in float64 the smoothed graph must
         # still equal the original up to float32 rounding of those constants, whatever the outliers.

@@ -138,8 +138,7 @@ def _gained_llama(tmp_path: Path) -> Path:
     same, but rotation folds the gains into the readers' weights and spreads them over every row."""
     import torch
 
-    from models import export_into
-    from tests import zoo
+    from models import export_into, zoo
 
     channels = [9, 23, 51]
     model = zoo.make_model("llama")
@@ -156,7 +155,7 @@ def _gained_llama(tmp_path: Path) -> Path:
 
 @pytest.mark.zoo
 def test_rotation_kept_only_where_it_pays(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from tests import zoo
+    from models import zoo
 
     def error(path: Path) -> float:
         return float(np.linalg.norm(zoo.logits(path, held_out) - reference) / np.linalg.norm(reference))
@@ -189,8 +188,7 @@ def test_int8_lm_head_kept_only_where_it_pays(tmp_path: Path) -> None:
     unsmoothed, --static) is written float, and the check measures what was written."""
     import torch
 
-    from models import export_into
-    from tests import zoo
+    from models import export_into, zoo
 
     calibration = CalibrationConfig(data=zoo.save_npz(zoo.build("llama"), tmp_path / "calib.npz", samples=16, seq=32,
                                                       seed=0), num_samples=16)

@@ -9,7 +9,9 @@ import pytest
 
 import sqonnx
 from models.evaluate import eval_windows, mean_cosine, perplexity, sentence_embeddings, sentences
+from sqonnx.run.inspection import inspect_model
 from tests.digests import check_digest
+from tests.test_inspect import assert_inspect_matches
 
 pytestmark = pytest.mark.real_model
 
@@ -50,6 +52,8 @@ def test_smollm2_o3_perplexity(tmp_path: Path) -> None:
     config = sqonnx.QuantizeConfig(calibration=sqonnx.CalibrationConfig(num_samples=16, seq_len=512))
     report = sqonnx.quantize(fp32, out, config)
     check_digest("smollm2-defaults-16x512", _model_files(fp32), out.parent)
+    # inspect smooths as quantize does: the same α, s and unsmoothed groups per layer
+    assert_inspect_matches(report, inspect_model(fp32, tmp_path / "report", config, top=1))
     # 210 decoder layers and the LM head (tied: its own INT8 copy, the embedding Gather keeps the float table)
     assert report.kernels is not None and report.kernels.integer_total == 211 and not report.kernels.unfused
     kinds = {layer.smoothing for layer in report.smoothed_layers}

@@ -11,10 +11,10 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+from models import zoo
 from sqonnx.math.rotation import block_diagonal, hadamard, orthogonal, rotate_columns, rotate_rows
-from sqonnx.passes.prepare import load_prepared
+from sqonnx.passes.prepare import prepare
 from sqonnx.passes.rotate import ROTATED_KEY, RotatePass, RotatePassResult, RotationResult, rotate_model
-from tests import zoo
 
 RMS_DECODERS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3", "mixtral")
 TOLERANCE = 1e-4  # max |diff| / max |logit|
@@ -111,7 +111,7 @@ def test_block_diagonal_rotation_equals_the_dense_matrix() -> None:
 @pytest.mark.parametrize("family", zoo.pytest_params(RMS_DECODERS))
 def test_rotation_is_exact_idempotent_deterministic_and_spreads_outliers(family: str, tmp_path: Path) -> None:
     source = zoo.build(family)
-    model = load_prepared(source)
+    model = prepare(ir.load(source))
     result = rotate_model(model, seed=0, model_dir=source.parent)
     assert result.rotated, result.reason
     assert result.head_dim == 16 and len(result.heads) == 2, result.head_reason
@@ -123,7 +123,7 @@ def test_rotation_is_exact_idempotent_deterministic_and_spreads_outliers(family:
         assert not result.online and result.writers
 
     # Deterministic: a second copy rotated the same way serializes to the same bytes.
-    again = load_prepared(source)
+    again = prepare(ir.load(source))
     rotate_model(again, seed=0, model_dir=source.parent)
     assert _serialized(again) == _serialized(model)
 
@@ -138,7 +138,7 @@ def test_rotation_is_exact_idempotent_deterministic_and_spreads_outliers(family:
     rotated_path = tmp_path / "rotated.onnx"
     original_path = tmp_path / "original.onnx"
     ir.save(_with_outputs(model, result.norms), rotated_path)
-    ir.save(_with_outputs(load_prepared(source), result.norms), original_path)
+    ir.save(_with_outputs(prepare(ir.load(source)), result.norms), original_path)
     feeds = zoo.feeds(source, 2, 16, seed=0)
     original = _run(original_path, feeds)
     rotated = _run(rotated_path, feeds)
@@ -149,7 +149,7 @@ def test_rotation_is_exact_idempotent_deterministic_and_spreads_outliers(family:
 
 @pytest.mark.parametrize("family", zoo.pytest_params(("opt", "gpt2")))
 def test_layernorm_models_are_refused_unchanged(family: str) -> None:
-    model = load_prepared(zoo.build(family))
+    model = prepare(ir.load(zoo.build(family)))
     before = _serialized(model)
     result = rotate_model(model)
     assert not result.rotated and "LayerNorm" in result.reason
@@ -158,7 +158,7 @@ def test_layernorm_models_are_refused_unchanged(family: str) -> None:
 
 @pytest.mark.zoo
 def test_stream_read_by_something_else_is_refused() -> None:
-    model = load_prepared(zoo.build("llama"))
+    model = prepare(ir.load(zoo.build("llama")))
     gather = next(node for node in model.graph if node.op_type == "Gather" and node.inputs[0]
                   and node.inputs[0].name == "model.embed_tokens.weight")
     model.graph.outputs.append(gather.outputs[0])
@@ -174,7 +174,7 @@ def test_head_layout_disagreeing_with_the_graph_skips_r2_only(tmp_path: Path) ->
     source = zoo.build("llama")
     config = json.loads((source.parent / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "head_dim": 8}))
-    model = load_prepared(source)
+    model = prepare(ir.load(source))
     result = rotate_model(model, model_dir=tmp_path)
     assert result.rotated and not result.heads and "head_dim 8" in result.head_reason
     path = tmp_path / "rotated.onnx"
@@ -190,7 +190,7 @@ def test_smollm2_rotated_logits_match_fp32(tmp_path: Path) -> None:
     from sqonnx.calibrators.data import feeds_for_tokens
 
     source = smollm2.build()
-    model = load_prepared(source)
+    model = prepare(ir.load(source))
     result: RotationResult = rotate_model(model, seed=0, model_dir=source.parent)
     assert result.rotated and result.kind == "random orthogonal" and result.head_dim == 64, result.summary()
     assert len(result.norms) == 61 and len(result.heads) == 30
@@ -202,7 +202,7 @@ def test_smollm2_rotated_logits_match_fp32(tmp_path: Path) -> None:
     for name in ("config.json", "tokenizer.json"):
         shutil.copy(source.parent / name, rotated_dir / name)
     original_path = tmp_path / "original.onnx"
-    ir.save(_with_outputs(load_prepared(source), result.norms), original_path, external_data="original.onnx.data")
+    ir.save(_with_outputs(prepare(ir.load(source)), result.norms), original_path, external_data="original.onnx.data")
     feeds = [feeds_for_tokens(inputs, eval_windows(source.parent, 512, 1)[0])]
     original = _run(original_path, feeds)
     rotated = _run(rotated_dir / "model.onnx", feeds)

@@ -248,10 +248,10 @@ def _nodes(path: Path) -> list[tuple[object, ...]]:
 
 @pytest.mark.zoo
 def test_graph_is_optimums_export_node_for_node(tmp_path: Path) -> None:
-    """tests/zoo.py's Llama (eager attention, the zoo's export) and ours at its shape: the same nodes, names,
+    """models/zoo.py's Llama (eager attention, the zoo's export) and ours at its shape: the same nodes, names,
     constants and inputs/outputs (the sdpa form and float16 were compared the same way when the builder was
     written; exporting those here would cost a minute)."""
-    from tests import zoo
+    from models import zoo
 
     spec = zoo.FAMILIES["llama"].kwargs
     exported = zoo.build("llama")

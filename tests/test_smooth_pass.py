@@ -6,22 +6,23 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from sqonnx.calibrators import collect_channel_max
 from sqonnx.config import Unabsorbed
 from sqonnx.graph.layers import find_linear_layers
-from sqonnx.passes.smooth import SmoothPass, smoothing_statistics
+from sqonnx.passes.smooth import SmoothPass, SmoothPassResult, SmoothSettings
+from tests.calibrate import statistics
 from tests.synthetic import activations, build_block, run
 
 
-def smooth_model(path: Path, out: Path, x: np.ndarray, unabsorbed: Unabsorbed, alpha: float = 0.5) -> SmoothPass:
+def smooth_model(path: Path, out: Path, x: np.ndarray, unabsorbed: Unabsorbed,
+                 alpha: float = 0.5) -> tuple[SmoothPass, SmoothPassResult]:
     model = ir.load(path)
-    stats = smoothing_statistics(model, ({"x": s} for s in x), len(x))
+    stats = statistics(model, ({"x": s} for s in x))
     layers = {layer.name for layer in find_linear_layers(model.graph)}
-    smooth = SmoothPass(stats, layers, alpha, unabsorbed)
+    smooth = SmoothPass(stats, layers, SmoothSettings(alpha, unabsorbed))
     result = smooth(model)
-    assert result.modified
+    assert isinstance(result, SmoothPassResult) and result.modified
     ir.save(model, out)
-    return smooth
+    return smooth, result
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -30,12 +31,12 @@ def smooth_model(path: Path, out: Path, x: np.ndarray, unabsorbed: Unabsorbed, a
 def test_smoothing_keeps_outputs(tmp_path: Path, bias: bool, shared_weight: bool, unabsorbed: Unabsorbed) -> None:
     path = build_block(tmp_path / "m.onnx", bias=bias, shared_weight=shared_weight)
     x = activations(4)
-    smooth = smooth_model(path, tmp_path / "s.onnx", x, unabsorbed)
+    smooth, result = smooth_model(path, tmp_path / "s.onnx", x, unabsorbed)
     expected = run(path, x)
     got = run(tmp_path / "s.onnx", x)
     scale = np.abs(expected).max()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * scale)
-    smoothed = [r for r in smooth.results if r.scales is not None]
+    smoothed = [r for r in result.groups if r.scales is not None]
     assert len(smoothed) == (4 if unabsorbed is Unabsorbed.MUL else 3)
     # The scales really moved something: outlier channels got large s.
     assert max(float(r.scales.max() / r.scales.min()) for r in smoothed) > 10
@@ -61,8 +62,8 @@ def test_smoothing_handles_zero_channels_and_rows(tmp_path: Path, caplog: pytest
     x = activations(2)
     x[..., 7] = 0.0  # an input channel that is always zero
     with caplog.at_level("WARNING"):
-        smooth = smooth_model(path, tmp_path / "s.onnx", x, Unabsorbed.SKIP)
-    assert all(np.all(np.isfinite(r.scales)) for r in smooth.results if r.scales is not None)
+        smooth, result = smooth_model(path, tmp_path / "s.onnx", x, Unabsorbed.SKIP)
+    assert all(np.all(np.isfinite(r.scales)) for r in result.groups if r.scales is not None)
     expected = run(path, x)
     np.testing.assert_allclose(run(tmp_path / "s.onnx", x), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     # One summary line for all groups, not one per group (Gemma-3-270M printed 18 near-identical lines).
@@ -74,10 +75,10 @@ def test_smoothing_handles_zero_channels_and_rows(tmp_path: Path, caplog: pytest
 
 def test_second_run_changes_nothing(tmp_path: Path, block: Path) -> None:
     x = activations(2)
-    smooth = smooth_model(block, tmp_path / "s.onnx", x, Unabsorbed.SKIP)
+    smooth, result = smooth_model(block, tmp_path / "s.onnx", x, Unabsorbed.SKIP)
     model = ir.load(tmp_path / "s.onnx")
     before = {k: v.const_value.numpy().copy() for k, v in model.graph.initializers.items()}
-    again = SmoothPass(smooth.stats, set(smooth.quantized), 0.5, Unabsorbed.SKIP)(model)
+    again = SmoothPass(smooth.stats, set(smooth.quantized), SmoothSettings(0.5, Unabsorbed.SKIP))(model)
     assert not again.modified
     for name, array in before.items():
         np.testing.assert_array_equal(model.graph.initializers[name].const_value.numpy(), array)
@@ -87,7 +88,7 @@ def test_calibrator_matches_numpy(tmp_path: Path, block: Path) -> None:
     """The streaming ReduceMax statistics equal max|x| computed from the whole input."""
     x = activations(5)
     model = ir.load(block)
-    stats = collect_channel_max(model, {"x": 32}, ({"x": s} for s in x), len(x), progress=False)
+    stats = statistics(model, ({"x": s} for s in x), activations={"x": 32}).channel_max
     np.testing.assert_allclose(stats["x"], np.abs(x).reshape(-1, 32).max(axis=0), rtol=1e-6)
     # The calibrator cleans up after itself: the model is unchanged.
     assert [o.name for o in model.graph.outputs] == ["y"]

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from sqonnx.math.smoothing import input_channel_max, quantize_symmetric, smoothing_scales, symmetric_scale
+from sqonnx.math.quant import quantize_symmetric, symmetric_scale
+from sqonnx.math.smoothing import input_channel_max, smoothing_scales
 
 
 def test_scales_follow_the_paper_formula() -> None:

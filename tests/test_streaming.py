@@ -16,12 +16,12 @@ import onnxruntime as ort
 import pytest
 
 import sqonnx
+from models import zoo
 from sqonnx import CalibrationConfig, QuantizeConfig
 from sqonnx.io.load import load_model
 from sqonnx.passes.prepare import prepare
 from sqonnx.passes.smoothing_groups import find_smoothing_groups
 from sqonnx.streaming.blocks import partition
-from tests import zoo
 from tests.large_model import build_stack
 from tests.test_genai import SEQ, build_genai
 

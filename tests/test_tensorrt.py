@@ -70,7 +70,7 @@ def test_checker_refuses_uint8_weight_codes() -> None:
 def test_tensorrt_target_end_to_end(tmp_path: Path) -> None:
     """A zoo Llama for TensorRT: the groups the CPU build puts per-token (if any) stay float, everything else is
     static int8 Q/DQ that the checker passes, in the saved file."""
-    from tests import zoo
+    from models import zoo
 
     model = zoo.build("llama")
     feeds = zoo.feeds(model, 8, 32, seed=0)

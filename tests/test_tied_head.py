@@ -13,9 +13,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import sqonnx
+from models import zoo
 from sqonnx import CalibrationConfig, QuantizeConfig
 from sqonnx.passes.transposed import FoldTransposedConstantsPass, RestoreTransposedCopiesPass
-from tests import zoo
 
 HEAD = "/lm_head/MatMul"
 

@@ -1,4 +1,4 @@
-"""Sanity of the family zoo (tests/zoo.py): each export exists, runs, matches its PyTorch model, and has the
+"""Sanity of the family zoo (models/zoo.py): each export exists, runs, matches its PyTorch model, and has the
 trained-like properties the smoothing tests rely on (outlier channels in every norm, no shared weights)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from tests import zoo
+from models import zoo
 
 pytest.importorskip("optimum.exporters.onnx", reason="the zoo is exported with optimum-onnx (the `export` extra)")
 

@@ -7,14 +7,14 @@ activations (onnxruntime's own calibrator assumes axis 1, the image layout).
 
 `StatisticsSession` is one session over a block with those outputs added; the caller decides what each run is
 fed (a sample's inputs and the values carried from the block before) and what else it fetches. A
-half-precision model is run in float32 (sqonnx.runtime.session). `collect_statistics` drives a whole small model
-over samples, decode chains included (tests, and models that are one block).
+half-precision model is run in float32 (sqonnx.runtime.session). The one driver over samples and decode chains is
+`streaming.runner.calibrate_block`, whole small models included (they are one block).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +26,6 @@ from sqonnx.calibrators.data import DecodeChain
 from sqonnx.calibrators.probes import Probe, add_probe, read_map
 from sqonnx.errors import SqonnxError
 from sqonnx.graph.tensors import add_initializer, opset_version
-from sqonnx.pause import pause_point
 from sqonnx.runtime.session import open_session
 
 logger = logging.getLogger(__name__)
@@ -241,51 +240,6 @@ def _gram(graph: ir.Graph, value: ir.Value, channels: int, index: int) -> ir.Val
     out.shape = ir.Shape([channels, channels])
     graph.extend([flat, transposed, product])
     return out
-
-
-def collect_channel_max(model: ir.Model, activations: dict[str, int], feeds: Iterable[Sample],
-                        total: int, progress: bool = True) -> dict[str, np.ndarray]:
-    """max|x| per channel for each activation name -> channel count, over all samples of `feeds`."""
-    return collect_statistics(model, activations, feeds, total, progress).channel_max
-
-
-def collect_statistics(model: ir.Model, activations: dict[str, int], feeds: Iterable[Sample],
-                       total: int, progress: bool = True, keep_rows: int = 0,
-                       probes: Sequence[Probe] = ()) -> ActivationStats:
-    """Statistics of a whole model over samples: feed dicts, or decode chains the session drives (their
-    prompt, then single tokens on the cache the run before returned). See `StatisticsSession`."""
-    samples = list(feeds)
-    chain_outputs = sorted({name for s in samples if isinstance(s, DecodeChain) for name in s.fetch})
-    calibration = StatisticsSession(model, activations, keep_rows=keep_rows, row_samples=min(ROW_SAMPLES, total),
-                                    outputs=chain_outputs)
-    first: dict[str, np.ndarray] | None = None
-    from rich.progress import Progress
-
-    with Progress(transient=True, disable=not progress) as bar:
-        task = bar.add_task("calibrating", total=total)
-        for sample, feed in enumerate(samples):
-            if isinstance(feed, DecodeChain):
-                _decode(calibration, feed, sample)
-            else:
-                first = feed if first is None else first
-                calibration.run(feed, sample=sample, where=f"calibration sample {sample}")
-            bar.advance(task)
-            if sample == 0:
-                pause_point("calibration")
-    stats = calibration.statistics()
-    if probes and first is not None:
-        stats.maps.update(read_probes(model, probes, first))
-    return stats
-
-
-def _decode(calibration: StatisticsSession, chain: DecodeChain, sample: int) -> None:
-    """Run `chain`'s prompt, then its single tokens, each fed the cache the run before returned."""
-    feed = chain.prompt
-    for step in range(chain.steps + 1):
-        where = f"calibration sample {sample} (decode step {step}; --decode-steps 0 calibrates prefill only)"
-        fetched = calibration.run(feed, sample=sample, rows=False, fetch=chain.fetch, where=where)
-        if step < chain.steps:
-            feed = chain.next_feeds(feed, fetched, step)
 
 
 def _add_maxima(maxima: dict[str, np.ndarray], names: list[str], results: list[np.ndarray], where: str) -> None:

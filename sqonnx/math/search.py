@@ -15,10 +15,10 @@ import numpy as np
 
 from sqonnx.config import CalibMethod, Level
 from sqonnx.math.gptq import Grid, Rounded, nearest
+from sqonnx.math.quant import ACTIVATION_QMAX, fake_quant, quantize_symmetric, quantize_weight, symmetric_scale
 from sqonnx.math.rotation import Orthogonal
-from sqonnx.math.smoothing import as_float32, quantize_symmetric, quantize_weight, smoothing_scales, symmetric_scale
+from sqonnx.math.smoothing import as_float32, group_weight_max, smoothing_scales
 
-ACTIVATION_QMAX = 127
 # --level auto: a group goes per-token when its static (O3) error is this many times its per-token error.
 LEVEL_AUTO_RATIO = 4.0
 MAX_CLIP_VALUES = 1 << 16  # values used to choose a clipping threshold (a strided subsample)
@@ -35,22 +35,18 @@ def static_range(method: CalibMethod, channel_max: np.ndarray, rows: np.ndarray 
     if method is CalibMethod.PERCENTILE:
         return min(full, float(np.percentile(magnitudes, 99.99)))
     candidates = full * np.linspace(0.05, 1.0, 64)
-    errors = [float(np.sum((_fake_quant(magnitudes, c / ACTIVATION_QMAX) - magnitudes) ** 2)) for c in candidates]
+    errors = [float(np.sum((fake_quant(magnitudes, c / ACTIVATION_QMAX) - magnitudes) ** 2)) for c in candidates]
     return float(candidates[int(np.argmin(errors))])
-
-
-def _fake_quant(x: np.ndarray, scale: float | np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(x / scale), -ACTIVATION_QMAX, ACTIVATION_QMAX) * scale
 
 
 def quantize_activation_like(level: Level, x: np.ndarray, static_max: float) -> np.ndarray:
     """x after the activation quantization of `level` (symmetric int8; O2's asymmetric uint8 over the
     sampled rows as one tensor)."""
     if level is Level.O3:
-        return _fake_quant(x, max(static_max, 1e-12) / ACTIVATION_QMAX)
+        return fake_quant(x, max(static_max, 1e-12) / ACTIVATION_QMAX)
     if level is Level.O1:
         scale = np.maximum(np.abs(x).max(axis=1, keepdims=True), 1e-12) / ACTIVATION_QMAX
-        return _fake_quant(x, scale)
+        return fake_quant(x, scale)
     low, high = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
     scale = (high - low) / 255 if high > low else 1.0
     zero = np.rint(-low / scale)
@@ -89,7 +85,7 @@ def group_error(rows: np.ndarray, act_max: np.ndarray, weights: list[tuple[np.nd
     which favours the α whose range fits calibration data most tightly and then clips unseen inputs.
     Wide layers are scored on MAX_ERROR_COLUMNS of their output columns (see `_columns`).
     """
-    weight_max = np.max([np.abs(w).max(axis=1 - axis) for w, axis in weights], axis=0)
+    weight_max = group_weight_max(weights)
     if search.int4_block:
         return _w4a8_group_error(rows, act_max, weight_max, weights, alpha, search.int4_block, relative)
     static_max = 0.0
@@ -193,7 +189,7 @@ def block_quantized_rows(rows: np.ndarray, block: int) -> np.ndarray:
     padded[:, :k] = rows
     blocks = padded.reshape(t, -1, block)
     scale = np.maximum(np.abs(blocks).max(axis=2, keepdims=True), 1e-30) / ACTIVATION_QMAX
-    return (np.clip(np.rint(blocks / scale), -ACTIVATION_QMAX, ACTIVATION_QMAX) * scale).reshape(t, -1)[:, :k]
+    return fake_quant(blocks, scale).reshape(t, -1)[:, :k]
 
 
 def w4a8_error(rows: np.ndarray, weight: np.ndarray, rounded: Rounded, block: int) -> float:

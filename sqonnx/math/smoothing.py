@@ -50,35 +50,23 @@ def input_channel_max(weight: np.ndarray, channel_axis: int) -> np.ndarray:
     return np.maximum(weight.max(axis=other), -weight.min(axis=other))
 
 
+def group_weight_max(weights: list[tuple[np.ndarray, int]]) -> np.ndarray:
+    """max|W| per input channel over every (weight, in_axis) that reads one activation: siblings share one s."""
+    return np.max([input_channel_max(weight, axis) for weight, axis in weights], axis=0)
+
+
+def outlier_ratio(channel_max: np.ndarray) -> float:
+    """max / median of per-channel maxima: how far the largest channel stands out (1.0 for an all-zero tensor,
+    which has no outlier)."""
+    median = float(np.median(channel_max))
+    return float(channel_max.max()) / median if median > 0 else float("inf") if channel_max.max() > 0 else 1.0
+
+
 def along(factors: np.ndarray, axis: int) -> np.ndarray:
     """Per-channel factors shaped to broadcast along `axis` of a 2-D weight (rows: 0, columns: 1)."""
     shape = [1, 1]
     shape[axis] = factors.shape[0]
     return factors.reshape(shape)
-
-
-def symmetric_scale(max_abs: np.ndarray | float, qmax: int) -> np.ndarray:
-    """Scale of symmetric linear quantization onto [-qmax, qmax]; never zero."""
-    m = np.asarray(max_abs, dtype=np.float32)
-    return np.where(m > 0, m / np.float32(qmax), np.float32(1.0)).astype(np.float32)
-
-
-def quantize_symmetric(values: np.ndarray, scale: np.ndarray, qmax: int) -> np.ndarray:
-    """Round-to-nearest-even int8 codes in [-qmax, qmax], as QuantizeLinear rounds (float32, in place on one
-    scratch array: a 4096 x 11008 weight makes one copy, not five)."""
-    q = np.divide(values, np.asarray(scale, np.float32), dtype=np.float32)
-    np.rint(q, out=q)
-    np.clip(q, -qmax, qmax, out=q)
-    return q.astype(np.int8)
-
-
-def quantize_weight(weight: np.ndarray, in_axis: int, qmax: int, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 codes and scale of a 2-D weight: one scale per output channel, or one in all."""
-    if per_channel:
-        scale = symmetric_scale(input_channel_max(weight, 1 - in_axis), qmax)  # max |w| per output channel
-        return quantize_symmetric(weight, np.expand_dims(scale, in_axis), qmax), scale
-    scale = symmetric_scale(max(float(weight.max()), -float(weight.min())), qmax)
-    return quantize_symmetric(weight, scale, qmax), scale
 
 
 def shared_scales(act_max: np.ndarray, weight_max: np.ndarray, alpha: float, shared: np.ndarray | None) -> np.ndarray:

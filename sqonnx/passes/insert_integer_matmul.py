@@ -23,17 +23,28 @@ only (cublasGemmEx), and its QuantizeLinear, Cast and Mul have CUDA kernels, so 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import onnx_ir as ir
 
 from sqonnx.config import Level
-from sqonnx.graph.layers import LinearLayer, as_linear_layer
+from sqonnx.graph.layers import LinearLayer, as_linear_layer, ensure_replaced, require_float_layers
 from sqonnx.graph.tensors import add_initializer
 from sqonnx.math.gptq import Rounded
-from sqonnx.math.smoothing import symmetric_scale
-from sqonnx.passes.insert_qdq import ACTIVATION_QMAX, LayerQuantization, weight_codes
+from sqonnx.math.quant import ACTIVATION_QMAX, symmetric_scale
+from sqonnx.passes.insert_qdq import LayerQuantization, weight_codes
 
 UINT8_ZERO = 128  # symmetric int8 codes [-127, 127] stored as uint8 [1, 255]
+
+
+@dataclass
+class _Shared:
+    """What one run of the pass made once for several layers: a tied weight's codes, an activation read by several
+    layers quantized once (per run: a pass keeps nothing between runs)."""
+
+    weights: dict[ir.Value, tuple[ir.Value, np.ndarray]] = field(default_factory=dict)
+    activations: dict[ir.Value, tuple[ir.Value, ir.Value, ir.Value]] = field(default_factory=dict)
 
 
 class InsertIntegerMatMulPass(ir.passes.InPlacePass):
@@ -47,24 +58,29 @@ class InsertIntegerMatMulPass(ir.passes.InPlacePass):
         self.weight_qmax = weight_qmax
         self.per_channel = per_channel
         self.level = level
-        self._weights: dict[ir.Value, tuple[ir.Value, np.ndarray]] = {}
-        self._activations: dict[ir.Value, tuple[ir.Value, ir.Value, ir.Value]] = {}
+
+    def requires(self, model: ir.Model) -> None:
+        require_float_layers(model, [item.layer for item in self.plan])
+
+    def ensures(self, model: ir.Model) -> None:
+        ensure_replaced([item.layer for item in self.plan])
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
+        shared = _Shared()
         for item in self.plan:
             layer = as_linear_layer(item.layer.node)
             if layer is None or item.layer.node.graph is None:
                 continue  # already replaced
-            self._replace(model.graph, layer, item.activation_max, item.level or self.level, item.rounded)
+            self._replace(model.graph, layer, item.activation_max, item.level or self.level, item.rounded, shared)
             modified = True
         return ir.passes.PassResult(model, modified=modified)
 
     def _replace(self, graph: ir.Graph, layer: LinearLayer, activation_max: float, level: Level,
-                 rounded: Rounded | None) -> None:
+                 rounded: Rounded | None, shared: _Shared) -> None:
         name = layer.name
-        x_q, x_scale, x_zero_point = self._quantized_activation(graph, layer, activation_max, level)
-        w_q, w_scale = self._quantized_weight(graph, layer, rounded)
+        x_q, x_scale, x_zero_point = self._quantized_activation(graph, layer, activation_max, level, shared)
+        w_q, w_scale = self._quantized_weight(graph, layer, rounded, shared)
         nodes = [ir.node("MatMulInteger", [x_q, w_q, x_zero_point], name=f"{name}/MatMulInteger",
                          outputs=[ir.Value(name=f"{name}/output_int32")])]
         nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], {"to": ir.DataType.FLOAT}, name=f"{name}/Cast",
@@ -92,22 +108,22 @@ class InsertIntegerMatMulPass(ir.passes.InPlacePass):
         new_output.dtype, new_output.shape = ir.DataType.FLOAT, old_output.shape
         ir.convenience.replace_nodes_and_values(graph, layer.node, [layer.node], nodes, [old_output], [new_output])
 
-    def _quantized_weight(self, graph: ir.Graph, layer: LinearLayer,
-                          rounded: Rounded | None) -> tuple[ir.Value, np.ndarray]:
+    def _quantized_weight(self, graph: ir.Graph, layer: LinearLayer, rounded: Rounded | None,
+                          shared: _Shared) -> tuple[ir.Value, np.ndarray]:
         """int8 weight in MatMulInteger's [in, out] layout, quantized once per initializer (tied weights)."""
-        cached = self._weights.get(layer.weight_value)
+        cached = shared.weights.get(layer.weight_value)
         if cached is None:
             codes, scale = weight_codes(layer, rounded, self.weight_qmax, self.per_channel)
             if layer.in_axis == 1:  # Gemm(transB=1) stores [out, in]
                 codes = codes.T
             cached = (add_initializer(graph, f"{layer.weight_value.name}_quantized", codes), scale)
-            self._weights[layer.weight_value] = cached
+            shared.weights[layer.weight_value] = cached
         return cached
 
     def _quantized_activation(self, graph: ir.Graph, layer: LinearLayer, activation_max: float,
-                              level: Level) -> tuple[ir.Value, ir.Value, ir.Value]:
+                              level: Level, shared: _Shared) -> tuple[ir.Value, ir.Value, ir.Value]:
         x = layer.activation
-        cached = self._activations.get(x)
+        cached = shared.activations.get(x)
         if cached is not None:
             return cached
         base = f"{layer.name}/input"
@@ -129,7 +145,7 @@ class InsertIntegerMatMulPass(ir.passes.InPlacePass):
         signed = self.signed and level is Level.O3
         cached[0].dtype, cached[0].shape = ir.DataType.INT8 if signed else ir.DataType.UINT8, x.shape
         graph.insert_before(layer.node, nodes)
-        self._activations[x] = cached
+        shared.activations[x] = cached
         return cached
 
     def _per_token(self, graph: ir.Graph, x: ir.Value, base: str) -> tuple[list[ir.Node], tuple[ir.Value, ...]]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from sqonnx.graph.layers import LinearLayer, as_linear_layer
+from sqonnx.graph.layers import LinearLayer, as_linear_layer, ensure_replaced, require_float_layers
 from sqonnx.graph.tensors import add_initializer, constant
 from sqonnx.math.gptq import Rounded
 
@@ -63,6 +63,12 @@ class InsertMatMulNBitsPass(ir.passes.InPlacePass):
         super().__init__()
         self.layers = layers
         self.accuracy_level = accuracy_level
+
+    def requires(self, model: ir.Model) -> None:
+        require_float_layers(model, [item.layer for item in self.layers])
+
+    def ensures(self, model: ir.Model) -> None:
+        ensure_replaced([item.layer for item in self.layers])
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph

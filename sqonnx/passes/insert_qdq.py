@@ -20,12 +20,10 @@ import numpy as np
 import onnx_ir as ir
 
 from sqonnx.config import Level
-from sqonnx.graph.layers import LinearLayer, as_linear_layer
+from sqonnx.graph.layers import LinearLayer, as_linear_layer, ensure_replaced, require_float_layers
 from sqonnx.graph.tensors import add_initializer, opset_version
 from sqonnx.math.gptq import Rounded
-from sqonnx.math.smoothing import quantize_weight, symmetric_scale
-
-ACTIVATION_QMAX = 127
+from sqonnx.math.quant import ACTIVATION_QMAX, quantize_weight, symmetric_scale
 
 
 @dataclass(frozen=True)
@@ -58,11 +56,17 @@ class InsertQDQPass(ir.passes.InPlacePass):
         self.level = level
         self.weight_qmax = weight_qmax
         self.per_channel = per_channel
-        # Tied weights (one initializer read by several layers) are quantized once and shared.
-        self._quantized_weights: dict[ir.Value, list[ir.Value]] = {}
+
+    def requires(self, model: ir.Model) -> None:
+        require_float_layers(model, [item.layer for item in self.plan])
+
+    def ensures(self, model: ir.Model) -> None:
+        ensure_replaced([item.layer for item in self.plan])
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
+        # Tied weights (one initializer read by several layers) are quantized once and shared.
+        shared: dict[ir.Value, list[ir.Value]] = {}
         opset = opset_version(model.graph)
         for item in self.plan:
             # A layer already quantized has a DequantizeLinear, not a constant, as its weight.
@@ -71,7 +75,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
             layer = item.layer
             if layer.node.op_type == "Gemm":
                 layer = gemm_as_batched_matmul(model.graph, layer, opset)
-            self._quantize_weight(model.graph, layer, item.rounded)
+            self._quantize_weight(model.graph, layer, item.rounded, shared)
             level = item.level or self.level
             if level is Level.O1:
                 raise ValueError(f"{layer.name}: O1 (per-token) has no QDQ form; use InsertIntegerMatMulPass")
@@ -82,13 +86,14 @@ class InsertQDQPass(ir.passes.InPlacePass):
             modified = True
         return ir.passes.PassResult(model, modified=modified)
 
-    def _quantize_weight(self, graph: ir.Graph, layer: LinearLayer, rounded: Rounded | None) -> None:
+    def _quantize_weight(self, graph: ir.Graph, layer: LinearLayer, rounded: Rounded | None,
+                         shared: dict[ir.Value, list[ir.Value]]) -> None:
         weight = layer.weight
         out_axis = 1 - layer.in_axis
-        inputs = self._quantized_weights.get(layer.weight_value)
+        inputs = shared.get(layer.weight_value)
         if inputs is None:
             inputs = self._weight_initializers(graph, layer, rounded)
-            self._quantized_weights[layer.weight_value] = inputs
+            shared[layer.weight_value] = inputs
         attributes = {"axis": ir.AttrInt64("axis", out_axis)} if self.per_channel else {}
         dequantize = ir.Node("", "DequantizeLinear", inputs, attributes, name=f"{layer.name}/weight_DequantizeLinear")
         _name_output(dequantize, f"{layer.name}/weight_dequantized", weight.shape)

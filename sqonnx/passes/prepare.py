@@ -13,8 +13,6 @@ head) becomes a constant of its own (`passes/transposed.py`). Every value gets a
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
@@ -30,7 +28,3 @@ def prepare(model: ir.Model) -> ir.Model:
         InferDtypesPass(),
     )(model)
     return model
-
-
-def load_prepared(path: Path) -> ir.Model:
-    return prepare(ir.load(path))

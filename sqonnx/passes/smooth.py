@@ -10,20 +10,18 @@ its per-row maxima.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
-from sqonnx.calibrators import ActivationStats, Sample, collect_statistics
+from sqonnx.calibrators import ActivationStats
 from sqonnx.config import Unabsorbed
-from sqonnx.graph.layers import find_linear_layers
 from sqonnx.graph.tensors import SHARED, set_constant_input
 from sqonnx.math.search import AlphaSearch, group_error
-from sqonnx.math.smoothing import along, as_float32, input_channel_max, shared_scales
+from sqonnx.math.smoothing import along, as_float32, group_weight_max, shared_scales
 from sqonnx.passes.insert_smoothing_mul import insert_smoothing_mul
-from sqonnx.passes.smoothing_groups import SmoothingGroup, find_smoothing_groups, statistics_needed
+from sqonnx.passes.smoothing_groups import SmoothingGroup, find_smoothing_groups
 
 logger = logging.getLogger(__name__)
 
@@ -43,100 +41,125 @@ class GroupResult:
     alpha: float | None = None
 
 
+@dataclass(frozen=True)
+class SmoothSettings:
+    """How groups are smoothed. `alpha_search` given: α is chosen per group (and `alpha` is unused). `scheme`: how
+    the layers will be quantized, for `Unabsorbed.AUTO` to judge a group's error with and without smoothing on
+    calibration rows (groups without rows are smoothed where an absorber takes 1/s)."""
+
+    alpha: float = 0.5
+    unabsorbed: Unabsorbed = Unabsorbed.SKIP
+    alpha_search: AlphaSearch | None = None
+    scheme: AlphaSearch | None = None
+
+
+@dataclass
+class SmoothPassResult(ir.passes.PassResult):
+    """Each group's smoothing, in graph order."""
+
+    groups: list[GroupResult] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Choice:
+    """A group's smoothing decided, not yet applied: s and α, or why it stays as it is (`reason`)."""
+
+    scales: np.ndarray | None
+    alpha: float | None = None
+    reason: str = ""
+    dead: tuple[int, int] = (0, 0)  # input channels zero on every sample, all-zero weight rows (s clamped there)
+
+
 class SmoothPass(ir.passes.InPlacePass):
-    """Apply SmoothQuant to every group that has at least one layer to quantize."""
+    """Apply SmoothQuant to every group that has at least one layer to quantize. Each group's choice
+    (`choose_smoothing`) is made on the weights as the groups after it left them, then applied."""
 
-    def __init__(self, stats: ActivationStats, quantized: set[str], alpha: float,
-                 unabsorbed: Unabsorbed = Unabsorbed.SKIP, alpha_search: AlphaSearch | None = None,
-                 scheme: AlphaSearch | None = None) -> None:
-        """`alpha_search` given: α is chosen per group (and `alpha` is unused). `scheme`: how layers will be
-        quantized, for `Unabsorbed.AUTO` to judge a group's error with and without smoothing on
-        calibration rows (groups without rows are smoothed where an absorber takes 1/s)."""
+    def __init__(self, stats: ActivationStats, quantized: set[str],
+                 settings: SmoothSettings = SmoothSettings()) -> None:
         super().__init__()
-        self.scheme = scheme
-        self.stats = stats
-        self.quantized = quantized
-        self.alpha = alpha
-        self.unabsorbed = unabsorbed
-        self.alpha_search = alpha_search
-        self.results: list[GroupResult] = []
+        self.stats, self.quantized, self.settings = stats, quantized, settings
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def requires(self, model: ir.Model) -> None:
+        """Every group with a layer to quantize has its input's channel maxima."""
+        missing = [str(g.activation.name) for g in find_smoothing_groups(model.graph)
+                   if any(layer.name in self.quantized for layer in g.layers)
+                   and str(g.activation.name) not in self.stats.channel_max]
+        if missing:
+            raise ir.passes.PreconditionError(f"no calibration statistics for {', '.join(missing[:3])}")
+
+    def call(self, model: ir.Model) -> SmoothPassResult:
         groups = find_smoothing_groups(model.graph)
         if SMOOTHED_KEY in model.metadata_props:
-            self.results = [GroupResult(g, None, "", "not smoothed: the model is already smoothed") for g in groups]
-            return ir.passes.PassResult(model, modified=False)
+            return SmoothPassResult(model, False, [GroupResult(g, None, "", "not smoothed: the model is already "
+                                                                         "smoothed") for g in groups])
         dead: list[tuple[str, int, int]] = []
         results = [self._smooth_group(model.graph, group, dead) for group in reversed(groups)]
-        self.results = list(reversed(results))
         _summarize_dead_channels(dead[::-1])  # in graph order
-        modified = any(r.scales is not None for r in self.results)
+        modified = any(r.scales is not None for r in results)
         if modified:
-            model.metadata_props[SMOOTHED_KEY] = "alpha=auto" if self.alpha_search else f"alpha={self.alpha}"
-        return ir.passes.PassResult(model, modified=modified)
+            model.metadata_props[SMOOTHED_KEY] = ("alpha=auto" if self.settings.alpha_search
+                                                  else f"alpha={self.settings.alpha}")
+        return SmoothPassResult(model, modified, results[::-1])
 
     def _smooth_group(self, graph: ir.Graph, group: SmoothingGroup, dead: list[tuple[str, int, int]]) -> GroupResult:
-        if not any(layer.name in self.quantized for layer in group.layers):
-            return GroupResult(group, None, "", "not smoothed: no layer of the group is quantized")
-        absorber = group.absorber
-        rows = self.stats.rows.get(str(group.activation.name))
-        # Only a Mul that costs run time is judged: where an absorber takes 1/s for free, per-group errors
-        # at a fixed α proved a poor guide (SmolLM2 O3 α 0.5: 17.0 judged, 16.67 always smoothed).
-        judged = (absorber is None and self.unabsorbed is Unabsorbed.AUTO and self.scheme is not None
-                  and rows is not None)
-        if absorber is None and (self.unabsorbed is Unabsorbed.SKIP or (self.unabsorbed is Unabsorbed.AUTO
-                                                                          and not judged)):
-            return GroupResult(group, None, "", f"not smoothed: {group.reason}")
-        act_max = self.stats.channel_max[str(group.activation.name)]
-        weight_max = np.max([input_channel_max(layer.weight, layer.in_axis) for layer in group.layers], axis=0)
-        if group.source is not None and not np.array_equal(self.stats.channel_max[str(group.source.name)], act_max):
-            return GroupResult(group, None, "", f"not smoothed: the Reshape before it moves channels "
-                                                f"({group.source.name} and the layer input differ per channel)")
-        if absorber is not None:
-            problem = absorber.check(act_max, self.stats)
-            if problem:
-                return GroupResult(group, None, "", f"not smoothed: {problem}")
-        alpha: float | None = self.alpha
-        if self.alpha_search is not None:
-            alpha = self.alpha_search.choose(str(group.activation.name), act_max,
-                                             [(layer.weight, layer.in_axis) for layer in group.layers])
-            if alpha is None:
-                return GroupResult(group, None, "", "not smoothed: no alpha beats no smoothing (alpha search)")
-        if judged and alpha is not None:
-            assert rows is not None and self.scheme is not None
-            weights = [(layer.weight, layer.in_axis) for layer in group.layers]
-            rows32 = as_float32(rows)
-            with_s = group_error(rows32, act_max, weights, alpha, self.scheme)
-            without = group_error(rows32, act_max, weights, None, self.scheme)
-            if with_s >= without * MUL_MUST_CUT:
-                return GroupResult(group, None, "", f"not smoothed: {group.reason} (an explicit Mul would not pay: "
-                                                    f"relative error {with_s:.2g} smoothed vs {without:.2g} not "
-                                                    "on calibration rows)")
-        shared = absorber.factor_map(self.stats) if absorber is not None else None
-        assert alpha is not None  # a search that prefers no smoothing returned above
-        scales = shared_scales(act_max, weight_max, alpha, shared)
-        dead_inputs, dead_rows = int(np.count_nonzero(act_max == 0)), int(np.count_nonzero(weight_max == 0))
-        if dead_inputs or dead_rows:
-            dead.append((group.layers[0].name, dead_inputs, dead_rows))
+        choice = choose_smoothing(group, self.stats, self.quantized, self.settings)
+        scales = choice.scales
+        if scales is None:
+            return GroupResult(group, None, "", choice.reason)
+        if any(choice.dead):
+            dead.append((group.layers[0].name, *choice.dead))
         _scale_weight_rows(graph, group, scales)
+        absorber = group.absorber
         if absorber is not None:
             absorber.fold(graph, scales, self.stats)
-            return GroupResult(group, scales, absorber.node.name or "", absorber.describe(), alpha)
+            return GroupResult(group, scales, absorber.node.name or "", absorber.describe(), choice.alpha)
         mul = insert_smoothing_mul(graph, group, scales)
         logger.info("inserted %s: %s", mul.name, group.reason)
-        return GroupResult(group, scales, mul.name or "", "explicit Mul", alpha)
+        return GroupResult(group, scales, mul.name or "", "explicit Mul", choice.alpha)
 
 
-def smoothing_statistics(model: ir.Model, feeds: Iterable[Sample], total: int,
-                         quantized: set[str] | None = None, keep_rows: int = 0,
-                         progress: bool = False) -> ActivationStats:
-    """Calibrate `model` for SmoothPass: every statistic its groups' absorbers ask for (all layers quantized
-    unless `quantized` names them)."""
-    if quantized is None:
-        quantized = {layer.name for layer in find_linear_layers(model.graph)}
-    request = statistics_needed(find_smoothing_groups(model.graph), quantized)
-    return collect_statistics(model, request.channel_max, feeds, total, progress=progress, keep_rows=keep_rows,
-                              probes=request.probes)
+def choose_smoothing(group: SmoothingGroup, stats: ActivationStats, quantized: set[str],
+                     settings: SmoothSettings) -> _Choice:
+    """The one place a group's smoothing is decided: s and α, or why the group is left alone."""
+    if not any(layer.name in quantized for layer in group.layers):
+        return _Choice(None, reason="not smoothed: no layer of the group is quantized")
+    absorber = group.absorber
+    activation = str(group.activation.name)
+    rows = stats.rows.get(activation)
+    # Only a Mul that costs run time is judged: where an absorber takes 1/s for free, per-group errors
+    # at a fixed α proved a poor guide (SmolLM2 O3 α 0.5: 17.0 judged, 16.67 always smoothed).
+    judged = (absorber is None and settings.unabsorbed is Unabsorbed.AUTO and settings.scheme is not None
+              and rows is not None)
+    if absorber is None and (settings.unabsorbed is Unabsorbed.SKIP or (settings.unabsorbed is Unabsorbed.AUTO
+                                                                        and not judged)):
+        return _Choice(None, reason=f"not smoothed: {group.reason}")
+    act_max = stats.channel_max[activation]
+    if group.source is not None and not np.array_equal(stats.channel_max[str(group.source.name)], act_max):
+        return _Choice(None, reason=f"not smoothed: the Reshape before it moves channels "
+                                    f"({group.source.name} and the layer input differ per channel)")
+    if absorber is not None:
+        problem = absorber.check(act_max, stats)
+        if problem:
+            return _Choice(None, reason=f"not smoothed: {problem}")
+    weights = [(layer.weight, layer.in_axis) for layer in group.layers]
+    alpha: float | None = settings.alpha
+    if settings.alpha_search is not None:
+        alpha = settings.alpha_search.choose(activation, act_max, weights)
+        if alpha is None:
+            return _Choice(None, reason="not smoothed: no alpha beats no smoothing (alpha search)")
+    if judged and alpha is not None:
+        assert rows is not None and settings.scheme is not None
+        rows32 = as_float32(rows)
+        with_s = group_error(rows32, act_max, weights, alpha, settings.scheme)
+        without = group_error(rows32, act_max, weights, None, settings.scheme)
+        if with_s >= without * MUL_MUST_CUT:
+            return _Choice(None, reason=f"not smoothed: {group.reason} (an explicit Mul would not pay: relative "
+                                        f"error {with_s:.2g} smoothed vs {without:.2g} not on calibration rows)")
+    assert alpha is not None  # a search that prefers no smoothing returned above
+    shared = absorber.factor_map(stats) if absorber is not None else None
+    weight_max = group_weight_max(weights)
+    dead = int(np.count_nonzero(act_max == 0)), int(np.count_nonzero(weight_max == 0))
+    return _Choice(shared_scales(act_max, weight_max, alpha, shared), alpha, dead=dead)
 
 
 def _scale_weight_rows(graph: ir.Graph, group: SmoothingGroup, scales: np.ndarray) -> None:

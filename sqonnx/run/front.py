@@ -54,8 +54,9 @@ class Prepared:
 
 
 def prepare_model(model: ir.Model, model_path: Path, config: QuantizeConfig, workdir: Path,
-                  progress: Progress, judge: bool = True) -> Prepared:
-    """`judge`: keep samples back for --alpha auto's whole-model judgement (quantize; inspect has none)."""
+                  progress: Progress) -> Prepared:
+    """The model as the passes will see it, and its samples (the held-back ones apart: `quantize` judges on them,
+    and `inspect` calibrates on what `quantize` counts)."""
     cache = CalibrationCache.open(config.cache_dir, _cache_key(model_path, model, config)) \
         if config.cache_dir is not None else None
     fused: dict[str, int] = {}
@@ -70,7 +71,7 @@ def prepare_model(model: ir.Model, model_path: Path, config: QuantizeConfig, wor
             raise SqonnxError(f"{model_path.name} has no MatMul/Gemm with a constant float weight to quantize"
                               + (" outside --exclude patterns" if layers else ""))
         feeds = calibration_feeds(model.graph, model_path.parent, config.calibration)
-    held_out, check = _held_out(feeds.count, config) if judge else (0, 0)
+    held_out, check = _held_out(feeds.count, config)
     chains = feeds.decode
     if chains:
         tokens = cache.tokens() if cache is not None else None

@@ -1,14 +1,16 @@
 """`sqonnx inspect`: where a model's outliers are, and what smoothing does to them, without writing a model.
 
-It goes through `quantize`'s own front end (sqonnx.run.front): the residual stream is rotated where quantize rotates
-it and the model is calibrated block by block, so the report describes the graph quantize smooths.
+It goes through `quantize`'s own front end (sqonnx.run.front) and smoothing (`run.build.smooth_block`): the residual
+stream is rotated where quantize rotates it, the model is calibrated block by block on the samples quantize counts
+(the check's held-back ones aside), and every group's α, s, or reason to stay unsmoothed is the one quantize
+chooses, so the report describes the graph quantize smooths. (`--alpha auto` may still end on a single α for the
+whole model, judged on whole-model outputs that inspect does not compute; its per-group choices are shown.)
 
-Per smoothing group (the layers that read one activation): the max/median ratio of per-channel max|X|
-and of per-input-channel max|W| before and after smoothing, the α used (searched per group by default),
-and each layer's sensitivity: the relative error of its output when it alone is quantized (INT8 at the
-chosen level, after smoothing), measured on calibration rows. For the worst groups, PNG plots of the
-per-channel magnitudes before and after, as the SmoothQuant paper's figures show them; an HTML page ties
-them together, and report.json has every number.
+Per smoothing group (the layers that read one activation): the max/median ratio of per-channel max|X| and of
+per-input-channel max|W| before and after smoothing, the α used, and each layer's sensitivity: the relative error of its
+output when it alone is quantized (INT8 at the chosen level, after smoothing), measured on calibration rows. For the
+worst groups, PNG plots of the per-channel magnitudes before and after, as the SmoothQuant paper's figures show
+them; an HTML page ties them together, and report.json has every number.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from sqonnx.calibrators import ActivationStats
 from sqonnx.config import QuantizeConfig
 from sqonnx.errors import SqonnxError
 from sqonnx.io.load import load_model
 from sqonnx.math.search import AlphaSearch, group_error
-from sqonnx.math.smoothing import as_float32, input_channel_max, shared_scales
-from sqonnx.passes.smoothing_groups import SmoothingGroup, find_smoothing_groups
+from sqonnx.math.smoothing import as_float32, group_weight_max, outlier_ratio
+from sqonnx.passes.smooth import GroupResult
+from sqonnx.passes.smoothing_groups import find_smoothing_groups
+from sqonnx.run.build import quantization_scheme, smooth_block
 from sqonnx.run.front import prepare_model
 from sqonnx.run.pipeline import Pipeline
 from sqonnx.run.progress import Progress
@@ -37,8 +40,10 @@ from sqonnx.run.progress import Progress
 class GroupInspection:
     activation: str
     layers: list[str]
-    absorber: str  # what would absorb 1/s, or why nothing can
+    absorber: str  # what absorbed 1/s (and how), or why the group is not smoothed
     alpha: float | None
+    scale_min: float | None  # the range of s (None: not smoothed)
+    scale_max: float | None
     activation_ratio_before: float  # max / median of per-channel max|X|
     activation_ratio_after: float
     weight_ratio_before: float  # max / median of per-input-channel max|W| over the group
@@ -49,11 +54,6 @@ class GroupInspection:
     # before/after (the numbers the plot annotates).
     top_channels: list[dict[str, float]] = field(default_factory=list)
     plot: str = ""
-
-
-def ratio(values: np.ndarray) -> float:
-    median = float(np.median(values))
-    return float(values.max()) / median if median > 0 else float("inf")
 
 
 def inspect_model(model_path: Path, out_dir: Path, config: QuantizeConfig, top: int = 8,
@@ -73,22 +73,22 @@ def inspect_model(model_path: Path, out_dir: Path, config: QuantizeConfig, top: 
     results: list[GroupInspection] = []
     panels: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # act_max, s, weight max per group, for plots
     with tempfile.TemporaryDirectory(prefix="sqonnx-inspect-") as workdir:
-        front = prepare_model(model, model_path, config, Path(workdir), Progress(progress), judge=False)
+        front = prepare_model(model, model_path, config, Path(workdir), Progress(progress))
         pipeline = Pipeline(front.model, front.partition, front.samples, front.quantized, Path(workdir),
                             Progress(progress), verify=False)
         for block, stats in pipeline.calibrated_blocks(config):
-            search = AlphaSearch(stats.rows, config.alpha_grid, config.level, config.weight_qmax, config.per_channel,
-                                 config.calib_method)
-            for group in find_smoothing_groups(block.graph):
-                name = str(group.activation.name)
-                if any(config.is_excluded(layer.name) for layer in group.layers) or name not in stats.rows:
+            search = quantization_scheme(config, stats)
+            originals = {layer.name: (layer.weight, layer.in_axis) for group in find_smoothing_groups(block.graph)
+                         for layer in group.layers}
+            for group in smooth_block(block, config, stats, front.quantized):
+                name = str(group.group.activation.name)
+                if not any(layer.name in front.quantized for layer in group.group.layers) or name not in stats.rows:
                     continue
-                result = _inspect_group(group, stats.channel_max[name], stats.rows[name], config, search, stats)
-                results.append(result)
-                weight_max = np.max([input_channel_max(layer.weight, layer.in_axis) for layer in group.layers],
-                                    axis=0)
-                panels.append((stats.channel_max[name], _scales(group, stats.channel_max[name], result.alpha, stats),
-                               weight_max))
+                weights = [originals[layer.name] for layer in group.group.layers]
+                act_max = stats.channel_max[name]
+                results.append(_inspect_group(group, act_max, stats.rows[name], weights, search))
+                scales = group.scales if group.scales is not None else np.ones_like(act_max)
+                panels.append((act_max, scales, group_weight_max(weights)))
     if not results:
         raise SqonnxError(f"{model_path.name} has no MatMul/Gemm with a constant float weight to inspect")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -104,29 +104,14 @@ def inspect_model(model_path: Path, out_dir: Path, config: QuantizeConfig, top: 
     return results
 
 
-def _scales(group: SmoothingGroup, act_max: np.ndarray, alpha: float | None,
-            stats: ActivationStats | None = None) -> np.ndarray:
-    """s as quantize computes it: channels that one value column feeds (grouped-query heads) share one factor."""
-    if alpha is None:
-        return np.ones_like(act_max)
-    weight_max = np.max([input_channel_max(layer.weight, layer.in_axis) for layer in group.layers], axis=0)
-    shared = group.absorber.factor_map(stats) if group.absorber is not None and stats is not None else None
-    return shared_scales(act_max, weight_max, alpha, shared)
-
-
-def _inspect_group(group: SmoothingGroup, act_max: np.ndarray, rows: np.ndarray, config: QuantizeConfig,
-                   search: AlphaSearch, stats: ActivationStats) -> GroupInspection:
-    weights = [(layer.weight, layer.in_axis) for layer in group.layers]
-    alpha: float | None = (search.choose(str(group.activation.name), act_max, weights) if config.alpha_auto
-                           else float(config.alpha))
-    scales = _scales(group, act_max, alpha, stats)
-    weight_max = np.max([input_channel_max(w, axis) for w, axis in weights], axis=0)
+def _inspect_group(result: GroupResult, act_max: np.ndarray, rows: np.ndarray, weights: list[tuple[np.ndarray, int]],
+                   search: AlphaSearch) -> GroupInspection:
+    """One group as quantize smoothed it; `weights`: its layers' weights before smoothing."""
+    group, alpha = result.group, result.alpha
+    scales = result.scales if result.scales is not None else np.ones_like(act_max)
+    weight_max = group_weight_max(weights)
     rows32 = as_float32(rows)
-    absorber = group.absorber
-    if absorber is None:
-        where = f"nothing can absorb 1/s: {group.reason}"
-    else:
-        where = f"{absorber.node.name} ({absorber.describe()})"
+    where = f"{result.folded_into} ({result.method})" if result.scales is not None else result.method
     after, weight_after = act_max / scales, weight_max * scales
     top = [{"channel": j, "activation_before": float(act_max[j]), "activation_after": float(after[j]),
             "weight_before": float(weight_max[j]), "weight_after": float(weight_after[j])}
@@ -134,8 +119,10 @@ def _inspect_group(group: SmoothingGroup, act_max: np.ndarray, rows: np.ndarray,
     return GroupInspection(
         top_channels=top,
         activation=str(group.activation.name), layers=[layer.name for layer in group.layers], absorber=where,
-        alpha=alpha, activation_ratio_before=ratio(act_max), activation_ratio_after=ratio(act_max / scales),
-        weight_ratio_before=ratio(weight_max), weight_ratio_after=ratio(weight_max * scales),
+        alpha=alpha, scale_min=None if result.scales is None else float(scales.min()),
+        scale_max=None if result.scales is None else float(scales.max()),
+        activation_ratio_before=outlier_ratio(act_max), activation_ratio_after=outlier_ratio(after),
+        weight_ratio_before=outlier_ratio(weight_max), weight_ratio_after=outlier_ratio(weight_after),
         sensitivity={layer.name: group_error(rows32, act_max, [w], alpha, search)
                      for layer, w in zip(group.layers, weights, strict=True)},
         sensitivity_unsmoothed={layer.name: group_error(rows32, act_max, [w], None, search)
@@ -183,7 +170,7 @@ def draw_group(plt, act_max: np.ndarray, scales: np.ndarray, weight_max: np.ndar
                           xytext=(4, -2 if tall else 2), textcoords="offset points", va="top" if tall else "bottom")
         axis.set_ylim(0, peak * 1.15 or 1.0)
         axis.set_xlim(-0.5, len(values) - 0.5)
-        axis.set_title(f"{title}  (max/median {ratio(values):.1f})", fontsize=9, loc="left")
+        axis.set_title(f"{title}  (max/median {outlier_ratio(values):.1f})", fontsize=9, loc="left")
     axes[-1].set_xlabel("input channel j", fontsize=8)
     figure.suptitle(", ".join(result.layers), fontsize=9)
     figure.tight_layout()

@@ -31,6 +31,8 @@ from sqonnx.calibrators.data import LOGITS, CalibrationFeeds, DecodeChain
 from sqonnx.calibrators.probes import Probe
 from sqonnx.errors import SqonnxError
 from sqonnx.graph.tensors import SHARED, release
+from sqonnx.math.metrics import log_softmax
+from sqonnx.passes.transposed import FOLDED_TENSOR
 from sqonnx.pause import pause_point
 from sqonnx.runtime.session import PREPACK_TOKENS, Session, has_half_floats, open_session
 from sqonnx.runtime.upcast import upcast_to_float32
@@ -149,8 +151,8 @@ def extract_block(model: ir.Model, block: Block) -> ir.Model:
         tensor = value.const_value
         if isinstance(tensor, ir.LazyTensor):
             value.const_value = ir.tensor(tensor.numpy(), name=value.name)
-            if value.meta.get("sqonnx.transposed_tensor") is tensor:
-                value.meta["sqonnx.transposed_tensor"] = value.const_value
+            if value.meta.get(FOLDED_TENSOR) is tensor:
+                value.meta[FOLDED_TENSOR] = value.const_value
     part = ir.Model(clone, ir_version=model.ir_version, producer_name=model.producer_name,
                     producer_version=model.producer_version, domain=model.domain, model_version=model.model_version,
                     functions=list(model.functions.values()))
@@ -216,8 +218,8 @@ class Comparison:
         tokens = ids[0, 1:]
         for start in range(0, len(tokens), ROWS):
             stop = min(start + ROWS, len(tokens))
-            log_p = _log_softmax(reference[0, start:stop].astype(np.float64))
-            log_q = _log_softmax(output[0, start:stop].astype(np.float64))
+            log_p = log_softmax(reference[0, start:stop].astype(np.float64))
+            log_q = log_softmax(output[0, start:stop].astype(np.float64))
             picked = np.arange(stop - start), tokens[start:stop]
             self.nll_reference -= float(log_p[picked].sum())
             self.nll -= float(log_q[picked].sum())
@@ -240,12 +242,6 @@ class Comparison:
         ratio measures on text the FP model predicts well, and also where it does not (random-token data, on which
         a wrecked model's perplexity can fall below the FP model's)."""
         return self.kl / self.tokens if self.tokens else 0.0
-
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    top = logits.max(axis=-1, keepdims=True)
-    shifted = logits - top
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 class BlockRunner:

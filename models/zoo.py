@@ -13,7 +13,7 @@ a hash of the spec, the exporter versions and `ZOO_VERSION`, so a test run build
 Mixtral is not exportable by optimum or torch.onnx as is; `_dense_moe_forward` computes every expert on
 every token and weights it by the top-k-masked, renormalized router probabilities (the same output).
 
-    .venv/bin/python -m tests.zoo            # builds every family and prints the build times
+    .venv/bin/python -m models.zoo            # builds every family and prints the build times
 """
 
 from __future__ import annotations
