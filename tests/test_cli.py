@@ -165,15 +165,15 @@ class _FailingFile:
 
 
 def _failing_writes(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
-    from sqonnx.io.writer import StreamingWriter
+    from sqonnx.io.writer import Stage
 
-    real_open = StreamingWriter._open
+    real_init = Stage.__init__
 
-    def failing_open(self: StreamingWriter) -> None:
-        real_open(self)
+    def failing_init(self: Stage, *args: object) -> None:
+        real_init(self, *args)  # type: ignore[arg-type]
         self._file = _FailingFile(self._file, error)  # type: ignore[assignment]
 
-    monkeypatch.setattr(StreamingWriter, "_open", failing_open)
+    monkeypatch.setattr(Stage, "__init__", failing_init)
 
 
 def test_disk_full_leaves_nothing(tmp_path: Path, block: Path, feeds: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -130,8 +130,9 @@ def test_writer_keeps_tensors_that_share_a_name_apart(tmp_path: Path) -> None:
 
     with StreamingWriter(tmp_path / "q.onnx", external=True) as writer:
         blocks = [block(0, 2.0), block(1, 3.0)]
+        stage = writer.stage("test")
         for b in blocks:
-            writer.add(b, shared=set())
+            stage.add(b, shared=set())
         writer.close()  # flushed: the refs read back what was written
         names = [sorted(b.graph.initializers) for b in blocks]
         assert names == [["big", "w"], ["big.1", "w.1"]]

@@ -39,79 +39,40 @@ def check_output_path(input_path: Path, output_path: Path) -> None:
         raise SqonnxError(f"output folder {existing} is not writable; choose another --output")
 
 
-class StreamingWriter:
-    """Writes the output block by block, then moves it into place atomically.
+class Stage:
+    """One candidate output, written block by block: each block's tensors go to a data file of the stage's own in the
+    staging folder, and only the block's graph is kept, its tensors pointing into that file. The run moves one stage
+    into place (`StreamingWriter.finish`); the others are dropped (`drop`, or with the staging folder).
 
-    `add` writes a finished block's tensors to a data file in a staging folder beside the output (named
-    `.sqonnx-<pid>-*`) and keeps only the block's graph, whose tensors now point into that file; `finish`
-    assembles the model from the blocks' graphs, checks it, and moves it into place. Nothing is held or copied
-    whole: peak memory is one block, and the staging folder holds the output and the scratch files of the run
-    (`scratch`), removed on the way out whatever happens. A process killed with SIGKILL leaves its staging
-    folder, which the next save into that folder removes.
+    Candidates that only a whole-model judgement tells apart (--alpha auto's single values against per-group α) are
+    staged side by side in one pass: each block of each is written once, and nothing is written again."""
 
-    Weights go to a data file beside the output when asked (the input had external data) or when the model
-    would not fit in one protobuf; otherwise they are read back into one .onnx file. Two renames (data file,
-    then .onnx) are not atomic together, so the data file is named after its content, `<output>.<digest>.data`
-    (the digest of every tensor's name, type, shape and bytes, in the order written): the new .onnx refers to
-    its own data file, the previous .onnx keeps its own until the new one has replaced it, and only then are
-    stale data files removed. A process killed at any point leaves the previous model or the new one at
-    `output_path`, both whole. Moving into place holds a lock on the folder, so two processes writing the
-    same output never remove each other's data file; the last one to finish wins. `companions` (file name ->
-    bytes, e.g. an onnxruntime-genai config) are staged too and moved in before the .onnx.
-    """
-
-    def __init__(self, output_path: Path, external: bool, companions: dict[str, bytes] | None = None) -> None:
-        self.output_path = output_path
-        self.external = external
-        self.companions = companions or {}
-        folder = output_path.parent
-        self.created = _missing_folders(folder)
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise SqonnxError(f"cannot create output folder {folder}: {exc.strerror}; choose another --output") \
-                from None
-        remove_stale_staging(folder)
-        try:
-            self.staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=folder))
-        except OSError as exc:
-            self._remove_created()
-            raise SqonnxError(f"cannot write in {folder}: {exc.strerror}") from None
-        self.scratch = self.staging / "scratch"
-        self.scratch.mkdir()
-        self.blocks: list[ir.Model] = []
-        self._open()
-
-    def __enter__(self) -> StreamingWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-        shutil.rmtree(self.staging, ignore_errors=True)
-        if exc[0] is not None:
-            self._remove_created()
-
-    def _open(self) -> None:
-        self._data_path = self.staging / PARTIAL_DATA
-        self._file = open(self._data_path, "wb")  # noqa: SIM115 (closed in close())
+    def __init__(self, folder: Path, name: str, output_folder: Path) -> None:
+        self.name = name
+        self.folder = folder
+        self.output_folder = output_folder
+        self.data_name = f"{name}.{PARTIAL_DATA}"
+        self.data_path = folder / self.data_name
+        self._file = open(self.data_path, "wb")  # noqa: SIM115 (closed in close())
         self._offset = 0
-        self._digest = hashlib.sha256()
+        self.digest = hashlib.sha256()
         self._written: dict[str, tuple[int, ir.ExternalTensor]] = {}  # name -> (id of its source tensor, ref)
         self._inline: dict[str, tuple[str, tuple[int, ...], bytes]] = {}  # small tensors kept in the .onnx
-        self.blocks = []
+        self.blocks: list[ir.Model] = []
+
+    @property
+    def bytes_written(self) -> int:
+        return self._offset
 
     def close(self) -> None:
         if not self._file.closed:
             self._file.close()
 
-    def restart(self) -> None:
-        """Forget what was written (a later pass writes the blocks again)."""
+    def drop(self) -> None:
+        """This candidate lost: its data file goes now (the disk it took is free for the next)."""
         self.close()
-        self._open()
-
-    @property
-    def bytes_written(self) -> int:
-        return self._offset
+        self.blocks = []
+        self.data_path.unlink(missing_ok=True)
 
     def add(self, block: ir.Model, shared: set[int]) -> None:
         """Write `block`'s tensors (but the smallest, which stay in its graph) and keep its graph. `shared`: ids
@@ -150,46 +111,115 @@ class StreamingWriter:
             release(tensor)
         offset = self._offset + padding
         self._offset = offset + length
-        return ir.ExternalTensor(PARTIAL_DATA, offset, length, tensor.dtype, shape=ir.Shape(tensor.shape),
-                                 name=name, base_dir=str(self.staging))
+        return ir.ExternalTensor(self.data_name, offset, length, tensor.dtype, shape=ir.Shape(tensor.shape),
+                                 name=name, base_dir=str(self.folder))
 
     def _append(self, tensor: ir.TensorProtocol, name: str, padding: int) -> int:
         data = np.ascontiguousarray(tensor.numpy()).reshape(-1).view(np.uint8)
-        self._digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
-        self._digest.update(data)
+        self.digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        self.digest.update(data)
         try:
             self._file.write(b"\0" * padding)
             self._file.write(data)
         except OSError as exc:
-            raise SqonnxError(_no_space(self.output_path.parent, exc, self._offset)) from None
+            raise SqonnxError(_no_space(self.output_folder, exc, self._offset)) from None
         return int(data.nbytes)
 
-    def finish(self, skeleton: ir.Model, metadata: dict[str, str]) -> int:
-        """Assemble the model from the blocks (inputs, outputs and header from `skeleton`), check it and move it
-        into place. Returns the bytes written."""
+
+class StreamingWriter:
+    """Writes the output block by block, then moves it into place atomically.
+
+    The output is written as one or more candidate `Stage`s in a staging folder beside the output (named
+    `.sqonnx-<pid>-*`); `finish` assembles the chosen stage's model from its blocks' graphs, checks it, and moves it
+    into place. Nothing is held or copied whole: peak memory is one block, and the staging folder holds the
+    candidates and the scratch files of the run (`scratch`), removed on the way out whatever happens. A process
+    killed with SIGKILL leaves its staging folder, which the next save into that folder removes.
+
+    Weights go to a data file beside the output when asked (the input had external data) or when the model
+    would not fit in one protobuf; otherwise they are read back into one .onnx file. Two renames (data file,
+    then .onnx) are not atomic together, so the data file is named after its content, `<output>.<digest>.data`
+    (the digest of every tensor's name, type, shape and bytes, in the order written): the new .onnx refers to
+    its own data file, the previous .onnx keeps its own until the new one has replaced it, and only then are
+    stale data files removed. A process killed at any point leaves the previous model or the new one at
+    `output_path`, both whole. Moving into place holds a lock on the folder, so two processes writing the
+    same output never remove each other's data file; the last one to finish wins. `companions` (file name ->
+    bytes, e.g. an onnxruntime-genai config) are staged too and moved in before the .onnx.
+    """
+
+    def __init__(self, output_path: Path, external: bool, companions: dict[str, bytes] | None = None) -> None:
+        self.output_path = output_path
+        self.external = external
+        self.companions = companions or {}
+        folder = output_path.parent
+        self.created = _missing_folders(folder)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SqonnxError(f"cannot create output folder {folder}: {exc.strerror}; choose another --output") \
+                from None
+        remove_stale_staging(folder)
+        try:
+            self.staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=folder))
+        except OSError as exc:
+            self._remove_created()
+            raise SqonnxError(f"cannot write in {folder}: {exc.strerror}") from None
+        self.scratch = self.staging / "scratch"
+        self.scratch.mkdir()
+        self.stages: list[Stage] = []
+
+    def __enter__(self) -> StreamingWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         self.close()
-        external = self.external or self._offset > EXTERNAL_DATA_BYTES
-        data_name = f"{self.output_path.name}.{self._digest.hexdigest()[:_DIGEST_CHARS]}.data" if external else None
+        shutil.rmtree(self.staging, ignore_errors=True)
+        if exc[0] is not None:
+            self._remove_created()
+
+    def stage(self, name: str) -> Stage:
+        """A new candidate output (`name`: a file-name-safe label, unique in the run)."""
+        label = re.sub(r"[^A-Za-z0-9.-]+", "-", name)
+        made = Stage(self.staging, f"{len(self.stages)}-{label}", self.output_path.parent)
+        self.stages.append(made)
+        return made
+
+    def close(self) -> None:
+        for stage in self.stages:
+            stage.close()
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(stage.bytes_written for stage in self.stages)
+
+    def finish(self, stage: Stage, skeleton: ir.Model, metadata: dict[str, str]) -> int:
+        """Assemble the model from `stage`'s blocks (inputs, outputs and header from `skeleton`), check it and move
+        it into place. Returns the bytes written."""
+        self.close()
+        for other in self.stages:
+            if other is not stage:
+                other.drop()
+        external = self.external or stage.bytes_written > EXTERNAL_DATA_BYTES
+        data_name = f"{self.output_path.name}.{stage.digest.hexdigest()[:_DIGEST_CHARS]}.data" if external else None
         if data_name is not None:
-            os.replace(self._data_path, self.staging / data_name)
-        for block in self.blocks:
+            os.replace(stage.data_path, self.staging / data_name)
+        for block in stage.blocks:
             for value in block.graph.initializers.values():
                 ref = value.const_value
-                if isinstance(ref, ir.ExternalTensor) and ref.location == PARTIAL_DATA:
+                if isinstance(ref, ir.ExternalTensor) and ref.location == stage.data_name:
                     value.const_value = (ir.ExternalTensor(data_name, ref.offset, ref.length, ref.dtype,
                                                            shape=ref.shape, name=ref.name, base_dir=str(self.staging))
-                                         if data_name is not None else ir.tensor(_read(self._data_path, ref),
+                                         if data_name is not None else ir.tensor(_read(stage.data_path, ref),
                                                                                  name=ref.name))
-        proto = _assemble(skeleton, self.blocks, metadata)
+        proto = _assemble(skeleton, stage.blocks, metadata)
         staged = self.staging / self.output_path.name
         try:
             with open(staged, "wb") as handle:
                 handle.write(proto.SerializeToString())
         except OSError as exc:
-            raise SqonnxError(_no_space(self.output_path.parent, exc, self._offset)) from None
+            raise SqonnxError(_no_space(self.output_path.parent, exc, stage.bytes_written)) from None
         del proto
         if data_name is None:
-            self._data_path.unlink(missing_ok=True)
+            stage.data_path.unlink(missing_ok=True)
         check_onnx(staged)
         written = staged.stat().st_size + ((self.staging / data_name).stat().st_size if data_name else 0)
         folder = self.output_path.parent
@@ -218,7 +248,7 @@ class StreamingWriter:
                 folder.rmdir()
 
 
-PARTIAL_DATA = "weights.partial.data"
+PARTIAL_DATA = "weights.partial.data"  # a stage's data file: <stage>.weights.partial.data
 INLINE_BYTES = 1024  # smaller tensors stay in the .onnx (shapes, scales, zero points, norm weights of tiny models)
 ALIGNMENT = 4096  # large tensors start on a page: onnxruntime can map them instead of copying
 ALIGN_FROM_BYTES = 1 << 20

@@ -15,9 +15,11 @@ import onnx_ir as ir
 
 from sqonnx.calibrators import CalibrationFeeds, calibration_feeds
 from sqonnx.calibrators.cache import CalibrationCache, data_identity, model_identity
-from sqonnx.config import QuantizeConfig, tool_version
+from sqonnx.config import Level, QuantizeConfig, tool_version
 from sqonnx.errors import SqonnxError
 from sqonnx.graph.layers import find_linear_layers
+from sqonnx.graph.tensorrt import MAX_OPSET
+from sqonnx.graph.tensors import opset_version
 from sqonnx.io.load import load_model
 from sqonnx.passes.prepare import prepare
 from sqonnx.passes.rotate import RotationResult, rotate_model
@@ -25,6 +27,7 @@ from sqonnx.run.progress import Progress
 from sqonnx.runtime.optimize import fuse_transformer_ops
 from sqonnx.streaming.blocks import Partition, partition
 from sqonnx.streaming.runner import Samples, generate_tokens
+from sqonnx.targets import CUDA_QDQ_OPSET, Target
 
 logger = logging.getLogger(__name__)
 
@@ -141,3 +144,31 @@ def _rotate(model: ir.Model, model_path: Path, config: QuantizeConfig) -> Rotati
     if config.rotate is False or (config.rotate is None and not config.smooth):
         return RotationResult(False, "--no-rotate" if config.rotate is False else "--no-smooth")
     return rotate_model(model, ROTATION_SEED, model_path.parent, online=config.rotate is True)
+
+
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearMatMul", "MatMulInteger",
+                 "DynamicQuantizeLinear", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QGemm", "MatMulNBits"}
+
+
+def check_quantizable(model: ir.Model, config: QuantizeConfig) -> None:
+    """The loaded model can take the asked quantization: its opset, the target's limits, not quantized already."""
+    opset = opset_version(model.graph)
+    # Per-axis DequantizeLinear came in opset 13; DynamicQuantizeLinear and Round in 11.
+    per_axis_dq = config.per_channel and not config.integer_form
+    needed = max(13 if per_axis_dq else 10, 10 if config.level is Level.O3 else 11)
+    if opset < needed and not config.smooth_only:
+        hint = " (or --per-tensor, which needs 10)" if per_axis_dq and opset >= 10 and config.level is Level.O3 else ""
+        raise SqonnxError(f"the model uses opset {opset}; {config.level.value} {config.format_used.value} "
+                          f"quantization needs opset {needed} or newer: convert it with "
+                          f"onnx.version_converter.convert_version(model, 17){hint}")
+    if config.target is Target.CUDA and opset > CUDA_QDQ_OPSET and not config.smooth_only:
+        raise SqonnxError(f"the model uses opset {opset}; onnxruntime's CUDA QuantizeLinear is registered up to "
+                          f"{CUDA_QDQ_OPSET} (later ones run on the CPU): convert it with "
+                          f"onnx.version_converter.convert_version(model, {CUDA_QDQ_OPSET}) first")
+    if config.target is Target.TENSORRT and opset > MAX_OPSET and not config.smooth_only:
+        raise SqonnxError(f"the model uses opset {opset}; TensorRT 10's parser reads up to {MAX_OPSET}: convert it "
+                          f"with onnx.version_converter.convert_version(model, {MAX_OPSET}) first")
+    already = sorted({node.op_type for node in model.graph if node.op_type in QUANTIZED_OPS})
+    if already:
+        raise SqonnxError(f"the model is already quantized (it has {', '.join(already)}); "
+                          "pass the original float model")

@@ -74,8 +74,7 @@ def inspect_model(model_path: Path, out_dir: Path, config: QuantizeConfig, top: 
     panels: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # act_max, s, weight max per group, for plots
     with tempfile.TemporaryDirectory(prefix="sqonnx-inspect-") as workdir:
         front = prepare_model(model, model_path, config, Path(workdir), Progress(progress))
-        pipeline = Pipeline(front.model, front.partition, front.samples, front.quantized, Path(workdir),
-                            Progress(progress), verify=False)
+        pipeline = Pipeline(front, Path(workdir), Progress(progress))
         for block, stats in pipeline.calibrated_blocks(config):
             search = quantization_scheme(config, stats)
             originals = {layer.name: (layer.weight, layer.in_axis) for group in find_smoothing_groups(block.graph)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from sqonnx.calibrators.cache import CalibrationCache
 from sqonnx.calibrators.carry import Carry
 from sqonnx.calibrators.channel_max import ActivationStats
 from sqonnx.calibrators.data import LOGITS
@@ -26,22 +25,23 @@ from sqonnx.errors import SqonnxError
 from sqonnx.graph import tensorrt
 from sqonnx.graph.layers import find_linear_layers, output_layer
 from sqonnx.graph.tensors import opset_version, prefetch
-from sqonnx.io.writer import StreamingWriter, no_space
+from sqonnx.io.writer import Stage, StreamingWriter, no_space
+from sqonnx.judgements.decisions import choose_alpha, judge_head, keep_float_done
 from sqonnx.judgements.layer_report import LayerReport
 from sqonnx.judgements.quality import HeadVerdict, QualityCheck, RotationJudge
 from sqonnx.passes.smoothing_groups import find_smoothing_groups, statistics_needed
 from sqonnx.passes.transposed import FOLDED_TENSOR
 from sqonnx.pause import pause_point
 from sqonnx.run.build import W4A8, Built, build
+from sqonnx.run.front import Prepared
 from sqonnx.run.progress import Progress, free_memory
 from sqonnx.runtime.kernels import KernelCheck, count_kernels
 from sqonnx.runtime.session import PREPACK_TOKENS, cpu_runs, open_session
-from sqonnx.streaming.blocks import Block, Partition
+from sqonnx.streaming.blocks import Block
 from sqonnx.streaming.runner import (
     CARRY_MEMORY_BYTES,
     BlockRunner,
     Comparison,
-    Samples,
     block_initializers,
     calibrate_block,
     extract_block,
@@ -70,6 +70,19 @@ BASELINE_MAX_BYTES = 2 << 30
 
 
 @dataclass
+class BlockPassResult:
+    """What building a staged track's blocks found, block by block (its layers, kernels, TensorRT's rules)."""
+
+    layer_reports: list[LayerReport] = field(default_factory=list)
+    quantized_layers: int = 0
+    sensitivity: dict[str, float] = field(default_factory=dict)
+    kernels: KernelCheck | None = None
+    worst_pair: int = 0
+    rotation_errors: dict[str, tuple[float, float]] = field(default_factory=dict)  # see build.Built
+    tensorrt_qdq: int = 0  # --target tensorrt: Q/DQ nodes written, each checked against TensorRT's rules
+
+
+@dataclass
 class Track:
     """One way of building the INT8 model, judged on evaluation samples (`keys`) against the FP model."""
 
@@ -82,21 +95,19 @@ class Track:
     # Built only from the first block where it differs (its float layers) on, from `fork_of`'s carried values
     # there: judging the LM head float costs one build of the last block, not of every block.
     fork_of: Track | None = None
+    # A candidate output: its blocks are written there as they are built (or, where a fork of it wins, the fork's),
+    # and `result` gathers what they hold. None: a track that is only measured.
+    stage: Stage | None = None
+    result: BlockPassResult = field(default_factory=BlockPassResult)
 
 
 @dataclass
-class BlockPassResult:
-    layer_reports: list[LayerReport] = field(default_factory=list)
-    quantized_layers: int = 0
-    sensitivity: dict[str, float] = field(default_factory=dict)
-    kernels: KernelCheck | None = None
-    worst_pair: int = 0
-    fp_seconds: float = 0.0
+class PassSummary:
+    """What a pass over the blocks found beside its tracks."""
+
+    fp_seconds: float = 0.0  # the FP model's time on the timing sample (--keep-float-budget's speedups)
     resumed: int = 0  # blocks whose calibration an earlier run left in --cache-dir
-    checked: dict[tuple[object, ...], KernelCheck] = field(default_factory=dict)  # kernels per block pattern
-    rotation_errors: dict[str, tuple[float, float]] = field(default_factory=dict)  # see build.Built
-    head: HeadVerdict | None = None  # the quantized LM head judged against a float one, where the block was written
-    tensorrt_qdq: int = 0  # --target tensorrt: Q/DQ nodes written, each checked against TensorRT's rules
+    head: HeadVerdict | None = None  # the quantized LM head judged against a float one, where its block was built
 
 
 @dataclass
@@ -108,10 +119,11 @@ class KeepFloatTrial:
 
 @dataclass
 class Outcome:
-    """What the passes chose and wrote."""
+    """What the passes chose and where it is staged."""
 
     config: QuantizeConfig
     result: BlockPassResult
+    stage: Stage
     alpha_trials: dict[str, float] = field(default_factory=dict)
     keep_float: list[KeepFloatTrial] = field(default_factory=list)
     resumed: int = 0  # blocks whose calibration an earlier run left in --cache-dir
@@ -140,6 +152,20 @@ def _head_kind(reports: list[LayerReport], head: frozenset[str]) -> str:
     return next((W4A8 for r in reports if r.name in head and r.level == W4A8), "INT8")
 
 
+@dataclass(frozen=True)
+class _Build:
+    """A track's block built in a pass, with the kernels onnxruntime runs for it (None: not checked)."""
+
+    built: Built
+    kernels: KernelCheck | None
+
+
+def _as_written(track: Track, forks: list[Track], head: HeadVerdict | None) -> Track:
+    """The track whose comparison measures what `track`'s stage holds: its fork where the float LM head won."""
+    fork = next((f for f in forks if f.fork_of is track), None)
+    return fork if fork is not None and head is not None and head.loses else track
+
+
 def _signature(model: ir.Model) -> tuple[object, ...]:
     """What onnxruntime's fusions of a quantized block depend on: its ops in order, with the types of their
     inputs (names and weights aside)."""
@@ -150,43 +176,51 @@ def _signature(model: ir.Model) -> tuple[object, ...]:
 
 
 class Pipeline:
-    def __init__(self, model: ir.Model, part: Partition, samples: Samples, quantized: set[str], workdir: Path,
-                 progress: Progress, verify: bool, cache: CalibrationCache | None = None,
-                 rotation: RotationJudge | None = None) -> None:
-        self.model, self.part, self.samples = model, part, samples
+    """The passes over one prepared model's blocks (`front`). `verify`: check which kernels onnxruntime runs for the
+    written blocks; `rotation`: judge the rotation as blocks are built; `providers`: calibration's (None: the CPU).
+    Holds what the passes share: the values carried between blocks, the FP outputs compared with, the statistics
+    kept for later passes."""
+
+    def __init__(self, front: Prepared, workdir: Path, progress: Progress, *, verify: bool = False,
+                 rotation: RotationJudge | None = None,
+                 providers: list[str | tuple[str, dict[str, str]]] | None = None) -> None:
+        self.model, self.part, self.samples = front.model, front.partition, front.samples
+        self.quantized, self.cache = front.quantized, front.cache
         self.rotation = rotation
-        self.quantized = quantized
-        self.providers: list[str | tuple[str, dict[str, str]]] | None = None  # calibration's (None: the CPU)
+        self.providers = providers
         self.workdir = workdir
         self.progress = progress
         self.verify = verify
-        self.runner = BlockRunner(part, samples)
+        self.runner = BlockRunner(self.part, self.samples)
         self.fp_carry = Carry(workdir / "carry", CARRY_MEMORY_BYTES)
         # --sequential: the counted samples' values as the INT8 blocks before computed them
         self.stream = Carry(workdir / "stream", CARRY_MEMORY_BYTES)
-        self.sequential = False
         # the FP outputs the quality check and the searches compare with: logits are large (SmolLM2: 100 MB a
         # sample) and read once per track, so they wait on disk
         self.references = Carry(workdir / "references", REFERENCE_MEMORY_BYTES)
         self.stats: dict[int, Path | ActivationStats] = {}
-        self.shared = {id(v.const_value) for v in model.graph.initializers.values()}
-        self.cache = cache
+        self.shared = {id(v.const_value) for v in self.model.graph.initializers.values()}
         self._kept_bytes = 0
-        first = part.graph_outputs[0] if part.graph_outputs else ""
+        first = self.part.graph_outputs[0] if self.part.graph_outputs else ""
         # the block before the one that makes the model's first output: where a run that compares outputs
         # with the FP model's resumes from --cache-dir
-        self.before_output = next((b.index for b in part.blocks if first in b.outputs), 0) - 1
+        self.before_output = next((b.index for b in self.part.blocks if first in b.outputs), 0) - 1
 
     def quantize(self, config: QuantizeConfig, writer: StreamingWriter) -> Outcome:
         samples = self.samples
         search = bool(samples.held_out) and config.alpha_auto and config.smooth and not config.smooth_only
         primary = Track("per group" if config.alpha_auto else "requested", config,
-                        keys=set(samples.held_out_keys if search else samples.check_keys))
+                        keys=set(samples.held_out_keys if search else samples.check_keys),
+                        stage=writer.stage("requested"))
         tracks = [primary]
+        # --alpha auto: single α values beside the per-group choice, each staged as it is built, judged on the
+        # held-back samples' outputs once the last block has run
+        uniform: list[Track] = []
         if search:
             low, high = config.alpha_range
-            tracks += [Track(str(alpha), replace(config, alpha=alpha), keys=set(samples.held_out_keys))
-                       for alpha in UNIFORM_ALPHAS if low <= alpha <= high]
+            uniform = [Track(str(alpha), replace(config, alpha=alpha), keys=set(samples.held_out_keys),
+                             stage=writer.stage(f"alpha-{alpha}")) for alpha in UNIFORM_ALPHAS if low <= alpha <= high]
+            tracks += uniform
         keep_float = config.keep_float_budget is not None
         eval_keys = set(range(min(EVAL_SAMPLES, samples.calibration_count))) if keep_float else set()
         trial0 = primary
@@ -205,96 +239,100 @@ class Pipeline:
                 config, smooth=False, alpha=0.5, keep_float_budget=None, sequential=False,
                 weight_rounding=Rounding.NEAREST), keys=set(primary.keys))
             tracks.append(baseline)
-        # a language model's LM head (the layer computing `logits`) float beside the INT8 one: INT8 only where it pays
+        # a language model's LM head (the layer computing `logits`) float beside the INT8 one: INT8 only where it
+        # pays. Judged once, on the requested track; every staged candidate has a fork for the verdict to pick.
         head = output_layer(self.model.graph) if self.part.graph_outputs[:1] == [LOGITS] else None
-        head_track = None
+        forks: list[Track] = []
         if head is not None and head.name in self.quantized and len(self.quantized) > 1 and primary.keys \
                 and not keep_float and not config.smooth_only:
-            head_track = Track("float LM head", config, frozenset({head.name}), keys=set(primary.keys),
-                               fork_of=primary)
-            tracks.append(head_track)
+            forks = [Track("float LM head", t.config, frozenset({head.name}), keys=set(t.keys), fork_of=t)
+                     for t in (primary, *uniform)]
+            tracks += forks
         references = set().union(*(t.keys for t in tracks))
-        result = self.run_pass("quantizing", tracks, primary, writer, calibrate=True, references=references,
-                               keep_stats=keep_float or search, timing_key=min(eval_keys) if keep_float else None)
-        outcome = Outcome(config, result, resumed=result.resumed)
-        written = primary
-        head_float: frozenset[str] = frozenset()
-        if head_track is not None and result.head is not None:
-            outcome.head = result.head
+        summary = self.run_pass("quantizing", tracks, writer, calibrate=True, references=references,
+                                keep_stats=keep_float or search, timing_key=min(eval_keys) if keep_float else None)
+        outcome = Outcome(config, primary.result, primary.stage or writer.stage("none"), resumed=summary.resumed,
+                          head=summary.head)
+        if outcome.head is not None:
             logger.info("LM head: %s", outcome.head.summary())
-            if outcome.head.loses:
-                head_float = head_track.float_layers
-                written = head_track  # run_pass wrote its last block (sqonnx.run.pipeline.Pipeline._write)
+        written = _as_written(primary, forks, outcome.head)
         if search:
-            judged = [t for t in tracks if t is not baseline and t is not head_track
-                      and (t is not trial0 or t is primary)]
+            judged = [primary, *uniform]
             outcome.alpha_trials = {t.name: t.comparison.output_error for t in judged}
-            best = min(judged, key=lambda t: t.comparison.output_error)
+            best = judged[choose_alpha(outcome.alpha_trials)]
             logger.info("--alpha auto: %s", ", ".join(f"{k} {v:.4f}" for k, v in outcome.alpha_trials.items()))
+            for track in judged:
+                if track is not best and track.stage is not None:
+                    track.stage.drop()
             if best is not primary:
-                outcome.config = best.config
-                written = best
-                writer.restart()
-                if head_float:  # the head as judged, the check measuring the model written
-                    written = Track(best.name, best.config, head_float, keys=set(best.keys))
-                    outcome.result = self.run_pass("writing", [written], written, writer)
-                else:
-                    outcome.result = self.run_pass("writing", [], Track(best.name, best.config), writer)
+                assert best.stage is not None
+                outcome.config, outcome.result, outcome.stage = best.config, best.result, best.stage
+                written = _as_written(best, forks, outcome.head)
         if keep_float:
-            written = self._keep_float(outcome, trial0, result, eval_keys, writer)
+            written = self._keep_float(outcome, trial0, summary.fp_seconds, eval_keys, writer)
         outcome.check = _check(written, baseline, samples.held_out > 0 and written.keys <= set(samples.held_out_keys))
         return outcome
 
-    def _keep_float(self, outcome: Outcome, trial0: Track, first: BlockPassResult, eval_keys: set[int],
+    def _keep_float(self, outcome: Outcome, trial0: Track, fp_seconds: float, eval_keys: set[int],
                     writer: StreamingWriter) -> Track:
-        """Leave the most sensitive layers in float, 1, 2, 4, ... until the quality loss fits the budget. Returns
-        the last trial: the model written, its comparison measured on `eval_keys`."""
+        """Leave the most sensitive layers in float, 1, 2, 4, ... until the quality loss fits the budget. Each trial
+        with float layers is staged as it is built; the last one is the model written. Returns it (its comparison
+        measured on `eval_keys`)."""
         config = outcome.config
         budget = config.keep_float_budget
         assert budget is not None
-        ranking = sorted(first.sensitivity, key=lambda name: -first.sensitivity[name])
-        fp_seconds = first.fp_seconds
+        sensitivity = outcome.result.sensitivity
+        ranking = sorted(sensitivity, key=lambda name: -sensitivity[name])
         trial = trial0 if config is trial0.config else None
+        staged: Track | None = None
         count = 0
         while True:
             chosen = frozenset(ranking[:count])
             if trial is None:
-                trial = Track(f"keep-float {count}", config, chosen, keys=eval_keys)
-                self.run_pass(f"keep-float trial {count}", [trial], None, None)
+                if staged is not None and staged.stage is not None:
+                    staged.stage.drop()
+                trial = Track(f"keep-float {count}", config, chosen, keys=eval_keys,
+                              stage=writer.stage(f"keep-float-{count}") if chosen else None)
+                self.run_pass(f"keep-float trial {count}", [trial], writer)
+                staged = trial if chosen else None
             loss = trial.comparison.quality_loss
             speed = fp_seconds / trial.timed["seconds"] if trial.timed.get("seconds") else 0.0
             outcome.keep_float.append(KeepFloatTrial(list(ranking[:count]), loss, speed))
             logger.info("keep-float: %d layers in float -> quality loss %.4f", count, loss)
-            if loss <= budget or count >= len(ranking) // 2:
+            if keep_float_done(loss, budget, count, len(ranking)):
                 break
             count = 1 if count == 0 else 2 * count
             trial = None
         if outcome.keep_float[-1].quality_loss > budget:
             logger.warning("--keep-float-budget %.3g not met with %d of %d layers in float (loss %.4f); keeping those",
                            budget, count, len(ranking), outcome.keep_float[-1].quality_loss)
-        if chosen:
-            writer.restart()
-            outcome.result = self.run_pass("writing", [], Track("chosen", config, chosen), writer)
+        if staged is not None and staged.stage is not None:
+            outcome.stage.drop()
+            outcome.result, outcome.stage = staged.result, staged.stage
         assert trial is not None
         return trial
 
-    def run_pass(self, label: str, tracks: list[Track], write: Track | None, writer: StreamingWriter | None, *,
-                 calibrate: bool = False, references: set[int] | frozenset[int] = frozenset(),
-                 keep_stats: bool = False, timing_key: int | None = None) -> BlockPassResult:
-        """One pass over the blocks: calibrate (first pass), build and judge each track, write `write`."""
-        result = BlockPassResult(kernels=KernelCheck() if self.verify and write is not None else None)
-        builds = [*tracks, *([write] if write is not None and write not in tracks else [])]
-        carries = {id(t): Carry(self.workdir / f"track-{n}", CARRY_MEMORY_BYTES) for n, t in enumerate(builds)}
+    def run_pass(self, label: str, tracks: list[Track], writer: StreamingWriter, *, calibrate: bool = False,
+                 references: set[int] | frozenset[int] = frozenset(), keep_stats: bool = False,
+                 timing_key: int | None = None) -> PassSummary:
+        """One pass over the blocks: calibrate (first pass), build and judge each track, write each staged track's
+        block (or its fork's, where the fork wins) into its stage."""
+        summary = PassSummary()
+        for track in tracks:
+            if track.stage is not None:
+                track.result = BlockPassResult(kernels=KernelCheck() if self.verify else None)
+        checked: dict[tuple[object, ...], KernelCheck] = {}  # kernels per block pattern
+        carries = {id(t): Carry(self.workdir / f"track-{n}", CARRY_MEMORY_BYTES) for n, t in enumerate(tracks)}
         progress = self.progress
         progress.start_pass(label, self.part.blocks)
-        self.sequential = calibrate and write is not None and write.config.sequential
-        resume = self._resume_point(references) if calibrate else -1
+        # --sequential: calibration reads what the first track's INT8 blocks compute
+        sequential = calibrate and tracks[0].stage is not None and tracks[0].config.sequential
+        resume = self._resume_point(references, sequential) if calibrate else -1
         forked: set[int] = set()
-        candidates: dict[int, tuple[Built, KernelCheck | None, tuple[object, ...]]] = {}
         if calibrate:
-            result.resumed = resume + 1
+            summary.resumed = resume + 1
         for block in self.part.blocks:
-            runs = self.samples.total_runs if calibrate and block.index > resume else sum(len(t.keys) for t in builds)
+            runs = self.samples.total_runs if calibrate and block.index > resume else sum(len(t.keys) for t in tracks)
             if block.index + 1 < len(self.part.blocks):
                 prefetch(block_initializers(self.part.blocks[block.index + 1]))
             with progress.block(block, runs):
@@ -302,7 +340,7 @@ class Pipeline:
                     fp = extract_block(self.model, block)
                 here = {layer.name for layer in find_linear_layers(fp.graph)} & self.quantized
                 if calibrate and block.index > resume:
-                    stats = self._calibrate(block, fp, builds[0].config, references)
+                    stats = self._calibrate(block, fp, tracks[0].config, references, sequential)
                     if keep_stats:
                         self._keep(block.index, stats)
                     if self.cache is not None:
@@ -311,46 +349,48 @@ class Pipeline:
                         timed: dict[str, float] = {}
                         with progress.phase("calibrate"):
                             time_fp_block(self.runner, block, fp, self.fp_carry, timing_key, timed)
-                        result.fp_seconds += timed.get("seconds", 0.0)
+                        summary.fp_seconds += timed.get("seconds", 0.0)
                 elif calibrate:
                     assert self.cache is not None
                     stats = self.cache.stats(block.index) or ActivationStats({})
-                    result.fp_seconds = float("nan")  # resumed: the FP model's own time is not measured
+                    summary.fp_seconds = float("nan")  # resumed: the FP model's own time is not measured
                     if keep_stats:
                         self._keep(block.index, stats)
                 else:
                     stats = self._load(block.index)
-                for number, track in enumerate(builds):
+                built: dict[int, _Build] = {}
+                for number, track in enumerate(tracks):
                     if track.fork_of is not None and id(track) not in forked:
                         if not track.float_layers & here:
                             continue  # built as the track it forks from: its values are that track's
                         carries[id(track)].copy_from(carries[id(track.fork_of)])
                         forked.add(id(track))
-                    last = number == len(builds) - 1
-                    candidate = track is write or (write is not None and track.fork_of is write)
-                    built = self._build_track(block, fp if last else fp.clone(), stats, here, track, candidate,
-                                              carries[id(track)], writer, result, calibrate and write is track)
+                    last = number == len(tracks) - 1
+                    candidate = track.stage is not None or (track.fork_of is not None and
+                                                            track.fork_of.stage is not None)
+                    build_ = self._build_track(block, fp if last else fp.clone(), stats, here, track, candidate,
+                                               carries[id(track)], writer, checked, sequential and number == 0)
                     if candidate:
-                        candidates[id(track)] = built
-                if write is not None:
-                    self._write(block, write, builds, candidates, writer, result)
-                    candidates.clear()
+                        built[id(track)] = build_
+                self._write(block, tracks, built, summary)
                 self.runner.finish_block(block, self.fp_carry)
                 self.runner.finish_block(block, self.stream)
-                if self.cache is not None and calibrate and block.index > resume and self._resumable(references):
+                if self.cache is not None and calibrate and block.index > resume and \
+                        self._resumable(references, sequential):
                     with progress.phase("cache"):
-                        self.cache.save_carry(block.index, self._calibration_carry, keep=self.before_output)
+                        self.cache.save_carry(block.index, self._calibration_carry(sequential),
+                                              keep=self.before_output)
                     pause_point(f"block-{block.index}")
                 for carry in carries.values():
                     self.runner.finish_block(block, carry)
                 del fp
                 release_block(self.model, block)
                 free_memory()
-        if self.cache is not None and calibrate and references and self._resumable(references):
+        if self.cache is not None and calibrate and references and self._resumable(references, sequential):
             self.cache.save_references(self.references)
         for carry in carries.values():
             carry.clear()
-        return result
+        return summary
 
     def calibrated_blocks(self, config: QuantizeConfig) -> Iterator[tuple[ir.Model, ActivationStats]]:
         """Each block (its FP model, as quantize would smooth it) with its calibration statistics, one at a time:
@@ -367,37 +407,37 @@ class Pipeline:
                 release_block(self.model, block)
                 free_memory()
 
-    def _resume_point(self, references: set[int] | frozenset[int]) -> int:
+    def _resume_point(self, references: set[int] | frozenset[int], sequential: bool) -> int:
         """The last block calibrated by an earlier run of the same key (--cache-dir), -1 when none; not past the
         block before the one that makes the model's first output when this run compares outputs with the FP
         model's (those are not kept)."""
         if self.cache is None:
             return -1
-        if not self._resumable(references):
+        if not self._resumable(references, sequential):
             return -1
         # the FP outputs compared with are kept too: without them a run resumes before the block that makes them
         kept = bool(references) and set(references) <= self.cache.references()
         resume = self.cache.resume_after(len(self.part.blocks),
                                          self.before_output if references and not kept else None)
         if resume >= 0:
-            self.cache.load_carry(resume, self._calibration_carry)
+            self.cache.load_carry(resume, self._calibration_carry(sequential))
             if kept:
                 self.cache.load_references(self.references)
             logger.info("--cache-dir: blocks 1-%d calibrated by an earlier run", resume + 1)
         return resume
 
-    @property
-    def _calibration_carry(self) -> Carry:
+    def _calibration_carry(self, sequential: bool) -> Carry:
         """Where the counted samples' values are carried: the INT8 stream with --sequential, else the FP one."""
-        return self.stream if self.sequential else self.fp_carry
+        return self.stream if sequential else self.fp_carry
 
-    def _resumable(self, references: set[int] | frozenset[int]) -> bool:
+    @staticmethod
+    def _resumable(references: set[int] | frozenset[int], sequential: bool) -> bool:
         """--sequential keeps two streams (INT8 for calibration, FP for the outputs compared with): a run that
         compares outputs calibrates from the start."""
-        return not (self.sequential and references)
+        return not (sequential and references)
 
-    def _calibrate(self, block: Block, fp: ir.Model, config: QuantizeConfig,
-                   references: set[int] | frozenset[int], rows: bool = False) -> ActivationStats:
+    def _calibrate(self, block: Block, fp: ir.Model, config: QuantizeConfig, references: set[int] | frozenset[int],
+                   sequential: bool = False, rows: bool = False) -> ActivationStats:
         """Statistics of every group of the block (excluded layers too: a cached block then serves any later
         --exclude), with rows whenever a choice may need them, they are cached, or `rows`."""
         with self.progress.phase("calibrate"):
@@ -406,27 +446,27 @@ class Pipeline:
             keep_rows = KEPT_ROWS if rows or config.needs_rows or self.cache is not None else 0
             return calibrate_block(self.runner, block, fp, request.channel_max, request.probes, keep_rows,
                                    self.fp_carry, set(references), self.references, self.progress.tick,
-                                   self.stream if self.sequential else None, gram=config.needs_hessians,
+                                   self.stream if sequential else None, gram=config.needs_hessians,
                                    providers=self.providers)
 
     def _build_track(self, block: Block, fp: ir.Model, stats: ActivationStats, here: set[str], track: Track,
-                     candidate: bool, carry: Carry, writer: StreamingWriter | None, result: BlockPassResult,
-                     calibrating: bool = False) -> tuple[Built, KernelCheck | None, tuple[object, ...]]:
-        """Build `track`'s block and run its samples. A `candidate` for writing (the written track, or a track that
-        forks from it) also gets its kernels checked; the block's graph, its kernels and its pattern are returned."""
+                     candidate: bool, carry: Carry, writer: StreamingWriter,
+                     checked: dict[tuple[object, ...], KernelCheck], calibrating: bool = False) -> _Build:
+        """Build `track`'s block and run its samples. A `candidate` for writing (a staged track, or a track that
+        forks from one) also gets its kernels checked; the block's graph, its kernels and its pattern are returned."""
         with self.progress.phase("smooth and quantize"):
             built = build(fp, track.config, stats, here - track.float_layers,
                           sensitivities=candidate and track.config.keep_float_budget is not None,
                           rotation=self.rotation if candidate else None)
         for value in built.model.graph.initializers.values():
             value.meta.pop(FOLDED_TENSOR, None)  # the materialized table copy: not to be kept with the written graph
-        check = candidate and result.kernels is not None and bool(built.plan) and not track.config.smooth_only
+        check = candidate and self.verify and bool(built.plan) and not track.config.smooth_only
         signature = _signature(built.model) if check else ()
         found = None
-        if check and signature in result.checked:
+        if check and signature in checked:
             # onnxruntime's fusions depend on the graph's pattern only: a block with the very ops and levels of a
             # block already checked runs the same kernels (a 7B model has 64 alike), and its check is skipped
-            repeated = result.checked[signature]
+            repeated = checked[signature]
             found = replace(repeated, unfused=[f"{name} (and alike in block {block.index})"
                                                for name in repeated.unfused], checked_blocks=0)
             check = False
@@ -447,7 +487,7 @@ class Pipeline:
                 if optimized is not None:
                     found = count_kernels(optimized)
                     found.checked_blocks += 1
-                    result.checked[signature] = found
+                    checked[signature] = found
                 if track.keys:
                     run_track_block(self.runner, block, session, carry, track.keys, self.references,
                                     track.comparison, track.timed)
@@ -455,26 +495,30 @@ class Pipeline:
                     forward_block(self.runner, block, session, self.stream, self.samples.counted_keys,
                                   self.progress.tick)
                 del session
-        return built, found, signature
+        return _Build(built, found)
 
-    def _write(self, block: Block, write: Track, builds: list[Track], candidates: dict[int, tuple[Built,
-               KernelCheck | None, tuple[object, ...]]], writer: StreamingWriter | None,
-               result: BlockPassResult) -> None:
-        """Write the block as `write` built it, or as a track forking from it built it where that wins (the LM head
-        float, judged once both have run the check's samples through the block that makes the first output)."""
-        chosen = write
-        for track in builds:
-            if id(track) in candidates and track.fork_of is write and id(write) in candidates and \
-                    track.comparison.cosines:
-                result.head = HeadVerdict(track.float_layers, write.comparison.quality_loss,
-                                          track.comparison.quality_loss, track.comparison.language_model,
-                                          _head_kind(candidates[id(write)][0].layer_reports, track.float_layers))
-                if result.head.loses:
-                    chosen = track
-        if id(chosen) not in candidates:
-            return
-        built, found, _ = candidates[id(chosen)]
-        if chosen.config.target is Target.TENSORRT and not chosen.config.smooth_only:
+    def _write(self, block: Block, tracks: list[Track], built: dict[int, _Build], summary: PassSummary) -> None:
+        """Write each staged track's block as it built it, or as its fork built it where the fork wins (the LM
+        head float, judged on the first staged track once it and its fork have run the check's samples through the
+        block that makes the first output)."""
+        for fork in tracks:
+            parent = fork.fork_of
+            if parent is not None and id(fork) in built and id(parent) in built and fork.comparison.cosines:
+                summary.head = judge_head(fork.float_layers, parent.comparison, fork.comparison,
+                                          _head_kind(built[id(parent)].built.layer_reports, fork.float_layers))
+                break
+        for track in tracks:
+            if track.stage is None or id(track) not in built:
+                continue
+            fork = next((f for f in tracks if f.fork_of is track and id(f) in built), None)
+            chosen = fork if fork is not None and summary.head is not None and summary.head.loses else track
+            self._stage_block(track, built[id(chosen)])
+
+    def _stage_block(self, track: Track, build_: _Build) -> None:
+        """Write a built block into `track`'s stage and add what it holds to `track.result`."""
+        built, found, result = build_.built, build_.kernels, track.result
+        assert track.stage is not None
+        if track.config.target is Target.TENSORRT and not track.config.smooth_only:
             broken = tensorrt.violation(built.model.graph, opset_version(built.model.graph))
             if broken:
                 raise AssertionError(f"internal error: --target tensorrt wrote what TensorRT cannot import: {broken}")
@@ -488,9 +532,8 @@ class Pipeline:
             result.kernels.add(found)
             result.kernels.blocks += 1
             result.kernels.checked_blocks += found.checked_blocks
-        if writer is not None:
-            with self.progress.phase("write"):
-                writer.add(built.model, self.shared)
+        with self.progress.phase("write"):
+            track.stage.add(built.model, self.shared)
 
     def _keep(self, index: int, stats: ActivationStats) -> None:
         """Statistics of a block for later passes: in memory up to KEPT_STATS_BYTES in all, then on disk (rows of
