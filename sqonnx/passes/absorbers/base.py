@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
@@ -53,8 +53,6 @@ class Site:
 
 class Absorber(abc.ABC):
     """One fold target; see the module docstring."""
-
-    kind: ClassVar[str]
 
     @classmethod
     @abc.abstractmethod

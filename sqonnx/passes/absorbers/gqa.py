@@ -20,7 +20,6 @@ stays exact. Calibration still bounds the map: |output channel c| <= max |value 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
@@ -47,7 +46,6 @@ class GroupQueryAttentionAbsorber(ColumnAbsorber):
     head_size: int
     group: int  # query heads per value head
     x_channels: int  # channels of X, the attention output
-    kind: ClassVar[str] = "gqa"
 
     @classmethod
     def match(cls, site: Site) -> GroupQueryAttentionAbsorber | str:

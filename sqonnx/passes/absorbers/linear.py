@@ -11,7 +11,6 @@ absorber and stays unsmoothed unless an explicit Mul pays (see `--unabsorbed`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 from sqonnx.passes.absorbers._columns import ColumnAbsorber, walk_to_linear
 from sqonnx.passes.absorbers.base import Site
@@ -21,7 +20,7 @@ NOT_HOMOGENEOUS = ("Gelu", "Erf", "Tanh", "Sigmoid", "Softplus", "FastGelu", "Bi
 
 @dataclass(frozen=True)
 class LinearAbsorber(ColumnAbsorber):
-    kind: ClassVar[str] = "linear"
+    """The output columns of the linear layer that made X through per-channel ops (module docstring)."""
 
     @classmethod
     def match(cls, site: Site) -> LinearAbsorber | str:

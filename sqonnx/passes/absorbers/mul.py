@@ -12,7 +12,6 @@ group is judged like any other without one (`--unabsorbed`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
@@ -27,7 +26,6 @@ from sqonnx.passes.absorbers.base import Absorber, Site, is_channel_vector
 class MulAbsorber(Absorber):
     mul: ir.Node
     const_index: int
-    kind: ClassVar[str] = "mul"
 
     @classmethod
     def match(cls, site: Site) -> MulAbsorber | str:

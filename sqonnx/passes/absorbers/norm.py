@@ -9,7 +9,6 @@ whose first output is the normalized value (their residual-sum output does not d
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
@@ -32,7 +31,6 @@ class NormAbsorber(Absorber):
     norm: ir.Node
     scale_index: int
     bias_index: int | None
-    kind: ClassVar[str] = "norm"
 
     @classmethod
     def match(cls, site: Site) -> NormAbsorber | str:

@@ -13,7 +13,6 @@ value head share its factor. Which value column feeds which channel is measured 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 
@@ -24,7 +23,7 @@ from sqonnx.passes.absorbers.base import Site
 
 @dataclass(frozen=True)
 class ValueAbsorber(ColumnAbsorber):
-    kind: ClassVar[str] = "value"
+    """The value columns behind an attention output projection (module docstring)."""
 
     @classmethod
     def match(cls, site: Site) -> ValueAbsorber | str:
