@@ -75,8 +75,8 @@ from sqonnx.graph.tensors import (
     set_constant_input,
 )
 from sqonnx.math.rotation import Orthogonal, block_diagonal, orthogonal, rotate_columns, rotate_rows, scaled_rotation
-from sqonnx.passes.absorbers._columns import ColumnPath, walk_to_linear
 from sqonnx.passes.absorbers.base import Site, is_channel_vector, value_uses
+from sqonnx.passes.absorbers.columns import ColumnPath, walk_to_linear
 from sqonnx.passes.absorbers.gqa import GroupQueryAttentionAbsorber
 
 logger = logging.getLogger(__name__)

@@ -25,8 +25,8 @@ import numpy as np
 import onnx_ir as ir
 
 from sqonnx.calibrators import ActivationStats
-from sqonnx.passes.absorbers._columns import ColumnAbsorber, walk_to_linear
 from sqonnx.passes.absorbers.base import Site, value_uses
+from sqonnx.passes.absorbers.columns import ColumnAbsorber, walk_to_linear
 
 DOMAIN = "com.microsoft"
 # Attributes that change only how the probabilities are made (scale, softcap, window, RoPE on q and k) or what

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqonnx.passes.absorbers._columns import ColumnAbsorber, walk_to_linear
 from sqonnx.passes.absorbers.base import Site
+from sqonnx.passes.absorbers.columns import ColumnAbsorber, walk_to_linear
 
 NOT_HOMOGENEOUS = ("Gelu", "Erf", "Tanh", "Sigmoid", "Softplus", "FastGelu", "BiasGelu", "QuickGelu")
 

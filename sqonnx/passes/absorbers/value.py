@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from sqonnx.calibrators import ActivationStats
-from sqonnx.passes.absorbers._columns import ColumnAbsorber, walk_to_linear
 from sqonnx.passes.absorbers.base import Site
+from sqonnx.passes.absorbers.columns import ColumnAbsorber, walk_to_linear
 
 
 @dataclass(frozen=True)
