@@ -78,6 +78,7 @@ from sqonnx.math.rotation import Orthogonal, block_diagonal, orthogonal, rotate_
 from sqonnx.passes.absorbers.base import Site, is_channel_vector, value_uses
 from sqonnx.passes.absorbers.columns import ColumnPath, walk_to_linear
 from sqonnx.passes.absorbers.gqa import GroupQueryAttentionAbsorber
+from sqonnx.passes.absorbers.norm import FUSED_NORMS
 
 logger = logging.getLogger(__name__)
 
@@ -322,7 +323,7 @@ def find_stream(graph: ir.Graph) -> _Plan | str:
 
 def _unsupported_norm(graph: ir.Graph) -> str:
     for node in graph:
-        if node.op_type in ("LayerNormalization", "SkipLayerNormalization"):
+        if node.op_type in FUSED_NORMS and not FUSED_NORMS[node.op_type].rms:
             return (f"{node.name} is a LayerNorm: it subtracts the mean over channels, and mean(x Q) is not mean(x) Q, "
                     "so the residual stream cannot be rotated without first removing the mean direction from every "
                     "writer (not done); only RMSNorm decoders are rotated")
@@ -449,7 +450,7 @@ def _match_fused_norm(node: ir.Node, hidden: int) -> _Norm | str:
     axis = node.attributes.get_int("axis", -1)
     if axis != -1 and (axis < 0 or _rank(node.inputs[0]) != axis + 1):
         return f"{name} normalizes from axis {axis}, not over the channels (the last axis) alone"
-    return _fused_norm(node, 1, (1,), hidden)
+    return _fused_norm(node, hidden)
 
 
 def _match_skip_norm(node: ir.Node, plan: _Plan) -> _Norm | str:
@@ -465,15 +466,16 @@ def _match_skip_norm(node: ir.Node, plan: _Plan) -> _Norm | str:
         if not is_channel_vector(node, 3, hidden):
             return f"{name} adds a bias that is not a constant vector over the {hidden} channels"
         plan.biases.append((node, 3))
-    return _fused_norm(node, 2, (1, 2), hidden)
+    return _fused_norm(node, hidden)
 
 
-def _fused_norm(node: ir.Node, weight: int, statistics: tuple[int, ...], hidden: int) -> _Norm | str:
-    """A fused norm node whose input `weight` is gamma, whose `statistics` outputs (mean, inverse std) nobody
-    reads, and whose output 0 only linear layers read."""
+def _fused_norm(node: ir.Node, hidden: int) -> _Norm | str:
+    """A fused RMSNorm node whose gamma is a constant, whose statistics outputs (mean, inverse std) nobody
+    reads, and whose output 0 only linear layers read; which input and outputs those are: `FUSED_NORMS`."""
+    weight = FUSED_NORMS[node.op_type].scale
     if not is_channel_vector(node, weight, hidden):
         return f"{node.name or node.op_type} has no constant weight over the {hidden} channels"
-    reason = _used_outputs(node, statistics)
+    reason = _used_outputs(node, FUSED_NORMS[node.op_type].statistics)
     if reason:
         return reason
     readers = _norm_readers(node.outputs[0], hidden)

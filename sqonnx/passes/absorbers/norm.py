@@ -17,12 +17,24 @@ from sqonnx.calibrators import ActivationStats
 from sqonnx.graph.tensors import constant, set_constant_input
 from sqonnx.passes.absorbers.base import Absorber, Site, is_channel_vector
 
-# op_type -> (index of the scale, index of the bias or None); output 0 is the normalized value.
-NORM_PARAMETERS: dict[str, tuple[int, int | None]] = {
-    "LayerNormalization": (1, 2),
-    "SimplifiedLayerNormalization": (1, None),
-    "SkipLayerNormalization": (2, 3),
-    "SkipSimplifiedLayerNormalization": (2, None),
+
+@dataclass(frozen=True)
+class FusedNorm:
+    """Where a normalization in one node (ONNX's, or one onnxruntime fuses) keeps its parameters; output 0
+    is the normalized value. One table for the passes that read them: this absorber divides gamma and beta, the
+    rotation (passes/rotate.py) folds gamma of the RMSNorms and refuses the others."""
+
+    scale: int  # input index of gamma
+    bias: int | None  # input index of beta, added after normalizing (a Skip* op's own bias is added before)
+    rms: bool  # x / rms(x), no mean subtracted: it commutes with an orthogonal rotation, a LayerNorm does not
+    statistics: tuple[int, ...]  # outputs with the mean / inverse std, which a rotation would change
+
+
+FUSED_NORMS: dict[str, FusedNorm] = {
+    "LayerNormalization": FusedNorm(1, 2, rms=False, statistics=(1, 2)),
+    "SimplifiedLayerNormalization": FusedNorm(1, None, rms=True, statistics=(1,)),
+    "SkipLayerNormalization": FusedNorm(2, 3, rms=False, statistics=(1, 2)),
+    "SkipSimplifiedLayerNormalization": FusedNorm(2, None, rms=True, statistics=(1, 2)),
 }
 
 
@@ -35,9 +47,10 @@ class NormAbsorber(Absorber):
     @classmethod
     def match(cls, site: Site) -> NormAbsorber | str:
         producer = site.producer
-        if producer is None or producer.op_type not in NORM_PARAMETERS or site.source is not producer.outputs[0]:
+        if producer is None or producer.op_type not in FUSED_NORMS or site.source is not producer.outputs[0]:
             return ""
-        scale_index, bias_index = NORM_PARAMETERS[producer.op_type]
+        params = FUSED_NORMS[producer.op_type]
+        scale_index, bias_index = params.scale, params.bias
         axis = producer.attributes.get_int("axis", -1)
         shape = site.source.shape
         if axis != -1 and (shape is None or axis != len(shape) - 1):
