@@ -55,7 +55,6 @@ copy: INT8 in the output, or one more float32 vocab x hidden table (113 MB on Sm
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -63,8 +62,9 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from sqonnx.calibrators.data import HeadLayout, head_layout
 from sqonnx.graph.layers import LinearLayer, as_linear_layer, find_linear_layers
-from sqonnx.graph.match import is_standard
+from sqonnx.graph.match import NoMatch, is_standard
 from sqonnx.graph.tensors import (
     FLOAT_TYPES,
     add_initializer,
@@ -86,35 +86,6 @@ ROTATED_KEY = "sqonnx.rotated"
 _FLOATS = (ir.DataType.FLOAT.value, ir.DataType.FLOAT16.value, ir.DataType.BFLOAT16.value)
 _ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Cast", "Softmax", "Sigmoid", "Relu", "Neg", "Exp", "Sqrt", "Pow",
                 "Where", "Equal", "Less", "Greater", "GreaterOrEqual", "LessOrEqual", "And", "Or", "Not", "Tanh")
-
-
-@dataclass(frozen=True)
-class HeadLayout:
-    """Attention heads as config.json states them."""
-
-    heads: int
-    kv_heads: int
-    head_dim: int
-
-    @classmethod
-    def from_config(cls, model_dir: Path | None) -> HeadLayout | str | None:
-        """The layout from `model_dir/config.json`; None without one, a reason when it is unclear."""
-        path = model_dir / "config.json" if model_dir is not None else None
-        if path is None or not path.is_file():
-            return None
-        try:
-            config = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            return f"{path} cannot be read ({exc})"
-        config = config.get("text_config", config) if isinstance(config, dict) else {}
-        heads = config.get("num_attention_heads")
-        if not isinstance(heads, int) or heads <= 0:
-            return f"{path} has no num_attention_heads"
-        kv_heads = config.get("num_key_value_heads") or heads
-        head_dim = config.get("head_dim") or (config.get("hidden_size", 0) // heads)
-        if not isinstance(kv_heads, int) or not isinstance(head_dim, int) or head_dim <= 0 or heads % kv_heads:
-            return f"{path} states no usable head layout (heads {heads}, kv heads {kv_heads}, head_dim {head_dim})"
-        return cls(heads, kv_heads, head_dim)
 
 
 @dataclass(frozen=True)
@@ -214,11 +185,11 @@ def rotate_model(model: ir.Model, seed: int = 0, model_dir: Path | None = None,
     """Rotate `model` in place (R1, and R2 where the head layout is known); the result says what was
     rotated, or why nothing was. `model_dir`: where config.json lies (head counts for R2). `online`: accept
     run-time rotations after post-norms."""
-    layout = HeadLayout.from_config(model_dir)
-    if isinstance(layout, str):
+    layout = head_layout(model_dir)
+    if isinstance(layout, NoMatch):
         result = RotatePass(seed, per_head=False, online=online)(model)
         assert isinstance(result, RotatePassResult)
-        return _with_head_reason(result.rotation, layout)
+        return _with_head_reason(result.rotation, layout.reason)
     result = RotatePass(seed, layout, online=online)(model)
     assert isinstance(result, RotatePassResult)
     return result.rotation
