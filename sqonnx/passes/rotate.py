@@ -702,8 +702,8 @@ def _fused_attention(layer: LinearLayer) -> Match[tuple[ColumnPath, int, int]] |
     if node is None or node.op_type != "GroupQueryAttention":
         return None
     found = GroupQueryAttentionAbsorber.match(Site(layer.activation, layer.activation, layer.in_channels))
-    if isinstance(found, str):
-        return NoMatch(found) if found else None
+    if isinstance(found, NoMatch):
+        return found if found.reason else None
     path = found.path
     if path.moves or path.out_columns != found.channels:
         return NoMatch(f"the value columns of {found.layer_name} are moved on their way into {node.name}")

@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from sqonnx.calibrators import ActivationStats
-from sqonnx.graph.match import is_standard
+from sqonnx.graph.match import Match, NoMatch, is_standard
 from sqonnx.graph.tensors import constant, set_constant_input
 from sqonnx.passes.absorbers.base import Absorber, Site, is_channel_vector
 
@@ -28,14 +28,14 @@ class MulAbsorber(Absorber):
     const_index: int
 
     @classmethod
-    def match(cls, site: Site) -> MulAbsorber | str:
+    def match(cls, site: Site) -> Match[MulAbsorber]:
         producer = site.producer
         if producer is None or not is_standard(producer, "Mul"):
-            return ""
+            return NoMatch("")
         for index in (1, 0):
             if is_channel_vector(producer, index, site.channels):
                 return cls(producer, index)
-        return ""
+        return NoMatch("")
 
     @property
     def node(self) -> ir.Node:

@@ -14,6 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from sqonnx.calibrators import ActivationStats
+from sqonnx.graph.match import Match, NoMatch
 from sqonnx.graph.tensors import constant, set_constant_input
 from sqonnx.passes.absorbers.base import Absorber, Site, is_channel_vector
 
@@ -45,22 +46,22 @@ class NormAbsorber(Absorber):
     bias_index: int | None
 
     @classmethod
-    def match(cls, site: Site) -> NormAbsorber | str:
+    def match(cls, site: Site) -> Match[NormAbsorber]:
         producer = site.producer
         if producer is None or producer.op_type not in FUSED_NORMS or site.source is not producer.outputs[0]:
-            return ""
+            return NoMatch("")
         params = FUSED_NORMS[producer.op_type]
         scale_index, bias_index = params.scale, params.bias
         axis = producer.attributes.get_int("axis", -1)
         shape = site.source.shape
         if axis != -1 and (shape is None or axis != len(shape) - 1):
-            return f"{producer.name} normalizes over axis {axis}, not the channel axis"
+            return NoMatch(f"{producer.name} normalizes over axis {axis}, not the channel axis")
         if not is_channel_vector(producer, scale_index, site.channels):
-            return f"{producer.name} has no constant per-channel scale"
+            return NoMatch(f"{producer.name} has no constant per-channel scale")
         if bias_index is not None and (bias_index >= len(producer.inputs) or producer.inputs[bias_index] is None):
             bias_index = None
         if bias_index is not None and not is_channel_vector(producer, bias_index, site.channels):
-            return f"{producer.name} has a bias that is not a constant per-channel vector"
+            return NoMatch(f"{producer.name} has a bias that is not a constant per-channel vector")
         return cls(producer, scale_index, bias_index)
 
     @property

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sqonnx.calibrators import ActivationStats
+from sqonnx.graph.match import Match, NoMatch
 from sqonnx.passes.absorbers.base import Site
 from sqonnx.passes.absorbers.columns import ColumnAbsorber, walk_to_linear
 
@@ -26,12 +27,12 @@ class ValueAbsorber(ColumnAbsorber):
     """The value columns behind an attention output projection (module docstring)."""
 
     @classmethod
-    def match(cls, site: Site) -> ValueAbsorber | str:
+    def match(cls, site: Site) -> Match[ValueAbsorber]:
         if site.producer is None:
-            return ""
+            return NoMatch("")
         # From X itself: the Reshape that joins the heads is one of the moves the probe replays.
         path = walk_to_linear(site.activation, site.channels, attention=True)
-        return "" if path is None else cls(path, site.activation, site.channels)
+        return NoMatch("") if path is None else cls(path, site.activation, site.channels)
 
     def channel_statistics(self) -> dict[str, int]:
         return self.value_statistics()
