@@ -347,6 +347,29 @@ def _only_reader(value: ir.Value) -> ir.Node | None:
 
 def _match_rms_norm(pow_node: ir.Node, x: ir.Value, hidden: int) -> Match[_Norm]:
     """The RMSNorm that starts at `pow_node` reading stream value `x`, with its readers."""
+    scale_node = _rms_normalizer(pow_node, x)
+    if isinstance(scale_node, NoMatch):
+        return scale_node
+    value = scale_node.outputs[0]
+    while (reader := _only_reader(value)) is not None and _is_float_cast(reader):
+        value = reader.outputs[0]
+    weight = None
+    reader = _only_reader(value)
+    if reader is not None and is_standard(reader, "Mul"):
+        index = 1 if reader.inputs[0] is value else 0
+        if is_channel_vector(reader, index, hidden, allow_scalar=True):
+            weight, value = (reader, index), reader.outputs[0]
+    found = _norm_readers(value, hidden)
+    if isinstance(found, NoMatch):
+        return found
+    return _Norm(value, weight, found, (pow_node, scale_node))
+
+
+def _rms_normalizer(pow_node: ir.Node, x: ir.Value) -> Match[ir.Node]:
+    """The node that outputs x / rms(x) in an RMSNorm as optimum exports it, read forwards from its Pow: Pow(x, 2),
+    ReduceMean over the last axis, Add(eps), Sqrt, then Div(x, .), or Div(1, .) or Reciprocal and Mul(x, .).
+    The one description of that chain: a norm on the stream is matched from its Pow (`_match_rms_norm`), a
+    post-norm on a branch from its last node back (`_is_rms_normalized`)."""
     name = pow_node.name or "a Pow"
     not_rms = NoMatch(f"{name} does not start a plain RMSNorm as exported (Pow 2, ReduceMean over the last axis, "
                       "Add, Sqrt)")
@@ -381,19 +404,7 @@ def _match_rms_norm(pow_node: ir.Node, x: ir.Value, hidden: int) -> Match[_Norm]
             return NoMatch(f"{step.name}: the inverse RMS is not multiplied into the stream value")
     else:
         return not_rms
-    value = scale_node.outputs[0]
-    while (reader := _only_reader(value)) is not None and _is_float_cast(reader):
-        value = reader.outputs[0]
-    weight = None
-    reader = _only_reader(value)
-    if reader is not None and is_standard(reader, "Mul"):
-        index = 1 if reader.inputs[0] is value else 0
-        if is_channel_vector(reader, index, hidden, allow_scalar=True):
-            weight, value = (reader, index), reader.outputs[0]
-    found = _norm_readers(value, hidden)
-    if isinstance(found, NoMatch):
-        return found
-    return _Norm(value, weight, found, (pow_node, scale_node))
+    return scale_node
 
 
 def _is_fused_rms_norm(node: ir.Node) -> bool:
@@ -545,25 +556,15 @@ def _is_zeros(node: ir.Node) -> bool:
 
 
 def _is_rms_normalized(value: ir.Value | None) -> bool:
-    """x / rms(x) as exported (through Casts): Mul(x, 1/Sqrt(ReduceMean(Pow(x, 2)) + eps)) or Div(x, Sqrt(..))."""
+    """x / rms(x) as exported (through Casts): a Mul or Div that ends an `_rms_normalizer` chain from one of its
+    inputs."""
     node = value.producer() if value is not None else None
     while node is not None and _is_float_cast(node) and node.inputs[0] is not None:
         node = node.inputs[0].producer()
     if node is None or node.op_type not in ("Mul", "Div"):
         return False
-    for operand in node.inputs:
-        step = operand.producer() if operand is not None else None
-        if step is not None and step.op_type in ("Div", "Reciprocal"):
-            step = step.inputs[-1].producer() if step.inputs[-1] is not None else None
-        if step is None or step.op_type != "Sqrt" or step.inputs[0] is None:
-            continue
-        add = step.inputs[0].producer()
-        mean = add.inputs[0].producer() if add is not None and add.op_type == "Add" and add.inputs[0] else None
-        power = mean.inputs[0].producer() if mean is not None and mean.op_type == "ReduceMean" and mean.inputs[0] \
-            else None
-        if power is not None and power.op_type == "Pow" and power.inputs[0] in node.inputs:
-            return True
-    return False
+    return any(is_standard(use.node, "Pow") and use.idx == 0 and _rms_normalizer(use.node, x) is node
+               for x in node.inputs if x is not None for use in x.uses())
 
 
 def _broadcasts_over_channels(value: ir.Value | None) -> bool:
