@@ -76,14 +76,13 @@ from sqonnx.graph.tensors import (
 )
 from sqonnx.math.rotation import Orthogonal, block_diagonal, orthogonal, rotate_columns, rotate_rows, scaled_rotation
 from sqonnx.passes.absorbers.base import Site, is_channel_vector, value_uses
-from sqonnx.passes.absorbers.columns import ColumnPath, walk_to_linear
+from sqonnx.passes.absorbers.columns import FLOAT_CASTS, ColumnPath, walk_to_linear
 from sqonnx.passes.absorbers.gqa import GroupQueryAttentionAbsorber
 from sqonnx.passes.absorbers.norm import FUSED_NORMS
 
 logger = logging.getLogger(__name__)
 
 ROTATED_KEY = "sqonnx.rotated"
-_FLOATS = (ir.DataType.FLOAT.value, ir.DataType.FLOAT16.value, ir.DataType.BFLOAT16.value)
 _ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Cast", "Softmax", "Sigmoid", "Relu", "Neg", "Exp", "Sqrt", "Pow",
                 "Where", "Equal", "Less", "Greater", "GreaterOrEqual", "LessOrEqual", "And", "Or", "Not", "Tanh")
 
@@ -330,7 +329,7 @@ def _table_lookup(value: ir.Value) -> ir.Node | None:
 
 
 def _is_float_cast(node: ir.Node) -> bool:
-    return is_standard(node, "Cast") and node.attributes.get_int("to", 0) in _FLOATS
+    return is_standard(node, "Cast") and node.attributes.get_int("to", 0) in FLOAT_CASTS
 
 
 def _is_scalar_mul(node: ir.Node, index: int) -> bool:
