@@ -20,6 +20,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 import sqonnx
 from sqonnx import CalibrationConfig, QuantizeConfig, Weights
 from sqonnx.calibrators.data import pydoc_text
+from sqonnx.graph.match import NoMatch
 from sqonnx.passes.absorbers import Site
 from sqonnx.passes.absorbers.gqa import GroupQueryAttentionAbsorber
 from sqonnx.passes.prepare import prepare
@@ -276,7 +277,7 @@ def test_refuses_layouts_it_cannot_prove(tmp_path: Path, attributes: dict, reaso
     graph = ir.load(path).graph
     node = next(n for n in graph if n.op_type == "GroupQueryAttention")
     found = GroupQueryAttentionAbsorber.match(Site(node.outputs[0], node.outputs[0], HIDDEN))
-    assert isinstance(found, str) and reason in found
+    assert isinstance(found, NoMatch) and reason in found.reason
 
 
 def test_output_folder_is_a_genai_folder(tmp_path: Path) -> None:

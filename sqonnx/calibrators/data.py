@@ -28,6 +28,7 @@ import onnx_ir as ir
 
 from sqonnx.config import CalibrationConfig
 from sqonnx.errors import SqonnxError
+from sqonnx.graph.match import NoMatch
 
 logger = logging.getLogger(__name__)
 
@@ -154,13 +155,43 @@ def cache_dims(model_dir: Path) -> CacheDims | None:
                       decoder.get("head_size"))
         if found is not None:
             return found
-    config = _read_json(model_dir / "config.json")
-    config = config.get("text_config", config) if isinstance(config.get("text_config"), dict) else config
+    layout = head_layout(model_dir)
+    return CacheDims(layout.kv_heads, layout.head_dim) if isinstance(layout, HeadLayout) else None
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Attention heads as config.json states them."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+def head_layout(model_dir: Path | None) -> HeadLayout | NoMatch | None:
+    """The layout from `model_dir/config.json` (transformers' names, a multimodal model's text_config); None
+    without one, a reason when it is unclear. The one reading of config.json's heads: the cache's dimensions
+    (`cache_dims`) and the rotation's value heads (passes/rotate.py, R2) both come from it."""
+    path = model_dir / "config.json" if model_dir is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return NoMatch(f"{path} cannot be read ({exc})")
+    config = config if isinstance(config, dict) else {}
+    config = config["text_config"] if isinstance(config.get("text_config"), dict) else config
     heads = config.get("num_attention_heads")
-    head_dim = config.get("head_dim")
-    if not head_dim and isinstance(heads, int) and heads > 0 and isinstance(config.get("hidden_size"), int):
-        head_dim = config["hidden_size"] // heads
-    return _dims(config.get("num_key_value_heads") or heads, head_dim)
+    if not isinstance(heads, int) or heads <= 0:
+        return NoMatch(f"{path} has no num_attention_heads")
+    kv_heads = config.get("num_key_value_heads") or heads
+    hidden = config.get("hidden_size", 0)
+    head_dim = config.get("head_dim") or (hidden // heads if isinstance(hidden, int) else 0)
+    if not isinstance(kv_heads, int) or kv_heads <= 0 or not isinstance(head_dim, int) or head_dim <= 0 \
+            or heads % kv_heads:
+        return NoMatch(f"{path} states no usable head layout (heads {heads}, kv heads {kv_heads}, "
+                       f"head_dim {head_dim})")
+    return HeadLayout(heads, kv_heads, head_dim)
 
 
 def _dims(kv_heads: object, head_size: object) -> CacheDims | None:

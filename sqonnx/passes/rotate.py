@@ -55,7 +55,6 @@ copy: INT8 in the output, or one more float32 vocab x hidden table (113 MB on Sm
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -63,8 +62,9 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from sqonnx.calibrators.data import HeadLayout, head_layout
 from sqonnx.graph.layers import LinearLayer, as_linear_layer, find_linear_layers
-from sqonnx.graph.match import is_standard
+from sqonnx.graph.match import Match, NoMatch, is_standard
 from sqonnx.graph.tensors import (
     FLOAT_TYPES,
     add_initializer,
@@ -75,45 +75,16 @@ from sqonnx.graph.tensors import (
     set_constant_input,
 )
 from sqonnx.math.rotation import Orthogonal, block_diagonal, orthogonal, rotate_columns, rotate_rows, scaled_rotation
-from sqonnx.passes.absorbers._columns import ColumnPath, walk_to_linear
 from sqonnx.passes.absorbers.base import Site, is_channel_vector, value_uses
+from sqonnx.passes.absorbers.columns import FLOAT_CASTS, ColumnPath, walk_to_linear
 from sqonnx.passes.absorbers.gqa import GroupQueryAttentionAbsorber
+from sqonnx.passes.absorbers.norm import FUSED_NORMS
 
 logger = logging.getLogger(__name__)
 
 ROTATED_KEY = "sqonnx.rotated"
-_FLOATS = (ir.DataType.FLOAT.value, ir.DataType.FLOAT16.value, ir.DataType.BFLOAT16.value)
 _ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Cast", "Softmax", "Sigmoid", "Relu", "Neg", "Exp", "Sqrt", "Pow",
                 "Where", "Equal", "Less", "Greater", "GreaterOrEqual", "LessOrEqual", "And", "Or", "Not", "Tanh")
-
-
-@dataclass(frozen=True)
-class HeadLayout:
-    """Attention heads as config.json states them."""
-
-    heads: int
-    kv_heads: int
-    head_dim: int
-
-    @classmethod
-    def from_config(cls, model_dir: Path | None) -> HeadLayout | str | None:
-        """The layout from `model_dir/config.json`; None without one, a reason when it is unclear."""
-        path = model_dir / "config.json" if model_dir is not None else None
-        if path is None or not path.is_file():
-            return None
-        try:
-            config = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            return f"{path} cannot be read ({exc})"
-        config = config.get("text_config", config) if isinstance(config, dict) else {}
-        heads = config.get("num_attention_heads")
-        if not isinstance(heads, int) or heads <= 0:
-            return f"{path} has no num_attention_heads"
-        kv_heads = config.get("num_key_value_heads") or heads
-        head_dim = config.get("head_dim") or (config.get("hidden_size", 0) // heads)
-        if not isinstance(kv_heads, int) or not isinstance(head_dim, int) or head_dim <= 0 or heads % kv_heads:
-            return f"{path} states no usable head layout (heads {heads}, kv heads {kv_heads}, head_dim {head_dim})"
-        return cls(heads, kv_heads, head_dim)
 
 
 @dataclass(frozen=True)
@@ -172,8 +143,8 @@ class RotatePass(ir.passes.InPlacePass):
             return RotatePassResult(model, False, done)
         graph = model.graph
         plan = find_stream(graph)
-        if isinstance(plan, str):
-            return RotatePassResult(model, False, RotationResult(False, plan))
+        if isinstance(plan, NoMatch):
+            return RotatePassResult(model, False, RotationResult(False, plan.reason))
         if plan.post_norms and not self.online:
             why = (f"it would need {len(plan.post_norms)} run-time rotations after post-norms; pass --rotate to "
                    "accept them")
@@ -183,8 +154,8 @@ class RotatePass(ir.passes.InPlacePass):
         head_dim = 0
         if self.per_head:
             found = find_head_pairs(graph, self.heads)
-            if isinstance(found, str):
-                head_reason = found
+            if isinstance(found, NoMatch):
+                head_reason = found.reason
             else:
                 pairs, head_dim = found
                 head_reason = ""
@@ -213,11 +184,11 @@ def rotate_model(model: ir.Model, seed: int = 0, model_dir: Path | None = None,
     """Rotate `model` in place (R1, and R2 where the head layout is known); the result says what was
     rotated, or why nothing was. `model_dir`: where config.json lies (head counts for R2). `online`: accept
     run-time rotations after post-norms."""
-    layout = HeadLayout.from_config(model_dir)
-    if isinstance(layout, str):
+    layout = head_layout(model_dir)
+    if isinstance(layout, NoMatch):
         result = RotatePass(seed, per_head=False, online=online)(model)
         assert isinstance(result, RotatePassResult)
-        return _with_head_reason(result.rotation, layout)
+        return _with_head_reason(result.rotation, layout.reason)
     result = RotatePass(seed, layout, online=online)(model)
     assert isinstance(result, RotatePassResult)
     return result.rotation
@@ -248,14 +219,14 @@ class _Plan:
     post_norms: list[tuple[ir.Node, int]] = field(default_factory=list)  # weight Muls of norms on a branch
 
 
-def find_stream(graph: ir.Graph) -> _Plan | str:
+def find_stream(graph: ir.Graph) -> Match[_Plan]:
     """Where the residual stream runs and what reads and writes it, or why it cannot be rotated."""
     reason = _unsupported_norm(graph)
     if reason:
-        return reason
+        return NoMatch(reason)
     gather = _embedding(graph)
     if gather is None:
-        return "no embedding Gather (a 2-D float table indexed by token ids) starts a residual stream"
+        return NoMatch("no embedding Gather (a 2-D float table indexed by token ids) starts a residual stream")
     table = constant_shape(gather.inputs[0])
     assert table is not None
     plan = _Plan(table[0][1], [gather])
@@ -264,13 +235,13 @@ def find_stream(graph: ir.Graph) -> _Plan | str:
     seen: set[int] = set()
     for value in stream:  # grows while it is walked
         if value.is_graph_output():
-            return f"the residual stream value '{value.name}' is a model output; a rotation would change it"
+            return NoMatch(f"the residual stream value '{value.name}' is a model output; a rotation would change it")
         uses = value_uses(value)
         claimed: set[int] = set()
         for use in uses:
             if is_standard(use.node, "Pow") and use.idx == 0:
                 norm = _match_rms_norm(use.node, value, plan.hidden)
-                if isinstance(norm, str):
+                if isinstance(norm, NoMatch):
                     return norm
                 plan.norms.append(norm)
                 claimed.update(id(node) for node in norm.entries)
@@ -285,44 +256,45 @@ def find_stream(graph: ir.Graph) -> _Plan | str:
                 continue
             if _is_fused_rms_norm(node) and use.idx == 0:
                 norm = _match_fused_norm(node, plan.hidden)
-                if isinstance(norm, str):
+                if isinstance(norm, NoMatch):
                     return norm
                 plan.norms.append(norm)
                 continue
             total: ir.Value | None = node.outputs[0]  # the stream after this residual Add
             if _is_skip_rms_norm(node) and use.idx in (0, 1):
                 skip = _match_skip_norm(node, plan)
-                if isinstance(skip, str):
+                if isinstance(skip, NoMatch):
                     return skip
                 plan.norms.append(skip)
                 total = node.outputs[3] if len(node.outputs) > 3 else None
             elif not is_standard(node, "Add") or len(node.inputs) != 2:
-                return (f"{node.name or node.op_type} ({node.op_type}) reads the residual stream '{value.name}'; "
-                        "only residual Adds, RMSNorms (Pow/ReduceMean/Sqrt then Mul by the weight, or onnxruntime's "
-                        "Simplified/SkipSimplifiedLayerNormalization) and Shape may")
+                return NoMatch(f"{node.name or node.op_type} ({node.op_type}) reads the residual stream "
+                               f"'{value.name}'; only residual Adds, RMSNorms (Pow/ReduceMean/Sqrt then Mul by the "
+                               "weight, or onnxruntime's Simplified/SkipSimplifiedLayerNormalization) and Shape may")
             other = node.inputs[1 - use.idx]
             if other is None or id(other) in in_stream or is_constant(other):
-                return f"{node.name} adds '{other.name if other else None}' to the residual stream, not a branch"
+                return NoMatch(f"{node.name} adds '{other.name if other else None}' to the residual stream, "
+                               "not a branch")
             position_table = _table_lookup(other)
             if position_table is not None:
                 plan.tables.append(position_table)
             else:
                 reason = _walk_branch(other, node, plan)
                 if reason:
-                    return reason
+                    return NoMatch(reason)
             if total is not None:
                 stream.append(total)
                 in_stream.add(id(total))
     if not plan.norms:
-        return "no RMSNorm reads the residual stream"
+        return NoMatch("no RMSNorm reads the residual stream")
     if not plan.writers and not plan.post_norms:
-        return "no linear layer writes into the residual stream"
+        return NoMatch("no linear layer writes into the residual stream")
     return plan
 
 
 def _unsupported_norm(graph: ir.Graph) -> str:
     for node in graph:
-        if node.op_type in ("LayerNormalization", "SkipLayerNormalization"):
+        if node.op_type in FUSED_NORMS and not FUSED_NORMS[node.op_type].rms:
             return (f"{node.name} is a LayerNorm: it subtracts the mean over channels, and mean(x Q) is not mean(x) Q, "
                     "so the residual stream cannot be rotated without first removing the mean direction from every "
                     "writer (not done); only RMSNorm decoders are rotated")
@@ -357,7 +329,7 @@ def _table_lookup(value: ir.Value) -> ir.Node | None:
 
 
 def _is_float_cast(node: ir.Node) -> bool:
-    return is_standard(node, "Cast") and node.attributes.get_int("to", 0) in _FLOATS
+    return is_standard(node, "Cast") and node.attributes.get_int("to", 0) in FLOAT_CASTS
 
 
 def _is_scalar_mul(node: ir.Node, index: int) -> bool:
@@ -372,10 +344,34 @@ def _only_reader(value: ir.Value) -> ir.Node | None:
     return uses[0].node if len(uses) == 1 and not value.is_graph_output() else None
 
 
-def _match_rms_norm(pow_node: ir.Node, x: ir.Value, hidden: int) -> _Norm | str:
+def _match_rms_norm(pow_node: ir.Node, x: ir.Value, hidden: int) -> Match[_Norm]:
     """The RMSNorm that starts at `pow_node` reading stream value `x`, with its readers."""
+    scale_node = _rms_normalizer(pow_node, x)
+    if isinstance(scale_node, NoMatch):
+        return scale_node
+    value = scale_node.outputs[0]
+    while (reader := _only_reader(value)) is not None and _is_float_cast(reader):
+        value = reader.outputs[0]
+    weight = None
+    reader = _only_reader(value)
+    if reader is not None and is_standard(reader, "Mul"):
+        index = 1 if reader.inputs[0] is value else 0
+        if is_channel_vector(reader, index, hidden, allow_scalar=True):
+            weight, value = (reader, index), reader.outputs[0]
+    found = _norm_readers(value, hidden)
+    if isinstance(found, NoMatch):
+        return found
+    return _Norm(value, weight, found, (pow_node, scale_node))
+
+
+def _rms_normalizer(pow_node: ir.Node, x: ir.Value) -> Match[ir.Node]:
+    """The node that outputs x / rms(x) in an RMSNorm as optimum exports it, read forwards from its Pow: Pow(x, 2),
+    ReduceMean over the last axis, Add(eps), Sqrt, then Div(x, .), or Div(1, .) or Reciprocal and Mul(x, .).
+    The one description of that chain: a norm on the stream is matched from its Pow (`_match_rms_norm`), a
+    post-norm on a branch from its last node back (`_is_rms_normalized`)."""
     name = pow_node.name or "a Pow"
-    not_rms = f"{name} does not start a plain RMSNorm as exported (Pow 2, ReduceMean over the last axis, Add, Sqrt)"
+    not_rms = NoMatch(f"{name} does not start a plain RMSNorm as exported (Pow 2, ReduceMean over the last axis, "
+                      "Add, Sqrt)")
     exponent = constant(pow_node.inputs[1])
     if exponent is None or exponent.size != 1 or float(exponent.ravel()[0]) != 2.0:
         return not_rms
@@ -387,7 +383,7 @@ def _match_rms_norm(pow_node: ir.Node, x: ir.Value, hidden: int) -> _Norm | str:
     if axes is None and attr_axes is not None:
         axes = np.asarray(attr_axes)
     if axes is None or axes.size != 1 or int(axes.ravel()[0]) != -1:
-        return f"{mean.name} does not average over the last axis"
+        return NoMatch(f"{mean.name} does not average over the last axis")
     add = _only_reader(mean.outputs[0])
     if add is None or add.op_type != "Add" or not any(
             (a := constant(v)) is not None and a.size == 1 for v in add.inputs):
@@ -404,22 +400,10 @@ def _match_rms_norm(pow_node: ir.Node, x: ir.Value, hidden: int) -> _Norm | str:
                                            and one.size == 1 and float(one.ravel()[0]) == 1.0)):
         scale_node = _only_reader(step.outputs[0])
         if scale_node is None or scale_node.op_type != "Mul" or x not in scale_node.inputs:
-            return f"{step.name}: the inverse RMS is not multiplied into the stream value"
+            return NoMatch(f"{step.name}: the inverse RMS is not multiplied into the stream value")
     else:
         return not_rms
-    value = scale_node.outputs[0]
-    while (reader := _only_reader(value)) is not None and _is_float_cast(reader):
-        value = reader.outputs[0]
-    weight = None
-    reader = _only_reader(value)
-    if reader is not None and is_standard(reader, "Mul"):
-        index = 1 if reader.inputs[0] is value else 0
-        if is_channel_vector(reader, index, hidden, allow_scalar=True):
-            weight, value = (reader, index), reader.outputs[0]
-    found = _norm_readers(value, hidden)
-    if isinstance(found, str):
-        return found
-    return _Norm(value, weight, found, (pow_node, scale_node))
+    return scale_node
 
 
 def _is_fused_rms_norm(node: ir.Node) -> bool:
@@ -442,17 +426,17 @@ def _used_outputs(node: ir.Node, indices: tuple[int, ...]) -> str:
     return ""
 
 
-def _match_fused_norm(node: ir.Node, hidden: int) -> _Norm | str:
+def _match_fused_norm(node: ir.Node, hidden: int) -> Match[_Norm]:
     """SimplifiedLayerNormalization(x, gamma) reading stream value x: the same RMSNorm as the exported pattern
     (epsilon inside the root, stash_type only the precision of the statistics), gamma its weight."""
     name = node.name or node.op_type
     axis = node.attributes.get_int("axis", -1)
     if axis != -1 and (axis < 0 or _rank(node.inputs[0]) != axis + 1):
-        return f"{name} normalizes from axis {axis}, not over the channels (the last axis) alone"
-    return _fused_norm(node, 1, (1,), hidden)
+        return NoMatch(f"{name} normalizes from axis {axis}, not over the channels (the last axis) alone")
+    return _fused_norm(node, hidden)
 
 
-def _match_skip_norm(node: ir.Node, plan: _Plan) -> _Norm | str:
+def _match_skip_norm(node: ir.Node, plan: _Plan) -> Match[_Norm]:
     """SkipSimplifiedLayerNormalization(input, skip, gamma[, bias]) as a residual Add and a norm: output 3 is
     input + skip + bias (the stream goes on from it), output 0 the RMSNorm of that sum times gamma (its
     readers take Q^T diag(gamma) W). A bias is a constant added to the stream, so it turns into b Q (it is
@@ -460,32 +444,33 @@ def _match_skip_norm(node: ir.Node, plan: _Plan) -> _Norm | str:
     hidden = plan.hidden
     name = node.name or node.op_type
     if len(node.inputs) < 3:
-        return f"{name} has no constant weight over the {hidden} channels"
+        return NoMatch(f"{name} has no constant weight over the {hidden} channels")
     if len(node.inputs) > 3 and node.inputs[3] is not None:
         if not is_channel_vector(node, 3, hidden):
-            return f"{name} adds a bias that is not a constant vector over the {hidden} channels"
+            return NoMatch(f"{name} adds a bias that is not a constant vector over the {hidden} channels")
         plan.biases.append((node, 3))
-    return _fused_norm(node, 2, (1, 2), hidden)
+    return _fused_norm(node, hidden)
 
 
-def _fused_norm(node: ir.Node, weight: int, statistics: tuple[int, ...], hidden: int) -> _Norm | str:
-    """A fused norm node whose input `weight` is gamma, whose `statistics` outputs (mean, inverse std) nobody
-    reads, and whose output 0 only linear layers read."""
+def _fused_norm(node: ir.Node, hidden: int) -> Match[_Norm]:
+    """A fused RMSNorm node whose gamma is a constant, whose statistics outputs (mean, inverse std) nobody
+    reads, and whose output 0 only linear layers read; which input and outputs those are: `FUSED_NORMS`."""
+    weight = FUSED_NORMS[node.op_type].scale
     if not is_channel_vector(node, weight, hidden):
-        return f"{node.name or node.op_type} has no constant weight over the {hidden} channels"
-    reason = _used_outputs(node, statistics)
+        return NoMatch(f"{node.name or node.op_type} has no constant weight over the {hidden} channels")
+    reason = _used_outputs(node, FUSED_NORMS[node.op_type].statistics)
     if reason:
-        return reason
+        return NoMatch(reason)
     readers = _norm_readers(node.outputs[0], hidden)
-    if isinstance(readers, str):
+    if isinstance(readers, NoMatch):
         return readers
     return _Norm(node.outputs[0], (node, weight), readers, (node,))
 
 
-def _norm_readers(value: ir.Value, hidden: int) -> tuple[LinearLayer, ...] | str:
+def _norm_readers(value: ir.Value, hidden: int) -> Match[tuple[LinearLayer, ...]]:
     """Linear layers reading a norm output (directly, or through a Reshape that flattens the token axes)."""
     if value.is_graph_output():
-        return f"the norm output '{value.name}' is a model output"
+        return NoMatch(f"the norm output '{value.name}' is a model output")
     readers: list[LinearLayer] = []
     frontier = [value]
     for current in frontier:
@@ -499,8 +484,8 @@ def _norm_readers(value: ir.Value, hidden: int) -> tuple[LinearLayer, ...] | str
                 # [.., C] -> [N, C] keeps each token's channels together when every reader reads C channels
                 frontier.append(node.outputs[0])
             else:
-                return (f"{node.name or node.op_type} ({node.op_type}) reads the norm output '{current.name}'; "
-                        "only linear layers with a constant weight can take the rotation")
+                return NoMatch(f"{node.name or node.op_type} ({node.op_type}) reads the norm output '{current.name}'; "
+                               "only linear layers with a constant weight can take the rotation")
     return tuple(readers)
 
 
@@ -570,25 +555,15 @@ def _is_zeros(node: ir.Node) -> bool:
 
 
 def _is_rms_normalized(value: ir.Value | None) -> bool:
-    """x / rms(x) as exported (through Casts): Mul(x, 1/Sqrt(ReduceMean(Pow(x, 2)) + eps)) or Div(x, Sqrt(..))."""
+    """x / rms(x) as exported (through Casts): a Mul or Div that ends an `_rms_normalizer` chain from one of its
+    inputs."""
     node = value.producer() if value is not None else None
     while node is not None and _is_float_cast(node) and node.inputs[0] is not None:
         node = node.inputs[0].producer()
     if node is None or node.op_type not in ("Mul", "Div"):
         return False
-    for operand in node.inputs:
-        step = operand.producer() if operand is not None else None
-        if step is not None and step.op_type in ("Div", "Reciprocal"):
-            step = step.inputs[-1].producer() if step.inputs[-1] is not None else None
-        if step is None or step.op_type != "Sqrt" or step.inputs[0] is None:
-            continue
-        add = step.inputs[0].producer()
-        mean = add.inputs[0].producer() if add is not None and add.op_type == "Add" and add.inputs[0] else None
-        power = mean.inputs[0].producer() if mean is not None and mean.op_type == "ReduceMean" and mean.inputs[0] \
-            else None
-        if power is not None and power.op_type == "Pow" and power.inputs[0] in node.inputs:
-            return True
-    return False
+    return any(is_standard(use.node, "Pow") and use.idx == 0 and _rms_normalizer(use.node, x) is node
+               for x in node.inputs if x is not None for use in x.uses())
 
 
 def _broadcasts_over_channels(value: ir.Value | None) -> bool:
@@ -675,7 +650,7 @@ class _HeadPair:
     heads: int
 
 
-def find_head_pairs(graph: ir.Graph, layout: HeadLayout | None) -> tuple[list[_HeadPair], int] | str:
+def find_head_pairs(graph: ir.Graph, layout: HeadLayout | None) -> Match[tuple[list[_HeadPair], int]]:
     """Every attention output projection with the value columns behind it, and the head size; or why not."""
     pairs: list[_HeadPair] = []
     head_dim = layout.head_dim if layout is not None else 0
@@ -684,38 +659,40 @@ def find_head_pairs(graph: ir.Graph, layout: HeadLayout | None) -> tuple[list[_H
         fused: tuple[ColumnPath, int, int] | None = None  # GroupQueryAttention: value columns, head size, first
         if path is None:
             found = _fused_attention(layer)
-            if isinstance(found, str):
+            if isinstance(found, NoMatch):
                 return found
             if found is None:
                 continue
             fused = found
             path = found[0]
         if path.channel_adds:
-            return f"{layer.name} reads its input through a bias Add; its rows cannot be rotated per head"
+            return NoMatch(f"{layer.name} reads its input through a bias Add; its rows cannot be rotated per head")
         size = fused[1] if fused is not None else _head_size(path)
         if size is None:
-            return f"the head size between {path.layer.name} and {layer.name} is not a constant of the graph"
+            return NoMatch(f"the head size between {path.layer.name} and {layer.name} is not a constant of the "
+                           "graph")
         if head_dim and size != head_dim:
-            return f"config.json says head_dim {head_dim}, but {path.layer.name} is reshaped into heads of {size}"
+            return NoMatch(f"config.json says head_dim {head_dim}, but {path.layer.name} is reshaped into heads "
+                           f"of {size}")
         head_dim = size
         if layer.in_channels % size:
-            return f"{layer.name} reads {layer.in_channels} channels, not whole heads of {size}"
+            return NoMatch(f"{layer.name} reads {layer.in_channels} channels, not whole heads of {size}")
         heads = layer.in_channels // size
         if layout is not None and heads != layout.heads:
-            return f"{layer.name} reads {heads} heads, config.json says {layout.heads}"
+            return NoMatch(f"{layer.name} reads {heads} heads, config.json says {layout.heads}")
         first = fused[2] if fused is not None else _value_columns(path, layout, heads, size)
-        if isinstance(first, str):
+        if isinstance(first, NoMatch):
             return first
         kv_heads = (path.out_columns - first) // size
         if kv_heads <= 0 or heads % kv_heads:
-            return f"{path.layer.name} has {kv_heads} value heads for {heads} query heads"
+            return NoMatch(f"{path.layer.name} has {kv_heads} value heads for {heads} query heads")
         pairs.append(_HeadPair(path, layer, first, kv_heads, heads))
     if not pairs:
-        return "no attention output projection reads value heads"
+        return NoMatch("no attention output projection reads value heads")
     return pairs, head_dim
 
 
-def _fused_attention(layer: LinearLayer) -> tuple[ColumnPath, int, int] | str | None:
+def _fused_attention(layer: LinearLayer) -> Match[tuple[ColumnPath, int, int]] | None:
     """The value columns behind onnxruntime's GroupQueryAttention when `layer` reads its output (None when it
     does not). Its heads are the node's attributes and V is only mixed over tokens (RoPE turns q and k), as for
     smoothing (passes/absorbers/gqa.py); the value cache then holds V H and comes back as past in that basis.
@@ -725,11 +702,11 @@ def _fused_attention(layer: LinearLayer) -> tuple[ColumnPath, int, int] | str | 
     if node is None or node.op_type != "GroupQueryAttention":
         return None
     found = GroupQueryAttentionAbsorber.match(Site(layer.activation, layer.activation, layer.in_channels))
-    if isinstance(found, str):
-        return found or None
+    if isinstance(found, NoMatch):
+        return found if found.reason else None
     path = found.path
     if path.moves or path.out_columns != found.channels:
-        return f"the value columns of {found.layer_name} are moved on their way into {node.name}"
+        return NoMatch(f"the value columns of {found.layer_name} are moved on their way into {node.name}")
     return replace(path, channel_adds=(), column_adds=path.channel_adds + path.column_adds), found.head_size, \
         found.offset
 
@@ -749,7 +726,7 @@ def _head_size(path: ColumnPath) -> int | None:
     return int(array.ravel()[-1])
 
 
-def _value_columns(path: ColumnPath, layout: HeadLayout | None, heads: int, size: int) -> int | str:
+def _value_columns(path: ColumnPath, layout: HeadLayout | None, heads: int, size: int) -> Match[int]:
     """First value column of the projection: 0 for v_proj, past q and k for a fused qkv_proj (q, k, v order,
     checked against the Slice that cuts the value part out)."""
     columns = path.out_columns
@@ -757,15 +734,15 @@ def _value_columns(path: ColumnPath, layout: HeadLayout | None, heads: int, size
     if first_move is None or first_move.op_type not in ("Slice", "Split"):
         return 0
     if layout is None:
-        return f"{path.layer.name} is a fused projection; its value columns need config.json's head counts"
+        return NoMatch(f"{path.layer.name} is a fused projection; its value columns need config.json's head counts")
     start = (layout.heads + layout.kv_heads) * size
     if columns != (layout.heads + 2 * layout.kv_heads) * size:
-        return f"{path.layer.name} has {columns} columns, not q, k and v of the configured heads"
+        return NoMatch(f"{path.layer.name} has {columns} columns, not q, k and v of the configured heads")
     if first_move.op_type == "Slice":
         starts = constant(first_move.inputs[1])
         if starts is not None and starts.size == 1 and int(starts.ravel()[0]) == start:
             return start
-    return f"{first_move.name} does not cut the value columns at {start} of {path.layer.name}"
+    return NoMatch(f"{first_move.name} does not cut the value columns at {start} of {path.layer.name}")
 
 
 # --- the rewrite ----------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from sqonnx.graph.layers import LinearLayer, find_linear_layers
-from sqonnx.graph.match import is_standard
+from sqonnx.graph.match import NoMatch, is_standard
 from sqonnx.graph.tensors import constant
 from sqonnx.passes.absorbers import ABSORBERS, Absorber, Probe, Site
 from sqonnx.passes.absorbers.base import single_reader, value_uses
@@ -93,10 +93,10 @@ def _find_absorber(activation: ir.Value, layers: list[LinearLayer]) -> tuple[Abs
     reasons = []
     for kind in ABSORBERS:
         found = kind.match(site)
-        if isinstance(found, Absorber):
+        if not isinstance(found, NoMatch):
             return found, "", site.source
-        if found:
-            reasons.append(found)
+        if found.reason:
+            reasons.append(found.reason)
     producer = site.producer
     assert producer is not None
     return None, reasons[0] if reasons else (

@@ -5,7 +5,7 @@ constants, so that X/s comes out of it exactly and the runtime graph gains no op
 one module of this package and is listed in `ABSORBERS` (`__init__.py`); `find_smoothing_groups` tries
 them in order. A kind says:
 
-* `match(site)`: an absorber for this site, or a reason why not ("" when its pattern does not apply);
+* `match(site)`: an absorber for this site, or `NoMatch(reason)` (reason "" when its pattern does not apply);
 * `channel_statistics()` / `probe()`: what calibration must measure besides X (a value to bound-check,
   a channel map to read off the running model);
 * `factor_map(stats)`: which channels of X must share one factor (grouped-query attention: the query
@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
 
 from sqonnx.calibrators.probes import Probe
-from sqonnx.graph.match import is_standard
+from sqonnx.graph.match import Match, is_standard
 from sqonnx.graph.tensors import FLOAT_TYPES, constant
 
 if TYPE_CHECKING:
@@ -54,12 +54,11 @@ class Site:
 class Absorber(abc.ABC):
     """One fold target; see the module docstring."""
 
-    kind: ClassVar[str]
-
     @classmethod
     @abc.abstractmethod
-    def match(cls, site: Site) -> Absorber | str:
-        """An absorber for `site`, or why not ("" when the pattern does not apply at all)."""
+    def match(cls, site: Site) -> Match[Absorber]:
+        """An absorber for `site`, or `NoMatch(why not)` (reason "" when the pattern does not apply at all: the
+        next kind is tried and nothing is reported)."""
 
     @property
     @abc.abstractmethod

@@ -20,14 +20,14 @@ stays exact. Calibration still bounds the map: |output channel c| <= max |value 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
 
 from sqonnx.calibrators import ActivationStats
-from sqonnx.passes.absorbers._columns import ColumnAbsorber, walk_to_linear
+from sqonnx.graph.match import Match, NoMatch
 from sqonnx.passes.absorbers.base import Site, value_uses
+from sqonnx.passes.absorbers.columns import ColumnAbsorber, walk_to_linear
 
 DOMAIN = "com.microsoft"
 # Attributes that change only how the probabilities are made (scale, softcap, window, RoPE on q and k) or what
@@ -47,23 +47,22 @@ class GroupQueryAttentionAbsorber(ColumnAbsorber):
     head_size: int
     group: int  # query heads per value head
     x_channels: int  # channels of X, the attention output
-    kind: ClassVar[str] = "gqa"
 
     @classmethod
-    def match(cls, site: Site) -> GroupQueryAttentionAbsorber | str:
+    def match(cls, site: Site) -> Match[GroupQueryAttentionAbsorber]:
         node = site.producer
         if node is None or node.op_type != "GroupQueryAttention" or node.domain != DOMAIN:
-            return ""
+            return NoMatch("")
         name = node.name or node.op_type
         if site.source is not node.outputs[0]:
-            return f"the activation is not {name}'s attention output"
+            return NoMatch(f"the activation is not {name}'s attention output")
         heads, kv_heads = node.attributes.get_int("num_heads", 0), node.attributes.get_int("kv_num_heads", 0)
         if heads <= 0 or kv_heads <= 0 or heads % kv_heads or site.channels % heads:
-            return (f"{name}'s heads (num_heads {heads}, kv_num_heads {kv_heads}) do not divide "
-                    f"its {site.channels} output channels")
+            return NoMatch(f"{name}'s heads (num_heads {heads}, kv_num_heads {kv_heads}) do not divide "
+                           f"its {site.channels} output channels")
         unknown = sorted(set(node.attributes) - KNOWN_ATTRIBUTES)
         if unknown:
-            return f"{name} has attributes {', '.join(unknown)} that may change the value path"
+            return NoMatch(f"{name} has attributes {', '.join(unknown)} that may change the value path")
         head_size = site.channels // heads
         inputs = list(node.inputs)
         key = inputs[KEY] if len(inputs) > KEY else None
@@ -74,14 +73,14 @@ class GroupQueryAttentionAbsorber(ColumnAbsorber):
             value = inputs[QUERY]  # packed q | k | v
             offset, width = (heads + kv_heads) * head_size, (heads + 2 * kv_heads) * head_size
         else:
-            return f"{name} reads a key but no value input"
+            return NoMatch(f"{name} reads a key but no value input")
         assert value is not None
         readers = value_uses(value)
         if value.is_graph_output() or len(readers) != 1:
-            return f"{name}'s value input {value.name} is also read elsewhere"
+            return NoMatch(f"{name}'s value input {value.name} is also read elsewhere")
         path = walk_to_linear(value, width, attention=False)
         if path is None:
-            return f"{name}'s value input {value.name} does not come from a linear layer's output columns"
+            return NoMatch(f"{name}'s value input {value.name} does not come from a linear layer's output columns")
         return cls(path, value, width, node, offset, head_size, heads // kv_heads, site.channels)
 
     def channel_statistics(self) -> dict[str, int]:

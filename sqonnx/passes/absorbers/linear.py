@@ -11,22 +11,22 @@ absorber and stays unsmoothed unless an explicit Mul pays (see `--unabsorbed`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
-from sqonnx.passes.absorbers._columns import ColumnAbsorber, walk_to_linear
+from sqonnx.graph.match import Match, NoMatch
 from sqonnx.passes.absorbers.base import Site
+from sqonnx.passes.absorbers.columns import ColumnAbsorber, walk_to_linear
 
 NOT_HOMOGENEOUS = ("Gelu", "Erf", "Tanh", "Sigmoid", "Softplus", "FastGelu", "BiasGelu", "QuickGelu")
 
 
 @dataclass(frozen=True)
 class LinearAbsorber(ColumnAbsorber):
-    kind: ClassVar[str] = "linear"
+    """The output columns of the linear layer that made X through per-channel ops (module docstring)."""
 
     @classmethod
-    def match(cls, site: Site) -> LinearAbsorber | str:
+    def match(cls, site: Site) -> Match[LinearAbsorber]:
         if site.producer is None:
-            return ""
+            return NoMatch("")
         path = walk_to_linear(site.source, site.channels, attention=False)
         if path is None:
             return _why_not(site)
@@ -37,7 +37,7 @@ class LinearAbsorber(ColumnAbsorber):
         return f"{self.node.op_type} (output columns{through})"
 
 
-def _why_not(site: Site) -> str:
+def _why_not(site: Site) -> NoMatch:
     """Name the nonlinearity when X comes out of one (GELU as exported ends in Mul(0.5 x, 1 + Erf(..)) or a
     Tanh chain a few ops up)."""
     ops: set[str] = set()
@@ -49,6 +49,6 @@ def _why_not(site: Site) -> str:
                     if value is not None and not value.is_initializer()]
     bad = sorted(ops & set(NOT_HOMOGENEOUS))
     if bad:
-        return (f"it is made by a nonlinearity ({', '.join(bad)}) that no per-channel factor passes through "
-                "exactly (GELU/SiLU FFN: no exact absorber)")
-    return ""
+        return NoMatch(f"it is made by a nonlinearity ({', '.join(bad)}) that no per-channel factor passes "
+                       "through exactly (GELU/SiLU FFN: no exact absorber)")
+    return NoMatch("")

@@ -12,13 +12,12 @@ group is judged like any other without one (`--unabsorbed`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
 
 from sqonnx.calibrators import ActivationStats
-from sqonnx.graph.match import is_standard
+from sqonnx.graph.match import Match, NoMatch, is_standard
 from sqonnx.graph.tensors import constant, set_constant_input
 from sqonnx.passes.absorbers.base import Absorber, Site, is_channel_vector
 
@@ -27,17 +26,16 @@ from sqonnx.passes.absorbers.base import Absorber, Site, is_channel_vector
 class MulAbsorber(Absorber):
     mul: ir.Node
     const_index: int
-    kind: ClassVar[str] = "mul"
 
     @classmethod
-    def match(cls, site: Site) -> MulAbsorber | str:
+    def match(cls, site: Site) -> Match[MulAbsorber]:
         producer = site.producer
         if producer is None or not is_standard(producer, "Mul"):
-            return ""
+            return NoMatch("")
         for index in (1, 0):
             if is_channel_vector(producer, index, site.channels):
                 return cls(producer, index)
-        return ""
+        return NoMatch("")
 
     @property
     def node(self) -> ir.Node:

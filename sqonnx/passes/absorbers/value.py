@@ -13,26 +13,26 @@ value head share its factor. Which value column feeds which channel is measured 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 
 from sqonnx.calibrators import ActivationStats
-from sqonnx.passes.absorbers._columns import ColumnAbsorber, walk_to_linear
+from sqonnx.graph.match import Match, NoMatch
 from sqonnx.passes.absorbers.base import Site
+from sqonnx.passes.absorbers.columns import ColumnAbsorber, walk_to_linear
 
 
 @dataclass(frozen=True)
 class ValueAbsorber(ColumnAbsorber):
-    kind: ClassVar[str] = "value"
+    """The value columns behind an attention output projection (module docstring)."""
 
     @classmethod
-    def match(cls, site: Site) -> ValueAbsorber | str:
+    def match(cls, site: Site) -> Match[ValueAbsorber]:
         if site.producer is None:
-            return ""
+            return NoMatch("")
         # From X itself: the Reshape that joins the heads is one of the moves the probe replays.
         path = walk_to_linear(site.activation, site.channels, attention=True)
-        return "" if path is None else cls(path, site.activation, site.channels)
+        return NoMatch("") if path is None else cls(path, site.activation, site.channels)
 
     def channel_statistics(self) -> dict[str, int]:
         return self.value_statistics()

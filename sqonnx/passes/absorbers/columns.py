@@ -1,5 +1,6 @@
 """The walk back from X to a linear layer whose output columns can take 1/s, shared by the `linear`
-(MLP) and `value` (attention) absorbers, and the fold into those columns.
+(MLP), `value` and `gqa` (attention) absorbers, and the fold into those columns. Public because the
+rotation pass (passes/rotate.py) finds the value columns behind o_proj for R2 with the same walk.
 
 Between the layer and X there may be:
 
