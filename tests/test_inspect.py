@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import sqonnx
+from tests.child import run_sqonnx
 from tests.synthetic import OUTLIERS
 
 
 def test_inspect_report(tmp_path: Path, block: Path, feeds: Path) -> None:
     out = tmp_path / "report"
-    result = subprocess.run([sys.executable, "-m", "sqonnx", "inspect", str(block), "--out", str(out),
-                             "--calib-data", str(feeds), "--num-samples", "8", "--top", "2"],
-                            capture_output=True, text=True, timeout=300)
+    result = run_sqonnx("inspect", block, "--out", out, "--calib-data", feeds, "--num-samples", "8", "--top", "2")
     assert result.returncode == 0, result.stderr
     assert "worst activation outliers: /attn/q_proj/MatMul" in result.stdout
     groups = {tuple(g["layers"]): g for g in json.loads((out / "report.json").read_text())}
@@ -42,8 +39,7 @@ def test_inspect_report(tmp_path: Path, block: Path, feeds: Path) -> None:
 def test_inspect_bad_model(tmp_path: Path) -> None:
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"not a model")
-    result = subprocess.run([sys.executable, "-m", "sqonnx", "inspect", str(junk), "--out", str(tmp_path / "r")],
-                            capture_output=True, text=True, timeout=120)
+    result = run_sqonnx("inspect", junk, "--out", tmp_path / "r", timeout=120)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
     assert not (tmp_path / "r").exists()
 

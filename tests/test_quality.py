@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ import sqonnx
 from sqonnx import CalibrationConfig, QuantizeConfig
 from sqonnx.errors import SqonnxError
 from sqonnx.quality import COSINE_FLOOR
+from tests.child import run_sqonnx
 
 WIDTH = 16
 OUTLIER = 3  # an activation channel 10^4 times the others, read by a weight row 10^4 times smaller
@@ -110,22 +109,21 @@ def test_floor_error_on_the_command_line(tmp_path: Path) -> None:
     model = _linear_model(tmp_path / "linear.onnx")
     np.savez(tmp_path / "feeds.npz", x=_samples(8))
     out = tmp_path / "q.onnx"
-    command = [sys.executable, "-m", "sqonnx", "quantize", str(model), "-o", str(out), "--calib-data",
+    command = ["quantize", str(model), "-o", str(out), "--calib-data",
                str(tmp_path / "feeds.npz"), "--no-smooth", "--static"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = run_sqonnx(*command)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: the quantized model is far worse than FP32"), lines
     assert not out.exists()
-    result = subprocess.run([*command, "--allow-lossy"], capture_output=True, text=True, timeout=300)
+    result = run_sqonnx(*command, "--allow-lossy")
     assert result.returncode == 0 and out.exists(), result.stderr
     assert "writing a model far worse than FP32 (--allow-lossy)" in result.stderr
 
 
 def test_negative_check_samples_is_refused(tmp_path: Path) -> None:
     model = _linear_model(tmp_path / "linear.onnx")
-    result = subprocess.run([sys.executable, "-m", "sqonnx", "quantize", str(model), "-o", str(tmp_path / "q.onnx"),
-                             "--check-samples", "-1"], capture_output=True, text=True, timeout=300)
+    result = run_sqonnx("quantize", model, "-o", tmp_path / "q.onnx", "--check-samples", "-1")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: --check-samples must be >= 0 (0: no quality check), got -1; try 4"]
