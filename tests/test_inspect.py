@@ -32,7 +32,7 @@ def test_inspect_report(tmp_path: Path, block: Path, feeds: Path) -> None:
     plots = sorted(p.name for p in out.glob("*.png"))
     assert plots == ["group_00.png", "group_01.png"]
     assert all((out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
-    page = (out / "index.html").read_text()
+    page = (out / "index.html").read_text(encoding="utf-8")
     assert all(f'src="{p}"' in page for p in plots) and "/mlp/down_proj/MatMul" in page
 
 
@@ -97,4 +97,4 @@ def test_inspect_describes_the_graph_quantize_smooths(tmp_path: Path) -> None:
     assert inspected.keys() == quantized.keys()
     for layer, ratio in inspected.items():
         assert ratio == pytest.approx(quantized[layer], rel=1e-4), layer
-    assert "rotated the residual stream" in (tmp_path / "report" / "index.html").read_text()
+    assert "rotated the residual stream" in (tmp_path / "report" / "index.html").read_text(encoding="utf-8")
