@@ -3,11 +3,13 @@ signal or kill it exactly there."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
+
+from tests.child import failure, start
+
+REACH_TIMEOUT = 300  # seconds for a child to reach its pause point (a loaded machine takes a few)
 
 
 def start_paused(args: list[str | Path], point: str, tmp_path: Path,
@@ -16,19 +18,19 @@ def start_paused(args: list[str | Path], point: str, tmp_path: Path,
 
     The signal then lands exactly at that point, however loaded the machine is: no sleeps, no race. TMPDIR is
     a folder of the test's own, so its temporary folders can be checked afterwards. Deleting the marker file
-    (`marker_of`) lets the process go on.
+    (`marker_of`) lets the process go on. The child takes SIGINT and SIGTERM as a terminal's would (tests.child).
     """
     marker = tmp_path / f"at-{point}{tag}"
     temp = tmp_path / "tmp"
     temp.mkdir(exist_ok=True)
-    env = {**os.environ, "TMPDIR": str(temp), "SQONNX_PAUSE_AT": f"{point}={marker}"}
-    process = subprocess.Popen([sys.executable, "-m", "sqonnx", *map(str, args)], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
+    process = start(args, {"TMPDIR": str(temp), "SQONNX_PAUSE_AT": f"{point}={marker}"})
+    deadline = time.monotonic() + REACH_TIMEOUT
     while not marker.exists():
-        if process.poll() is not None or time.monotonic() > deadline:
+        if process.poll() is not None:
+            raise AssertionError(failure(process, f"exited with code {process.returncode} before reaching {point}"))
+        if time.monotonic() > deadline:
             process.kill()
-            raise AssertionError(f"never reached {point}: {process.communicate()}")
+            raise AssertionError(failure(process, f"still short of {point} after {REACH_TIMEOUT} s, killed"))
         time.sleep(0.02)
     return process, temp
 

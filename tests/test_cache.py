@@ -14,8 +14,9 @@ import sqonnx
 from models import zoo
 from sqonnx import CalibrationConfig, QuantizeConfig
 from sqonnx.calibrators import channel_max
+from tests.child import finish
+from tests.child import run_sqonnx as run_cli
 from tests.paused import start_paused
-from tests.test_cli import sqonnx as run_cli
 
 pytestmark = pytest.mark.zoo
 BLOCK = 1  # every allowed cut: the zoo's Llama in 6 blocks
@@ -73,7 +74,7 @@ def test_killed_run_resumes_where_it_stopped(tmp_path: Path, model: tuple[Path, 
             "--cache-dir", cache]
     process, _ = start_paused(args, "block-2", tmp_path)  # blocks 0, 1 and 2 calibrated and kept
     process.send_signal(signal.SIGKILL)
-    process.communicate(timeout=60)
+    finish(process, "sqonnx did not exit on SIGKILL", 60)
     assert not out.exists()
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr

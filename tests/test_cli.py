@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,13 +9,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from tests.child import finish
+from tests.child import run_sqonnx as sqonnx
 from tests.paused import ours, start_paused
 from tests.synthetic import activations, save_feeds
-
-
-def sqonnx(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sqonnx", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
 
 
 def test_quantize_command(tmp_path: Path, block: Path, feeds: Path) -> None:
@@ -226,7 +221,7 @@ def test_signal_leaves_nothing(tmp_path: Path, block: Path, feeds: Path, point: 
     out.mkdir()
     process, temp = start_paused(["quantize", block, "-o", out / "q.onnx", "--calib-data", feeds], point, tmp_path)
     process.send_signal(getattr(signal, signal_name))
-    _, stderr = process.communicate(timeout=60)
+    _, stderr = finish(process, f"sqonnx did not exit on {signal_name}", 60)
     assert process.returncode == code, stderr
     assert stderr.strip() == message
     assert list(out.iterdir()) == [] and ours(temp) == []

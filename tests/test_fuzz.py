@@ -16,7 +16,6 @@ import contextlib
 import io
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import zipfile
@@ -30,6 +29,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from sqonnx.io.writer import STAGING_PREFIX
+from tests.child import run_sqonnx
 from tests.synthetic import HIDDEN, activations, build_block
 
 CASES = int(os.environ.get("SQONNX_FUZZ_CASES", "300"))
@@ -443,8 +443,7 @@ def test_fuzz_findings_through_the_real_cli(tmp_path: Path, case: str) -> None:
     np.savez(tmp_path / "feeds.npz", x=activations(2, seq=4))
     args = REAL_CLI[case](tmp_path)
     before = sorted(p.name for p in tmp_path.iterdir())
-    result = subprocess.run([sys.executable, "-m", "sqonnx", "quantize", *args, "-o", str(tmp_path / "out.onnx")],
-                            capture_output=True, text=True, timeout=300)
+    result = run_sqonnx("quantize", *args, "-o", tmp_path / "out.onnx")
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr

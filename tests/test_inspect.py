@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import sqonnx
+from tests.child import run_sqonnx
 from tests.synthetic import OUTLIERS
 
 
 def test_inspect_report(tmp_path: Path, block: Path, feeds: Path) -> None:
     out = tmp_path / "report"
-    result = subprocess.run([sys.executable, "-m", "sqonnx", "inspect", str(block), "--out", str(out),
-                             "--calib-data", str(feeds), "--num-samples", "8", "--top", "2"],
-                            capture_output=True, text=True, timeout=300)
+    result = run_sqonnx("inspect", block, "--out", out, "--calib-data", feeds, "--num-samples", "8", "--top", "2")
     assert result.returncode == 0, result.stderr
     assert "worst activation outliers: /attn/q_proj/MatMul" in result.stdout
     groups = {tuple(g["layers"]): g for g in json.loads((out / "report.json").read_text())}
@@ -36,15 +33,14 @@ def test_inspect_report(tmp_path: Path, block: Path, feeds: Path) -> None:
     plots = sorted(p.name for p in out.glob("*.png"))
     assert plots == ["group_00.png", "group_01.png"]
     assert all((out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
-    page = (out / "index.html").read_text()
+    page = (out / "index.html").read_text(encoding="utf-8")
     assert all(f'src="{p}"' in page for p in plots) and "/mlp/down_proj/MatMul" in page
 
 
 def test_inspect_bad_model(tmp_path: Path) -> None:
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"not a model")
-    result = subprocess.run([sys.executable, "-m", "sqonnx", "inspect", str(junk), "--out", str(tmp_path / "r")],
-                            capture_output=True, text=True, timeout=120)
+    result = run_sqonnx("inspect", junk, "--out", tmp_path / "r", timeout=120)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
     assert not (tmp_path / "r").exists()
 
@@ -103,7 +99,7 @@ def test_inspect_describes_the_graph_quantize_smooths(tmp_path: Path, family: st
     assert_inspect_matches(report, results)
     if family in ("llama", "mixtral"):  # RMSNorm decoders without post-norms: rotated by default
         assert report.settings["rotation"].startswith("rotated the residual stream")
-        assert "rotated the residual stream" in (tmp_path / "report" / "index.html").read_text()
+        assert "rotated the residual stream" in (tmp_path / "report" / "index.html").read_text(encoding="utf-8")
 
 
 def assert_inspect_matches(report: sqonnx.QuantizeReport, results: list) -> None:  # noqa: ANN001

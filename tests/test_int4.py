@@ -3,8 +3,6 @@ equal to its numpy reference, the pipeline end to end."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,7 @@ from sqonnx.math.gptq import Grid, gptq, nearest
 from sqonnx.math.search import block_quantized_rows
 from sqonnx.passes.insert_matmul_nbits import InsertMatMulNBitsPass, NBitsLayer, pack, unpack
 from sqonnx.runtime.kernels import nbits_computes_int8
+from tests.child import run_sqonnx
 
 
 def _correlated_inputs(tokens: int, k: int, seed: int = 0) -> np.ndarray:
@@ -207,8 +206,7 @@ def test_int4_llama_end_to_end(tmp_path: Path) -> None:
 def test_int4_flag_errors(tmp_path: Path, flags: list[str], message: str) -> None:
     path, feeds = _outlier_model(tmp_path, 1.0)
     out = tmp_path / "q.onnx"
-    done = subprocess.run([sys.executable, "-m", "sqonnx", "quantize", str(path), "-o", str(out), "--calib-data",
-                           str(feeds), "--num-samples", "16", *flags], capture_output=True, text=True, timeout=300)
+    done = run_sqonnx("quantize", path, "-o", out, "--calib-data", feeds, "--num-samples", "16", *flags)
     assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert not out.exists()
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from sqonnx.io.writer import STAGING_PREFIX
+from tests.child import finish, run_sqonnx
 from tests.paused import marker_of, start_paused
 from tests.synthetic import activations
 
@@ -29,8 +28,7 @@ def external_block(block: Path) -> Path:
 
 
 def quantize(model: Path, out: Path, feeds: Path, alpha: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "sqonnx", "quantize", str(model), "-o", str(out), "--calib-data",
-                             str(feeds), "--alpha", alpha], capture_output=True, text=True, timeout=300)
+    result = run_sqonnx("quantize", model, "-o", out, "--calib-data", feeds, "--alpha", alpha)
     assert result.returncode == 0, result.stderr
 
 
@@ -62,7 +60,7 @@ def test_kill_9_while_saving_leaves_a_whole_model(tmp_path: Path, block: Path, f
     process, _ = start_paused(["quantize", model, "-o", out / "q.onnx", "--calib-data", feeds, "--alpha", "0.9"],
                               point, tmp_path)
     process.send_signal(signal.SIGKILL)
-    process.communicate(timeout=60)
+    finish(process, "sqonnx did not exit on SIGKILL", 60)
     np.testing.assert_array_equal(outputs(out / "q.onnx"), new if point == "onnx-moved" else old)
     assert any(p.name.startswith(STAGING_PREFIX) for p in out.iterdir())  # SIGKILL runs no clean-up
 
@@ -89,7 +87,7 @@ def test_two_writers_of_one_path(tmp_path: Path, block: Path, feeds: Path) -> No
     for alpha in ("0.5", "0.9"):
         marker_of("staged", tmp_path, alpha).unlink()
     for process in processes:
-        stdout, stderr = process.communicate(timeout=120)
+        stdout, stderr = finish(process, "a released writer did not exit", 120)
         assert process.returncode == 0, stderr
     got = outputs(out / "q.onnx")
     assert any(np.array_equal(got, e) for e in expected)

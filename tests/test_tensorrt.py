@@ -3,8 +3,6 @@ names the first node breaking one of its rules (TensorRT itself cannot run here)
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 import sqonnx
 from sqonnx import CalibrationConfig, QuantizeConfig, Target
 from sqonnx.graph.tensorrt import violation
+from tests.child import run_sqonnx
 
 INT8_ZERO = np.zeros((), np.int8)
 
@@ -108,9 +107,8 @@ def test_tensorrt_flag_errors(tmp_path: Path, flags: list[str], message: str) ->
     model.ir_version = 8
     onnx.save(model, tmp_path / "m.onnx")
     np.savez(tmp_path / "f.npz", x=x)
-    done = subprocess.run([sys.executable, "-m", "sqonnx", "quantize", str(tmp_path / "m.onnx"), "-o",
-                           str(tmp_path / "q.onnx"), "--calib-data", str(tmp_path / "f.npz"), "--num-samples", "4",
-                           "--target", "tensorrt", *flags], capture_output=True, text=True, timeout=300)
+    done = run_sqonnx("quantize", tmp_path / "m.onnx", "-o", tmp_path / "q.onnx", "--calib-data", tmp_path / "f.npz",
+                      "--num-samples", "4", "--target", "tensorrt", *flags)
     assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "q.onnx").exists()
 

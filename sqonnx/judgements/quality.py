@@ -6,7 +6,7 @@ through the FP model and the model it writes, block by block like calibration, a
 perplexity ratio for a language model (a `logits` output and `input_ids`), else 1 - cosine of the first
 output. Plain W8A8 (no smoothing) runs on the same samples beside it, so the number has a yardstick. A model
 far out of line (PERPLEXITY_FLOOR, COSINE_FLOOR) is an error unless `--allow-lossy`; one that loses more than
-plain W8A8 is a warning.
+plain W8A8, by more than the check's own noise (`loss_noise`), is a warning.
 """
 
 from __future__ import annotations
@@ -33,6 +33,12 @@ COSINE_FLOOR = 0.9
 # 0.79 (logits error 0.18), random zoo models without smoothing up to 1.0, SmolLM2's defaults far below.
 KL_FLOOR = 2.0
 CULPRITS = 3  # layers the floor's message names
+# The check's noise (`loss_noise`): the half-width of the 95 % confidence interval of the difference between the
+# written model's loss and the baseline's, Student's t quantile (0.975, n - 1 degrees of freedom) times its
+# standard error. A model as good as the baseline then passes it by chance about 2.5 % of the time (per-sample
+# differences about normal), however few the samples (4 by default: 3.182 standard errors; a flat 2 would be 7 %).
+# Beyond 10 degrees of freedom the last is kept (2.228 against 2.042 at 30 and 1.960 at infinity: more cautious).
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 
 
 @dataclass(frozen=True)
@@ -49,11 +55,16 @@ class QualityCheck:
     baseline_error: float | None = None
     baseline_name: str = "unsmoothed W8A8"
     kl: float = 0.0  # mean KL divergence of the next-token distributions from the FP model's (language models)
+    noise: float | None = None  # what loss - baseline_loss can be by chance (loss_noise); None: not measured
 
     def describe(self, loss: float) -> str:
         if self.language_model:
             return f"perplexity {1 + loss:.3f}x FP32 ({loss:+.1%})"
         return f"cosine to FP32 {1 - loss:.4f}"
+
+    def difference(self, value: float) -> str:
+        """A difference of two losses: perplexity ratio points, or of 1 - cosine."""
+        return f"{value:+.2%}" if self.language_model else f"{value:+.4f}"
 
     def summary(self) -> str:
         where = "held-back" if self.held_out else "calibration (in-sample)"
@@ -62,6 +73,8 @@ class QualityCheck:
             text += f", KL {self.kl:.3g}"
         if self.baseline_loss is not None:
             text += f"; {self.baseline_name} {self.describe(self.baseline_loss)}"
+            noise = "not measured" if self.noise is None else self.difference(self.noise).lstrip("+")
+            text += f" (difference {self.difference(self.loss - self.baseline_loss)}, noise {noise})"
         return text
 
     @property
@@ -72,13 +85,33 @@ class QualityCheck:
 
     @property
     def worse_than_baseline(self) -> bool:
-        """Further from the FP model's output than plain W8A8, by more than the noise of a few samples, and losing
-        more by the metric (a perplexity ratio alone can fall below 1 by chance: the output error cannot)."""
-        return (self.baseline_loss is not None and self.baseline_error is not None
-                and self.output_error > 1.1 * self.baseline_error and self.loss > self.baseline_loss)
+        """Losing more than plain W8A8 by more than the check's noise (a few samples: two close losses differ by
+        chance, and a warning that fires on a model that lost nothing teaches users to ignore the one that
+        matters), and further from the FP model's output by more than a tenth (a perplexity ratio alone can fall
+        below 1 by chance: the output error cannot). No measured noise (one sample), no warning."""
+        return (self.baseline_loss is not None and self.baseline_error is not None and self.noise is not None
+                and self.loss - self.baseline_loss > self.noise and self.output_error > 1.1 * self.baseline_error)
 
     def metadata(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        """All but `noise` (the summary has it): the keys it had, so a model's bytes stay those tests/digests.json
+        recorded (a new key would change every model written)."""
+        return json.dumps({k: v for k, v in asdict(self).items() if k != "noise"}, separators=(",", ":"))
+
+
+def loss_noise(written: list[float], baseline: list[float], paired: bool) -> float | None:
+    """The check's noise: the 95 % confidence half-width (T_975) of mean(written) - mean(baseline), the per-sample
+    losses of the two models (Comparison.sample_losses). Its standard error: `paired` (the same samples in the same
+    order, so what a hard sample costs both cancels), s(w_i - b_i) / sqrt(n); else sqrt(s(w)^2 / n_w + s(b)^2 / n_b),
+    with n - 1 degrees of freedom for the smaller side. s: the sample standard deviation (n - 1). None below two
+    samples a side: one sample has no spread to measure."""
+    count = min(len(written), len(baseline))
+    if count < 2:
+        return None
+    if paired and len(written) == len(baseline):
+        error = np.std(np.subtract(written, baseline), ddof=1) / np.sqrt(count)
+    else:
+        error = np.sqrt(sum(np.var(side, ddof=1) / len(side) for side in (written, baseline)))
+    return float(T_975[min(count - 1, len(T_975)) - 1] * error)
 
 
 def floor(check: QualityCheck, layers: list[LayerReport], flags: str) -> None:

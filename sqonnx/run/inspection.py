@@ -98,8 +98,9 @@ def inspect_model(model_path: Path, out_dir: Path, config: QuantizeConfig, top: 
         figure.savefig(out_dir / results[index].plot, dpi=90)
         plt.close(figure)
     (out_dir / "report.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
+    # UTF-8 as the page declares (it has α and →), whatever the locale
     (out_dir / "index.html").write_text(_html(model_path, results, [results[i] for i in worst], config,
-                                              front.rotation.summary()))
+                                              front.rotation.summary()), encoding="utf-8")
     return results
 
 

@@ -28,7 +28,7 @@ from sqonnx.graph.tensors import opset_version, prefetch
 from sqonnx.io.writer import Stage, StreamingWriter, no_space
 from sqonnx.judgements.decisions import choose_alpha, judge_head, keep_float_done
 from sqonnx.judgements.layer_report import LayerReport
-from sqonnx.judgements.quality import HeadVerdict, QualityCheck, RotationJudge
+from sqonnx.judgements.quality import HeadVerdict, QualityCheck, RotationJudge, loss_noise
 from sqonnx.passes.smoothing_groups import find_smoothing_groups, statistics_needed
 from sqonnx.passes.transposed import FOLDED_TENSOR
 from sqonnx.pause import pause_point
@@ -136,11 +136,14 @@ def _check(written: Track, baseline: Track | None, held_out: bool) -> QualityChe
     if not comparison.cosines:
         return None
     measured = baseline is not None and bool(baseline.comparison.cosines)
+    # paired where both ran the same samples (in order: BlockRunner.forward); --keep-float-budget's trials ran others
+    noise = loss_noise(comparison.sample_losses, baseline.comparison.sample_losses,
+                       written.keys == baseline.keys) if measured and baseline else None
     return QualityCheck(len(comparison.cosines), held_out, comparison.language_model and comparison.tokens > 0,
                         comparison.quality_loss, comparison.output_error,
                         baseline.comparison.quality_loss if measured and baseline else None,
                         baseline.comparison.output_error if measured and baseline else None,
-                        baseline.name if baseline else baseline_name(written.config), comparison.mean_kl)
+                        baseline.name if baseline else baseline_name(written.config), comparison.mean_kl, noise)
 
 
 def baseline_name(config: QuantizeConfig) -> str:

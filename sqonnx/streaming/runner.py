@@ -182,7 +182,8 @@ ROWS = 64  # positions per step of a comparison's sums (float64 temporaries of 6
 @dataclass
 class Comparison:
     """A model's first output against the FP model's, summed over evaluation samples: relative L2 error, and the
-    quality loss (perplexity ratio - 1 for a language model with `logits` and `input_ids`, else 1 - cosine)."""
+    quality loss (perplexity ratio - 1 for a language model with `logits` and `input_ids`, else 1 - cosine), also
+    per sample (`sample_losses`), for the spread the quality check's noise is measured from."""
 
     squared_error: float = 0.0
     squared_reference: float = 0.0
@@ -191,6 +192,7 @@ class Comparison:
     kl: float = 0.0  # KL(FP || this model) of the next-token distributions, summed over positions
     tokens: int = 0
     cosines: list[float] = field(default_factory=list)
+    gaps: list[float] = field(default_factory=list)  # per sample: mean NLL per token minus the FP model's (nats)
     language_model: bool = True
 
     def add(self, name: str, reference: np.ndarray, output: np.ndarray, feeds: dict[str, np.ndarray]) -> None:
@@ -216,14 +218,18 @@ class Comparison:
             return
         assert ids is not None
         tokens = ids[0, 1:]
+        gap = 0.0
         for start in range(0, len(tokens), ROWS):
             stop = min(start + ROWS, len(tokens))
             log_p = log_softmax(reference[0, start:stop].astype(np.float64))
             log_q = log_softmax(output[0, start:stop].astype(np.float64))
             picked = np.arange(stop - start), tokens[start:stop]
-            self.nll_reference -= float(log_p[picked].sum())
-            self.nll -= float(log_q[picked].sum())
+            nll_reference, nll = -float(log_p[picked].sum()), -float(log_q[picked].sum())
+            self.nll_reference += nll_reference
+            self.nll += nll
+            gap += nll - nll_reference
             self.kl += float(np.sum(np.exp(log_p) * (log_p - log_q)))
+        self.gaps.append(gap / len(tokens))
         self.tokens += len(tokens)
 
     @property
@@ -235,6 +241,14 @@ class Comparison:
         if self.language_model and self.tokens:
             return float(np.exp((self.nll - self.nll_reference) / self.tokens)) - 1.0
         return 1.0 - float(np.mean(self.cosines)) if self.cosines else 0.0
+
+    @property
+    def sample_losses(self) -> list[float]:
+        """The quality loss of each sample alone (each run: a decode step is one), in the order they were added;
+        with samples of one length their mean is `quality_loss` (to first order for the perplexity ratio)."""
+        if self.language_model and self.tokens:
+            return [float(np.expm1(gap)) for gap in self.gaps]
+        return [1.0 - c for c in self.cosines]
 
     @property
     def mean_kl(self) -> float:
