@@ -342,7 +342,7 @@ def test_no_warning_within_the_noise(tmp_path: Path, caplog: pytest.LogCaptureFi
     unsmoothed W8A8 differ by less than the spread over those 4 samples can (here perplexity +0.1 % against
     -0.2 %, difference +0.29 %, noise 0.44 %; output error 0.035 against 0.029, which the rule before took for a
     loss), so no warning, and the summary says so."""
-    from tests import zoo
+    from models import zoo
 
     calibration = CalibrationConfig(data=zoo.save_npz(zoo.build("llama"), tmp_path / "c.npz", samples=4, seq=32,
                                                       seed=1), num_samples=4)
