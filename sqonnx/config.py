@@ -8,29 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqonnx.errors import SqonnxError
-from sqonnx.targets import Target, full_range_is_safe, resolve
-
-
-class Level(str, enum.Enum):
-    """SmoothQuant levels (paper, Table 2): how activations are quantized. Faster down the list."""
-
-    O1 = "O1"  # dynamic per-token: one scale per row, computed at run time
-    O2 = "O2"  # dynamic per-tensor: one scale per activation tensor, computed at run time
-    O3 = "O3"  # static per-tensor: one scale per activation, fixed by calibration
-
-    @property
-    def activations(self) -> str:
-        return {"O1": "int8 dynamic per-token (symmetric)", "O2": "uint8 dynamic per-tensor (asymmetric)",
-                "O3": "int8 static per-tensor (symmetric, min-max calibrated)"}[self.value]
-
-
-class CalibMethod(str, enum.Enum):
-    """How O3's static activation range is chosen from calibration data."""
-
-    MINMAX = "minmax"  # the largest |x| seen: nothing clips
-    PERCENTILE = "percentile"  # the 99.99th percentile of |x|: rare outliers clip
-    MSE = "mse"  # the clipping threshold with the least squared quantization error
-
+from sqonnx.math.quant import CalibMethod, Level
+from sqonnx.targets import Target, full_range_is_safe, resolve, rules_of
 
 AUTO = "auto"
 
@@ -202,16 +181,17 @@ class QuantizeConfig:
             raise SqonnxError("--smooth-only writes a float model; --keep-float-budget has nothing to keep, drop it")
         if self.check_samples < 0:
             raise SqonnxError(f"--check-samples must be >= 0 (0: no quality check), got {self.check_samples}; try 4")
-        if self.target is Target.TENSORRT:
+        rules, target = rules_of(self.target), self.target.value
+        if rules.qdq_only:
             if self.weights is Weights.INT4:
-                raise SqonnxError("--weights int4 writes MatMulNBits, which TensorRT cannot import; drop --weights "
-                                  "int4 for --target tensorrt (INT8 Q/DQ), or use another --target")
+                raise SqonnxError(f"--weights int4 writes MatMulNBits, which {rules.runtime} cannot import; drop "
+                                  f"--weights int4 for --target {target} (INT8 Q/DQ), or use another --target")
             if self.format is Format.QOPERATOR or self.level is not Level.O3:
-                raise SqonnxError(f"--target tensorrt takes static Q/DQ only; drop "
+                raise SqonnxError(f"--target {target} takes static Q/DQ only; drop "
                                   f"{'--format qoperator' if self.format is Format.QOPERATOR else '--dynamic/--level'}"
                                   " (groups that need per-token activations stay float there)")
-        if self.target is Target.CUDA and self.level is not Level.O3:
-            raise SqonnxError("--target cuda writes static int8 activations (onnxruntime's CUDA provider has no "
+        elif rules.static_only and self.level is not Level.O3:
+            raise SqonnxError(f"--target {target} writes static int8 activations ({rules.runtime} has no "
                               "DynamicQuantizeLinear); drop --dynamic/--level (per-token groups stay float there)")
         if self.int4_block not in (16, 32, 64, 128, 256):
             raise SqonnxError(f"--int4-block must be 16, 32, 64, 128 or 256, got {self.int4_block}; try 32")
@@ -261,7 +241,7 @@ class QuantizeConfig:
     def integer_form(self) -> bool:
         """Explicit integer ops: asked for, or O1, whose per-token scales have no Q/DQ spelling. (With
         --level auto the O1 layers are written with integer ops and the rest in this form.)"""
-        return self.format is Format.QOPERATOR or self.level is Level.O1 or self.target is Target.CUDA
+        return self.format is Format.QOPERATOR or self.level is Level.O1 or rules_of(self.target).integer_ops
 
     @property
     def format_used(self) -> Format:

@@ -12,8 +12,8 @@ from onnx import numpy_helper
 
 import sqonnx
 from sqonnx import CalibrationConfig, QuantizeConfig, SqonnxError, Target
-from sqonnx import targets as target_module
-from sqonnx.targets import INT16_MAX, cpu_flags, detect_native, worst_int16_pair
+from sqonnx.targets import cpu as target_module
+from sqonnx.targets.cpu import INT16_MAX, cpu_flags, detect_native, worst_int16_pair
 
 
 def vpmaddubsw_matmul(a_u8: np.ndarray, w_s8: np.ndarray) -> np.ndarray:
@@ -98,3 +98,26 @@ def test_saved_model_against_the_avx2_kernel(tmp_path: Path, block: Path, feeds:
         exact = worst_a.astype(np.int32) @ w.astype(np.int32)
         clipped += int((vpmaddubsw_matmul(worst_a, w) != exact).sum())
     assert (clipped > 0) is saturates
+
+
+def test_every_target_is_one_row_of_rules() -> None:
+    """The registry holds one row per target (native aside: it resolves to a CPU row), and what depends on the target
+    reads the row: the weight range, the static-only forms, the opset limit, the graph validator."""
+    from sqonnx.targets import REGISTRY, rules_of
+
+    assert set(REGISTRY) == set(Target) - {Target.NATIVE}
+    assert rules_of(Target.NATIVE) in (REGISTRY[Target.X86_AVX2], REGISTRY[Target.X86_VNNI], REGISTRY[Target.ARM64],
+                                       REGISTRY[Target.PORTABLE])
+    assert [t.value for t, row in REGISTRY.items() if row.full_range] == ["x86-vnni", "arm64", "gpu", "tensorrt",
+                                                                           "cuda"]
+    assert [t.value for t, row in REGISTRY.items() if row.static_only] == ["tensorrt", "cuda"]
+    assert REGISTRY[Target.TENSORRT].violation is not None and REGISTRY[Target.CUDA].violation is None
+    assert (REGISTRY[Target.TENSORRT].max_opset, REGISTRY[Target.CUDA].max_opset) == (20, 21)
+    with pytest.raises(sqonnx.SqonnxError, match="which TensorRT cannot import; drop --weights int4 for --target "
+                                                 "tensorrt"):
+        sqonnx.QuantizeConfig(target=Target.TENSORRT, weights=sqonnx.Weights.INT4)
+    with pytest.raises(sqonnx.SqonnxError, match=r"--target cuda writes static int8 activations \(onnxruntime's CUDA "
+                                                 "provider has no DynamicQuantizeLinear\\)"):
+        sqonnx.QuantizeConfig(target=Target.CUDA, level=sqonnx.Level.O2)
+    cuda = sqonnx.QuantizeConfig(target=Target.CUDA)
+    assert cuda.integer_form and cuda.weight_qmax == 127

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import sqonnx
 from sqonnx import CalibrationConfig, QuantizeConfig, Target
-from sqonnx.graph.tensorrt import violation
+from sqonnx.targets.tensorrt import violation
 from tests.child import run_sqonnx
 
 INT8_ZERO = np.zeros((), np.int8)

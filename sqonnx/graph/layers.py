@@ -108,18 +108,3 @@ def output_layer(graph: ir.Graph) -> LinearLayer | None:
             return None
         value = varying[0]
     return None
-
-
-def require_float_layers(model: ir.Model, layers: list[LinearLayer]) -> None:
-    """A quantizing pass's precondition: every layer it is to replace is a float layer of this model's graph."""
-    stray = [layer.name for layer in layers
-             if layer.node.graph is not model.graph or as_linear_layer(layer.node) is None]
-    if stray:
-        raise ir.passes.PreconditionError(f"not float layers of this graph: {', '.join(stray[:3])}")
-
-
-def ensure_replaced(layers: list[LinearLayer]) -> None:
-    """A quantizing pass's postcondition: none of the layers it was given is left a float MatMul/Gemm."""
-    left = [layer.name for layer in layers if layer.node.graph is not None and as_linear_layer(layer.node) is not None]
-    if left:
-        raise ir.passes.PostconditionError(f"left float: {', '.join(left[:3])}")

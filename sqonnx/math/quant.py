@@ -1,11 +1,35 @@
 """Symmetric linear quantization, in numpy: the one definition of INT8 codes, scales and fake quantization that
-the passes write and the error models judge with."""
+the passes write and the error models judge with, and of the activation levels and range methods they take."""
 
 from __future__ import annotations
+
+import enum
 
 import numpy as np
 
 from sqonnx.math.smoothing import input_channel_max
+
+
+class Level(str, enum.Enum):
+    """SmoothQuant levels (paper, Table 2): how activations are quantized. Faster down the list."""
+
+    O1 = "O1"  # dynamic per-token: one scale per row, computed at run time
+    O2 = "O2"  # dynamic per-tensor: one scale per activation tensor, computed at run time
+    O3 = "O3"  # static per-tensor: one scale per activation, fixed by calibration
+
+    @property
+    def activations(self) -> str:
+        return {"O1": "int8 dynamic per-token (symmetric)", "O2": "uint8 dynamic per-tensor (asymmetric)",
+                "O3": "int8 static per-tensor (symmetric, min-max calibrated)"}[self.value]
+
+
+class CalibMethod(str, enum.Enum):
+    """How O3's static activation range is chosen from calibration data."""
+
+    MINMAX = "minmax"  # the largest |x| seen: nothing clips
+    PERCENTILE = "percentile"  # the 99.99th percentile of |x|: rare outliers clip
+    MSE = "mse"  # the clipping threshold with the least squared quantization error
+
 
 # Activations are symmetric int8 in [-127, 127] (-128 unused: the codes negate exactly).
 ACTIVATION_QMAX = 127

@@ -13,9 +13,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sqonnx.config import CalibMethod, Level
 from sqonnx.math.gptq import Grid, Rounded, nearest
-from sqonnx.math.quant import ACTIVATION_QMAX, fake_quant, quantize_symmetric, quantize_weight, symmetric_scale
+from sqonnx.math.quant import (
+    ACTIVATION_QMAX,
+    CalibMethod,
+    Level,
+    fake_quant,
+    quantize_symmetric,
+    quantize_weight,
+    symmetric_scale,
+)
 from sqonnx.math.rotation import Orthogonal
 from sqonnx.math.smoothing import as_float32, group_weight_max, smoothing_scales
 

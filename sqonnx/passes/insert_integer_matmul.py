@@ -29,11 +29,12 @@ import numpy as np
 import onnx_ir as ir
 
 from sqonnx.config import Level
-from sqonnx.graph.layers import LinearLayer, as_linear_layer, ensure_replaced, require_float_layers
+from sqonnx.graph.layers import LinearLayer, as_linear_layer
 from sqonnx.graph.tensors import add_initializer
 from sqonnx.math.gptq import Rounded
 from sqonnx.math.quant import ACTIVATION_QMAX, symmetric_scale
 from sqonnx.passes.insert_qdq import LayerQuantization, weight_codes
+from sqonnx.passes.quantizing import QuantizingPass
 
 UINT8_ZERO = 128  # symmetric int8 codes [-127, 127] stored as uint8 [1, 255]
 
@@ -47,10 +48,10 @@ class _Shared:
     activations: dict[ir.Value, tuple[ir.Value, ir.Value, ir.Value]] = field(default_factory=dict)
 
 
-class InsertIntegerMatMulPass(ir.passes.InPlacePass):
+class InsertIntegerMatMulPass(QuantizingPass):
     def __init__(self, plan: list[LayerQuantization], weight_qmax: int, per_channel: bool, level: Level,
                  opset: int = 18, signed: bool = False) -> None:
-        super().__init__()
+        super().__init__([item.layer for item in plan])
         self.opset = opset
         # int8 activations with zero point 0 (O3 only): onnxruntime's CUDA MatMulInteger takes int8 x int8 only
         self.signed = signed
@@ -58,12 +59,6 @@ class InsertIntegerMatMulPass(ir.passes.InPlacePass):
         self.weight_qmax = weight_qmax
         self.per_channel = per_channel
         self.level = level
-
-    def requires(self, model: ir.Model) -> None:
-        require_float_layers(model, [item.layer for item in self.plan])
-
-    def ensures(self, model: ir.Model) -> None:
-        ensure_replaced([item.layer for item in self.plan])
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False

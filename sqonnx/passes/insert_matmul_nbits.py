@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from sqonnx.graph.layers import LinearLayer, as_linear_layer, ensure_replaced, require_float_layers
+from sqonnx.graph.layers import LinearLayer, as_linear_layer
 from sqonnx.graph.tensors import add_initializer, constant
 from sqonnx.math.gptq import Rounded
+from sqonnx.passes.quantizing import QuantizingPass
 
 MS_DOMAIN = "com.microsoft"
 BITS = 4
@@ -58,22 +59,16 @@ def unpack(b: np.ndarray, scales: np.ndarray, k: int) -> np.ndarray:
     return ((stored - 8) * per_channel)[:, :k].T.astype(np.float32)
 
 
-class InsertMatMulNBitsPass(ir.passes.InPlacePass):
+class InsertMatMulNBitsPass(QuantizingPass):
     def __init__(self, layers: list[NBitsLayer], accuracy_level: int = ACCURACY_LEVEL) -> None:
-        super().__init__()
-        self.layers = layers
+        super().__init__([item.layer for item in layers])
+        self.items = layers
         self.accuracy_level = accuracy_level
-
-    def requires(self, model: ir.Model) -> None:
-        require_float_layers(model, [item.layer for item in self.layers])
-
-    def ensures(self, model: ir.Model) -> None:
-        ensure_replaced([item.layer for item in self.layers])
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         modified = False
-        for item in self.layers:
+        for item in self.items:
             layer = item.layer
             if as_linear_layer(layer.node) is None:
                 continue

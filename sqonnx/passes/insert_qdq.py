@@ -20,10 +20,11 @@ import numpy as np
 import onnx_ir as ir
 
 from sqonnx.config import Level
-from sqonnx.graph.layers import LinearLayer, as_linear_layer, ensure_replaced, require_float_layers
+from sqonnx.graph.layers import LinearLayer, as_linear_layer
 from sqonnx.graph.tensors import add_initializer, opset_version
 from sqonnx.math.gptq import Rounded
 from sqonnx.math.quant import ACTIVATION_QMAX, quantize_weight, symmetric_scale
+from sqonnx.passes.quantizing import QuantizingPass
 
 
 @dataclass(frozen=True)
@@ -46,22 +47,16 @@ def weight_codes(layer: LinearLayer, rounded: Rounded | None, qmax: int,
     return (codes if layer.in_axis == 0 else codes.T), rounded.scales[:, 0].copy()
 
 
-class InsertQDQPass(ir.passes.InPlacePass):
+class InsertQDQPass(QuantizingPass):
     def __init__(self, plan: list[LayerQuantization], weight_qmax: int, per_channel: bool,
                  level: Level = Level.O3) -> None:
-        super().__init__()
+        super().__init__([item.layer for item in plan])
         if level is Level.O1:
             raise ValueError("O1 (per-token) has no QDQ form; use InsertIntegerMatMulPass")
         self.plan = plan
         self.level = level
         self.weight_qmax = weight_qmax
         self.per_channel = per_channel
-
-    def requires(self, model: ir.Model) -> None:
-        require_float_layers(model, [item.layer for item in self.plan])
-
-    def ensures(self, model: ir.Model) -> None:
-        ensure_replaced([item.layer for item in self.plan])
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False

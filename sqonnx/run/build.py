@@ -28,7 +28,7 @@ from sqonnx.passes.smooth import GroupResult, SmoothPass, SmoothPassResult, Smoo
 from sqonnx.passes.smoothing_groups import find_smoothing_groups
 from sqonnx.passes.transposed import RestoreTransposedCopiesPass
 from sqonnx.run.planning import W4A8, BlockPlan, plan_block
-from sqonnx.targets import Target
+from sqonnx.targets import rules_of
 
 __all__ = ["W4A8", "Built", "build", "quantization_scheme", "smooth_block"]
 
@@ -92,7 +92,7 @@ def write_block(model: ir.Model, plan: BlockPlan, config: QuantizeConfig) -> Non
         FloatIslandsPass([*(item.layer for item in plan.int8), *(item.layer for item in plan.int4)]),
         InsertMatMulNBitsPass(plan.int4),
         InsertIntegerMatMulPass(integer, config.weight_qmax, config.per_channel, config.level,
-                                opset_version(model.graph), signed=config.target is Target.CUDA),
+                                opset_version(model.graph), signed=rules_of(config.target).signed),
         InsertQDQPass(qdq, config.weight_qmax, config.per_channel),
         RestoreTransposedCopiesPass(),
         common_passes.RemoveUnusedNodesPass(),

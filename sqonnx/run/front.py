@@ -18,7 +18,6 @@ from sqonnx.calibrators.cache import CalibrationCache, data_identity, model_iden
 from sqonnx.config import Level, QuantizeConfig, tool_version
 from sqonnx.errors import SqonnxError
 from sqonnx.graph.layers import find_linear_layers
-from sqonnx.graph.tensorrt import MAX_OPSET
 from sqonnx.graph.tensors import opset_version
 from sqonnx.io.load import load_model
 from sqonnx.passes.prepare import prepare
@@ -27,7 +26,7 @@ from sqonnx.run.progress import Progress
 from sqonnx.runtime.optimize import fuse_transformer_ops
 from sqonnx.streaming.blocks import Partition, partition
 from sqonnx.streaming.runner import Samples, generate_tokens
-from sqonnx.targets import CUDA_QDQ_OPSET, Target
+from sqonnx.targets import rules_of
 
 logger = logging.getLogger(__name__)
 
@@ -161,13 +160,10 @@ def check_quantizable(model: ir.Model, config: QuantizeConfig) -> None:
         raise SqonnxError(f"the model uses opset {opset}; {config.level.value} {config.format_used.value} "
                           f"quantization needs opset {needed} or newer: convert it with "
                           f"onnx.version_converter.convert_version(model, 17){hint}")
-    if config.target is Target.CUDA and opset > CUDA_QDQ_OPSET and not config.smooth_only:
-        raise SqonnxError(f"the model uses opset {opset}; onnxruntime's CUDA QuantizeLinear is registered up to "
-                          f"{CUDA_QDQ_OPSET} (later ones run on the CPU): convert it with "
-                          f"onnx.version_converter.convert_version(model, {CUDA_QDQ_OPSET}) first")
-    if config.target is Target.TENSORRT and opset > MAX_OPSET and not config.smooth_only:
-        raise SqonnxError(f"the model uses opset {opset}; TensorRT 10's parser reads up to {MAX_OPSET}: convert it "
-                          f"with onnx.version_converter.convert_version(model, {MAX_OPSET}) first")
+    rules = rules_of(config.target)
+    if rules.max_opset and opset > rules.max_opset and not config.smooth_only:
+        raise SqonnxError(f"the model uses opset {opset}; {rules.opset_reason.format(max=rules.max_opset)}: convert "
+                          f"it with onnx.version_converter.convert_version(model, {rules.max_opset}) first")
     already = sorted({node.op_type for node in model.graph if node.op_type in QUANTIZED_OPS})
     if already:
         raise SqonnxError(f"the model is already quantized (it has {', '.join(already)}); "

@@ -22,7 +22,6 @@ from sqonnx.calibrators.channel_max import ActivationStats
 from sqonnx.calibrators.data import LOGITS
 from sqonnx.config import QuantizeConfig, Rounding, Weights
 from sqonnx.errors import SqonnxError
-from sqonnx.graph import tensorrt
 from sqonnx.graph.layers import find_linear_layers, output_layer
 from sqonnx.graph.tensors import opset_version, prefetch
 from sqonnx.io.writer import Stage, StreamingWriter, no_space
@@ -50,7 +49,7 @@ from sqonnx.streaming.runner import (
     run_track_block,
     time_fp_block,
 )
-from sqonnx.targets import Target, worst_int16_pair_in_graph
+from sqonnx.targets import rules_of, worst_int16_pair_in_graph
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +78,7 @@ class BlockPassResult:
     kernels: KernelCheck | None = None
     worst_pair: int = 0
     rotation_errors: dict[str, tuple[float, float]] = field(default_factory=dict)  # see build.Built
-    tensorrt_qdq: int = 0  # --target tensorrt: Q/DQ nodes written, each checked against TensorRT's rules
+    checked_nodes: int = 0  # nodes written and checked against the target's rules (--target tensorrt: Q/DQ)
 
 
 @dataclass
@@ -521,11 +520,13 @@ class Pipeline:
         """Write a built block into `track`'s stage and add what it holds to `track.result`."""
         built, found, result = build_.built, build_.kernels, track.result
         assert track.stage is not None
-        if track.config.target is Target.TENSORRT and not track.config.smooth_only:
-            broken = tensorrt.violation(built.model.graph, opset_version(built.model.graph))
+        rules = rules_of(track.config.target)
+        if rules.violation is not None and not track.config.smooth_only:
+            broken = rules.violation(built.model.graph, opset_version(built.model.graph))
             if broken:
-                raise AssertionError(f"internal error: --target tensorrt wrote what TensorRT cannot import: {broken}")
-            result.tensorrt_qdq += tensorrt.count_qdq(built.model.graph)
+                raise AssertionError(f"internal error: --target {rules.target.value} wrote what {rules.runtime} "
+                                     f"cannot import: {broken}")
+            result.checked_nodes += rules.checked_nodes(built.model.graph) if rules.checked_nodes else 0
         result.layer_reports += built.layer_reports
         result.quantized_layers += len(built.plan)
         result.sensitivity.update(built.sensitivity)

@@ -15,7 +15,6 @@ from pathlib import Path
 import onnx_ir as ir
 
 from sqonnx.config import Level, QuantizeConfig, Rounding, Weights, tool_version
-from sqonnx.graph.tensorrt import MAX_OPSET
 from sqonnx.io.load import load_model
 from sqonnx.io.writer import Stage, StreamingWriter
 from sqonnx.judgements.decisions import RotationDecision, decide_rotation
@@ -25,7 +24,7 @@ from sqonnx.run.front import Prepared, prepare_model
 from sqonnx.run.pipeline import Outcome, Pipeline
 from sqonnx.run.progress import Progress
 from sqonnx.runtime.session import calibration_providers
-from sqonnx.targets import INT16_MAX, Target, full_range_is_safe, resolve, static_only
+from sqonnx.targets import INT16_MAX, Target, full_range_is_safe, resolve, rules_of, static_only
 
 logger = logging.getLogger(__name__)
 
@@ -134,14 +133,9 @@ def _settings(requested: QuantizeConfig, outcome: Outcome, front: Prepared) -> d
         floated = [r.name for r in result.layer_reports if r.level_reason.startswith("float: needs per-token")]
         kept = (f"{len(floated)} layers kept float (per-token groups): {', '.join(floated)}" if floated
                 else "no layer kept float")
-        if config.target is Target.TENSORRT:
-            settings["tensorrt"] = (f"{result.tensorrt_qdq} Q/DQ nodes checked against TensorRT's INT8 rules (int8, "
-                                    "zero points 0, positive constant scales, per-tensor activations, per-channel "
-                                    f"weights, opset <= {MAX_OPSET}): all pass; {kept}")
-        else:
-            settings["cuda"] = (f"{result.quantized_layers} layers as int8 QuantizeLinear -> MatMulInteger (int8 x "
-                                "int8) -> Cast -> Mul, every node with a kernel of onnxruntime's CUDA provider (by its "
-                                f"registrations; not run on a GPU here); {kept}")
+        rules = rules_of(config.target)
+        if rules.describe is not None:
+            settings[rules.target.value] = rules.describe(result.checked_nodes, result.quantized_layers, kept)
     if requested.cache_dir is not None:
         settings["cache"] = (f"{requested.cache_dir}: calibration of blocks 1-{outcome.resumed} reused"
                              if outcome.resumed else f"{requested.cache_dir}: calibration kept for later runs")

@@ -29,7 +29,7 @@ from sqonnx.math.smoothing import as_float32, outlier_ratio
 from sqonnx.passes.insert_matmul_nbits import NBitsLayer
 from sqonnx.passes.insert_qdq import LayerQuantization
 from sqonnx.passes.smooth import GroupResult
-from sqonnx.targets import Target, static_only
+from sqonnx.targets import rules_of, static_only
 
 W4A8 = "W4A8"  # a layer's level in the report when it is written as MatMulNBits (its kernel quantizes activations)
 
@@ -133,8 +133,8 @@ def _plan_layers(result: GroupResult, act_max: np.ndarray | None, group_level: _
                     if hessian is not None and config.per_channel else None
                 plan.int8.append(LayerQuantization(layer, group_level.static_max, level, rounded))
         if group_level.kept_float and layer.name in quantized:
-            runtime = "TensorRT" if config.target is Target.TENSORRT else "onnxruntime's CUDA provider"
-            layer_why = f"float: needs per-token activations, which {runtime} has no form for ({why})"
+            layer_why = (f"float: needs per-token activations, which {rules_of(config.target).runtime} has no form "
+                         f"for ({why})")
         plan.layer_reports.append(_layer_report(
             layer.name, result, act_max, is_quantized, group_level.static_max, layer_level if is_quantized else "",
             layer_why if is_quantized or group_level.kept_float else "", layer_error if is_quantized else None))

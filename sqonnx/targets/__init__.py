@@ -1,116 +1,33 @@
-"""Which weight range is safe on the hardware a model will run on.
+"""Where a quantized model runs: one row of rules per target (`rules.TargetRules`), each in its module.
 
-onnxruntime's x86 integer kernels multiply uint8 activations by int8 weights. Without VNNI (plain AVX2,
-and AVX-512 without VNNI) they use `vpmaddubsw`, which adds two adjacent u8*s8 products into a
-*saturating* int16: 255*127 + 255*127 = 64770 does not fit in 32767, so large activations meeting large
-weights are silently clipped (a SmolLM2 model from onnxruntime's own `quantize_dynamic` without
-reduce_range had perplexity 8.1 million here, 70.8 with it). With weights in [-63, 63] the worst pair is
-255*63*2 = 32130, which fits. VNNI (`vpdpbusd`), ARM (`sdot`/`udot`/`smmla`) and GPUs accumulate in
-int32 directly and can use the full [-127, 127].
-
-A model is usually quantized on one machine and run on others, so the default target is `portable`
-(reduced range, safe everywhere); `native` reads the running CPU's flags.
+The registry below is the one list of targets; everything that depends on the target asks `rules_of(target)`.
 """
 
 from __future__ import annotations
 
-import enum
-import platform
-from pathlib import Path
+from sqonnx.targets import cpu, cuda, tensorrt
+from sqonnx.targets.cpu import INT16_MAX, detect_native, worst_int16_pair, worst_int16_pair_in_graph
+from sqonnx.targets.rules import Target, TargetRules
 
-import numpy as np
+REGISTRY: dict[Target, TargetRules] = {row.target: row for row in (*cpu.ROWS, tensorrt.RULES, cuda.RULES)}
 
-INT16_MAX = 32767
-UINT8_MAX = 255
-
-
-class Target(str, enum.Enum):
-    """Where the quantized model will run."""
-
-    PORTABLE = "portable"  # any CPU or GPU: 7-bit weights
-    NATIVE = "native"  # the CPU running sqonnx (detected)
-    X86_AVX2 = "x86-avx2"  # x86 without VNNI (AVX2, or AVX-512 without VNNI): 7-bit weights
-    X86_VNNI = "x86-vnni"  # AVX512-VNNI or AVX-VNNI: full 8-bit weights
-    ARM64 = "arm64"  # int32 dot-product instructions: full 8-bit weights
-    GPU = "gpu"  # CUDA / TensorRT integer GEMMs accumulate in int32: full 8-bit weights
-    # TensorRT's INT8 engines (sqonnx.graph.tensorrt): Q/DQ only, int8 with zero points 0, static per-tensor
-    # activations, per-channel weights, opset <= 20; groups that need per-token activations stay float. Full
-    # 8-bit weights.
-    TENSORRT = "tensorrt"
-    # onnxruntime's CUDA provider, which has no fused W8A8 kernel: int8 QuantizeLinear -> MatMulInteger (int8 x int8)
-    # -> Cast -> Mul, every node with a CUDA kernel by onnxruntime's registrations (not measured on a GPU yet);
-    # groups that need per-token activations stay float (DynamicQuantizeLinear has no CUDA kernel).
-    CUDA = "cuda"
-
-
-CUDA_QDQ_OPSET = 21  # onnxruntime registers its CUDA QuantizeLinear / DequantizeLinear up to this opset
-
-
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
-    """The running CPU's feature flags (Linux); empty when they cannot be read."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def detect_native(machine: str | None = None, flags: set[str] | None = None) -> Target:
-    """The target that describes the running CPU."""
-    machine = (machine or platform.machine()).lower()
-    if machine in ("arm64", "aarch64"):
-        return Target.ARM64
-    if machine not in ("x86_64", "amd64", "i386", "i686", "x86"):
-        return Target.PORTABLE  # unknown architecture: stay safe
-    flags = cpu_flags() if flags is None else flags
-    return Target.X86_VNNI if flags & {"avx512_vnni", "avx_vnni"} else Target.X86_AVX2
+__all__ = ["INT16_MAX", "REGISTRY", "Target", "TargetRules", "detect_native", "full_range_is_safe", "resolve",
+           "rules_of", "static_only", "worst_int16_pair", "worst_int16_pair_in_graph"]
 
 
 def resolve(target: Target) -> Target:
+    """`native` as the running CPU; any other target as it is."""
     return detect_native() if target is Target.NATIVE else target
 
 
+def rules_of(target: Target) -> TargetRules:
+    return REGISTRY[resolve(target)]
+
+
 def full_range_is_safe(target: Target) -> bool:
-    return resolve(target) in (Target.X86_VNNI, Target.ARM64, Target.GPU, Target.TENSORRT, Target.CUDA)
+    return rules_of(target).full_range
 
 
 def static_only(target: Target) -> bool:
     """Targets whose runtime has no per-token (O1) or dynamic form: those groups stay float."""
-    return target in (Target.TENSORRT, Target.CUDA)
-
-
-def worst_int16_pair(weight_codes: np.ndarray, in_axis: int) -> int:
-    """Largest |u8 * w[2k] + u8 * w[2k+1]| an activation of 255 can produce, over adjacent input-channel
-    pairs: the intermediate `vpmaddubsw` saturates. Must stay <= 32767 for non-VNNI x86 targets."""
-    codes = np.abs(np.moveaxis(weight_codes, in_axis, 0).astype(np.int16))  # |int8| + |int8| fits int16
-    if codes.shape[0] % 2:
-        codes = np.concatenate([codes, np.zeros_like(codes[:1])])
-    pairs = codes[0::2] + codes[1::2]
-    return int(pairs.max(initial=0)) * UINT8_MAX
-
-
-def worst_int16_pair_in_graph(graph: object) -> int:
-    """`worst_int16_pair` over every int8 weight of a quantized graph (QDQ or integer form)."""
-    import onnx_ir as ir
-
-    assert isinstance(graph, ir.Graph)
-    worst = 0
-    for node in graph:
-        if node.op_type == "MatMulInteger":
-            weight, in_axis = node.inputs[1], 0
-        elif node.op_type == "DequantizeLinear" and node.outputs[0].consumers():
-            reader = next(iter(node.outputs[0].consumers()))
-            if reader.op_type not in ("MatMul", "Gemm") or reader.inputs[1] is not node.outputs[0]:
-                continue
-            weight, in_axis = node.inputs[0], int(reader.op_type == "Gemm" and reader.attributes.get_int("transB", 0))
-        else:
-            continue
-        if weight is None or weight.const_value is None or weight.const_value.dtype != ir.DataType.INT8:
-            continue
-        codes = weight.const_value.numpy()
-        if codes.ndim == 2:
-            worst = max(worst, worst_int16_pair(codes, in_axis))
-    return worst
+    return rules_of(target).static_only

@@ -16,6 +16,7 @@ import onnx_ir as ir
 
 from sqonnx.graph.match import is_standard
 from sqonnx.graph.tensors import constant
+from sqonnx.targets.rules import Target, TargetRules
 
 MAX_OPSET = 20
 # onnxruntime's integer and contrib quantization ops: no TensorRT importer for any of them
@@ -72,3 +73,13 @@ def _qdq_violation(node: ir.Node) -> str | None:
     if scale.size > 1 and scale.ndim != 1:
         return "per-channel weight scales must be one-dimensional, along `axis`"
     return None
+
+
+def _describe(checked: int, _quantized: int, kept: str) -> str:
+    return (f"{checked} Q/DQ nodes checked against TensorRT's INT8 rules (int8, zero points 0, positive constant "
+            f"scales, per-tensor activations, per-channel weights, opset <= {MAX_OPSET}): all pass; {kept}")
+
+
+RULES = TargetRules(Target.TENSORRT, full_range=True, static_only=True, qdq_only=True, max_opset=MAX_OPSET,
+                    opset_reason="TensorRT 10's parser reads up to {max}", runtime="TensorRT", violation=violation,
+                    checked_nodes=count_qdq, describe=_describe)
