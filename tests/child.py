@@ -21,6 +21,8 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -66,3 +68,31 @@ def run_sqonnx(*args: str | Path, timeout: float = 300) -> subprocess.CompletedP
     process = start(args)
     stdout, stderr = finish(process, "sqonnx did not exit", timeout)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def run_measured(args: list[str | Path], what: str, timeout: float) -> tuple[int, str, int]:
+    """`python -m sqonnx *args` to the end, with its peak resident memory (the kernel's count, wait4): returns the
+    exit code, what it printed (stdout and stderr, to a file: a pipe nobody reads while waiting could fill and stall
+    the child) and the peak in bytes. Past `timeout` seconds the child is killed and the test fails with its
+    output."""
+    with tempfile.TemporaryFile(mode="w+", encoding="utf-8") as output:
+        base = {key: value for key, value in os.environ.items() if key != "SQONNX_PAUSE_AT"}
+        process = subprocess.Popen([sys.executable, "-m", "sqonnx", *map(str, args)], cwd=REPO,
+                                   env={**base, "PYTHONUTF8": "1"}, stdin=subprocess.DEVNULL, stdout=output,
+                                   stderr=subprocess.STDOUT, preexec_fn=_default_dispositions)
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                process.kill()
+                os.wait4(process.pid, 0)
+                process.returncode = -signal.SIGKILL
+                output.seek(0)
+                raise AssertionError(f"{what}: still running after {timeout:g} s, killed; output: "
+                                     f"{output.read()[-3000:]!r}")
+            time.sleep(0.1)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        output.seek(0)
+        return process.returncode, output.read(), usage.ru_maxrss * 1024

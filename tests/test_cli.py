@@ -193,7 +193,8 @@ def test_full_tmpfs_leaves_nothing(tmp_path: Path, block: Path, feeds: Path) -> 
 
     mount = tmp_path / "small"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(mount)], capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(mount)], capture_output=True,
+                      timeout=60).returncode:
         pytest.skip("cannot mount a tmpfs here (not root, or no CAP_SYS_ADMIN)")
     try:
         result = sqonnx("quantize", block, "-o", mount / "q.onnx", "--calib-data", feeds, "--num-samples", "2")
@@ -202,7 +203,7 @@ def test_full_tmpfs_leaves_nothing(tmp_path: Path, block: Path, feeds: Path) -> 
         assert len(lines) == 1 and lines[0].startswith(f"error: no space left in {mount}"), result.stderr
         assert list(mount.iterdir()) == []
     finally:
-        subprocess.run(["umount", str(mount)], check=False)
+        subprocess.run(["umount", str(mount)], check=False, timeout=60)
 
 
 @pytest.mark.parametrize(("point", "signal_name", "code", "message"), [

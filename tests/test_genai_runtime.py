@@ -53,8 +53,12 @@ def test_genai_generator_runs_the_quantized_folder(tmp_path: Path) -> None:
     prompt = np.random.default_rng(3).integers(1, 2000, 12).astype(np.int64)
     (tmp_path / "prompt.json").write_text(json.dumps(prompt.tolist()))
     script = REPO / "ci" / "genai_generate.py"
-    done = subprocess.run([str(GENAI_PYTHON), str(script), str(out.parent), str(tmp_path / "prompt.json"),
-                           str(NEW_TOKENS)], capture_output=True, text=True, check=False)
+    try:
+        done = subprocess.run([str(GENAI_PYTHON), str(script), str(out.parent), str(tmp_path / "prompt.json"),
+                               str(NEW_TOKENS)], capture_output=True, text=True, check=False, timeout=600)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"onnxruntime-genai's generator did not finish in 600 s; stdout: {exc.stdout!r}; "
+                             f"stderr: {exc.stderr!r}") from None
     assert done.returncode == 0, done.stderr[-3000:]
     tokens = json.loads(done.stdout.strip().splitlines()[-1])["tokens"]
     # The same quantized graph run step by step through onnxruntime with its own cache (tests/test_genai.py).

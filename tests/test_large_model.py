@@ -3,16 +3,14 @@ its size in memory, and saved with external data."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 
+from tests.child import run_measured
 from tests.large_model import HIDDEN, build_large_model
 
 pytestmark = pytest.mark.large_model
@@ -26,11 +24,9 @@ def test_quantize_model_over_2gb(tmp_path: Path) -> None:
     np.savez(tmp_path / "feeds.npz", x=x[:2])
     out = tmp_path / "out" / "large-int8.onnx"
     out.parent.mkdir()
-    process = subprocess.Popen([sys.executable, "-m", "sqonnx", "quantize", str(source), "-o", str(out),
-                                "--calib-data", str(tmp_path / "feeds.npz")], stdout=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(process.pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, process.stdout.read() if process.stdout else ""
-    peak = usage.ru_maxrss * 1024
+    code, output, peak = run_measured(["quantize", source, "-o", out, "--calib-data", tmp_path / "feeds.npz"],
+                                      "sqonnx quantize of the 2.4 GB model did not exit", 900)
+    assert code == 0, output
     print(f"peak RSS {peak / 1e9:.2f} GB for a {data_bytes / 1e9:.2f} GB model")
     # a block's weights, their rotation-free smoothed copy, the quantized codes and onnxruntime's pre-packed copy,
     # on top of the interpreter: far below the model (measured 1.03 GB for 2.4 GB)

@@ -5,9 +5,6 @@ data; the cut never separates a smoothing group from its absorber; memory does n
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +19,7 @@ from sqonnx.io.load import load_model
 from sqonnx.passes.prepare import prepare
 from sqonnx.passes.smoothing_groups import find_smoothing_groups
 from sqonnx.streaming.blocks import partition
+from tests.child import run_measured
 from tests.large_model import build_stack
 from tests.test_genai import SEQ, build_genai
 
@@ -124,12 +122,10 @@ def test_external_data_in_and_out_block_by_block(tmp_path: Path) -> None:
 
 
 def _peak_rss(model: Path, out: Path, feeds: Path) -> int:
-    process = subprocess.Popen([sys.executable, "-m", "sqonnx", "quantize", str(model), "-o", str(out),
-                                "--calib-data", str(feeds), "--block-size", "16"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(process.pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, process.stderr.read() if process.stderr else ""
-    return usage.ru_maxrss * 1024
+    code, output, peak = run_measured(["quantize", model, "-o", out, "--calib-data", feeds, "--block-size", "16"],
+                                      "sqonnx quantize did not exit", 600)
+    assert code == 0, output
+    return peak
 
 
 def test_memory_does_not_grow_with_depth(tmp_path: Path) -> None:
