@@ -13,22 +13,19 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from sqonnx.calibrators import ActivationStats
-from sqonnx.config import Level, QuantizeConfig, Weights
-from sqonnx.graph.layers import find_linear_layers
+from sqonnx.config import QuantizeConfig
+from sqonnx.formats import FORMATS, W4A8, primary
+from sqonnx.graph.layers import LinearLayer, find_linear_layers
 from sqonnx.graph.tensors import HALF_TYPES, SHARED, opset_version
 from sqonnx.judgements.layer_report import LayerReport
 from sqonnx.judgements.quality import RotationJudge
 from sqonnx.math.search import AlphaSearch
 from sqonnx.math.smoothing import as_float32
 from sqonnx.passes.float_islands import FloatIslandsPass
-from sqonnx.passes.insert_integer_matmul import InsertIntegerMatMulPass
-from sqonnx.passes.insert_matmul_nbits import InsertMatMulNBitsPass
-from sqonnx.passes.insert_qdq import InsertQDQPass, LayerQuantization
 from sqonnx.passes.smooth import GroupResult, SmoothPass, SmoothPassResult, SmoothSettings
 from sqonnx.passes.smoothing_groups import find_smoothing_groups
 from sqonnx.passes.transposed import RestoreTransposedCopiesPass
-from sqonnx.run.planning import W4A8, BlockPlan, plan_block
-from sqonnx.targets import rules_of
+from sqonnx.run.planning import BlockPlan, plan_block
 
 __all__ = ["W4A8", "Built", "build", "quantization_scheme", "smooth_block"]
 
@@ -39,7 +36,7 @@ class Built:
 
     model: ir.Model
     layer_reports: list[LayerReport]
-    plan: list[LayerQuantization]
+    quantized: list[LinearLayer]  # the layers written in an integer format
     # see run.planning.BlockPlan
     sensitivity: dict[str, float]
     rotation_errors: dict[str, tuple[float, float]]
@@ -58,14 +55,14 @@ def build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quant
     groups = smooth_block(model, config, stats, quantized)
     plan = plan_block(groups, config, stats, quantized, originals, scheme, rotation, sensitivities)
     write_block(model, plan, config)
-    return Built(model, plan.layer_reports, [*plan.int8, *(LayerQuantization(item.layer, 0.0) for item in plan.int4)],
-                 plan.sensitivity, plan.rotation_errors)
+    return Built(model, plan.layer_reports, [planned.layer for planned in plan.layers], plan.sensitivity,
+                 plan.rotation_errors)
 
 
 def quantization_scheme(config: QuantizeConfig, stats: ActivationStats) -> AlphaSearch:
     """How the layers will be quantized, as the error models judge it (α search, levels, explicit Muls)."""
     return AlphaSearch(stats.rows, config.alpha_grid, config.level, config.weight_qmax, config.per_channel,
-                       config.calib_method, config.int4_block if config.weights is Weights.INT4 else 0)
+                       config.calib_method, primary(config).search_block(config))
 
 
 def smooth_block(model: ir.Model, config: QuantizeConfig, stats: ActivationStats,
@@ -83,17 +80,15 @@ def smooth_block(model: ir.Model, config: QuantizeConfig, stats: ActivationStats
 
 
 def write_block(model: ir.Model, plan: BlockPlan, config: QuantizeConfig) -> None:
-    """Insert what the plan says, one pass manager over the block: float islands for half-precision models, the
-    int4 and int8 layers (O1 has no Q/DQ spelling: its layers always get integer ops, the others the configured
-    form), then the clean-up."""
-    integer = [item for item in plan.int8 if config.integer_form or item.level is Level.O1]
-    qdq = [item for item in plan.int8 if not (config.integer_form or item.level is Level.O1)]
+    """Insert what the plan says, one pass manager over the block: float islands for half-precision models (the
+    8-bit layers' first, then the 4-bit ones', as their names have always come), each format's insert pass in
+    registry order, then the clean-up."""
+    opset = opset_version(model.graph)
+    by_format = {id(fmt): [planned.item for planned in plan.layers if planned.format is fmt] for fmt in FORMATS}
+    islands = [planned.layer for bits in (8, 4) for planned in plan.layers if planned.format.bits == bits]
     ir.passes.PassManager([
-        FloatIslandsPass([*(item.layer for item in plan.int8), *(item.layer for item in plan.int4)]),
-        InsertMatMulNBitsPass(plan.int4),
-        InsertIntegerMatMulPass(integer, config.weight_qmax, config.per_channel, config.level,
-                                opset_version(model.graph), signed=rules_of(config.target).signed),
-        InsertQDQPass(qdq, config.weight_qmax, config.per_channel),
+        FloatIslandsPass(islands),
+        *(fmt.insert(by_format[id(fmt)], config, opset) for fmt in FORMATS),
         RestoreTransposedCopiesPass(),
         common_passes.RemoveUnusedNodesPass(),
         common_passes.TopologicalSortPass(),

@@ -20,8 +20,9 @@ import onnx_ir as ir
 from sqonnx.calibrators.carry import Carry
 from sqonnx.calibrators.channel_max import ActivationStats
 from sqonnx.calibrators.data import LOGITS
-from sqonnx.config import QuantizeConfig, Rounding, Weights
+from sqonnx.config import QuantizeConfig, Rounding
 from sqonnx.errors import SqonnxError
+from sqonnx.formats import W4A8, primary
 from sqonnx.graph.layers import find_linear_layers, output_layer
 from sqonnx.graph.tensors import opset_version, prefetch
 from sqonnx.io.writer import Stage, StreamingWriter, no_space
@@ -31,7 +32,7 @@ from sqonnx.judgements.quality import HeadVerdict, QualityCheck, RotationJudge, 
 from sqonnx.passes.smoothing_groups import find_smoothing_groups, statistics_needed
 from sqonnx.passes.transposed import FOLDED_TENSOR
 from sqonnx.pause import pause_point
-from sqonnx.run.build import W4A8, Built, build
+from sqonnx.run.build import Built, build
 from sqonnx.run.front import Prepared
 from sqonnx.run.progress import Progress, free_memory
 from sqonnx.runtime.kernels import KernelCheck, count_kernels
@@ -146,7 +147,7 @@ def _check(written: Track, baseline: Track | None, held_out: bool) -> QualityChe
 
 
 def baseline_name(config: QuantizeConfig) -> str:
-    return "unsmoothed W4A8 (round to nearest)" if config.weights is Weights.INT4 else "unsmoothed W8A8"
+    return primary(config).yardstick()
 
 
 def _head_kind(reports: list[LayerReport], head: frozenset[str]) -> str:
@@ -462,7 +463,7 @@ class Pipeline:
                           rotation=self.rotation if candidate else None)
         for value in built.model.graph.initializers.values():
             value.meta.pop(FOLDED_TENSOR, None)  # the materialized table copy: not to be kept with the written graph
-        check = candidate and self.verify and bool(built.plan) and not track.config.smooth_only
+        check = candidate and self.verify and bool(built.quantized) and not track.config.smooth_only
         signature = _signature(built.model) if check else ()
         found = None
         if check and signature in checked:
@@ -473,7 +474,7 @@ class Pipeline:
                                                for name in repeated.unfused], checked_blocks=0)
             check = False
         # --sequential: the next block is calibrated on what this INT8 block computes from the INT8 blocks before
-        sequential = calibrating and track.config.sequential and bool(built.plan)
+        sequential = calibrating and track.config.sequential and bool(built.quantized)
         if track.keys or check or sequential:
             with self.progress.phase("check"):
                 optimized = self.workdir / f"kernels-{block.index}.onnx" if check else None
@@ -528,7 +529,7 @@ class Pipeline:
                                      f"cannot import: {broken}")
             result.checked_nodes += rules.checked_nodes(built.model.graph) if rules.checked_nodes else 0
         result.layer_reports += built.layer_reports
-        result.quantized_layers += len(built.plan)
+        result.quantized_layers += len(built.quantized)
         result.sensitivity.update(built.sensitivity)
         result.rotation_errors.update(built.rotation_errors)
         result.worst_pair = max(result.worst_pair, worst_int16_pair_in_graph(built.model.graph))

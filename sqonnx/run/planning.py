@@ -11,27 +11,21 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sqonnx.calibrators import ActivationStats
-from sqonnx.config import Level, QuantizeConfig, Weights
-from sqonnx.graph.layers import LinearLayer
+from sqonnx.config import Level, QuantizeConfig
+from sqonnx.formats import FORMATS, LayerContext, Planned
+from sqonnx.graph.match import NoMatch
 from sqonnx.judgements.layer_report import LayerReport
 from sqonnx.judgements.quality import RotationJudge
-from sqonnx.math.gptq import Grid, round_weight
 from sqonnx.math.search import (
-    INT4_ERROR_LIMIT,
     AlphaSearch,
     choose_level,
     group_error,
     rotation_errors,
     static_range,
-    w4a8_error,
 )
 from sqonnx.math.smoothing import as_float32, outlier_ratio
-from sqonnx.passes.insert_matmul_nbits import NBitsLayer
-from sqonnx.passes.insert_qdq import LayerQuantization
 from sqonnx.passes.smooth import GroupResult
 from sqonnx.targets import rules_of, static_only
-
-W4A8 = "W4A8"  # a layer's level in the report when it is written as MatMulNBits (its kernel quantizes activations)
 
 Weights2D = tuple[np.ndarray, int]  # a weight and the axis that multiplies the activation's channels
 
@@ -40,8 +34,7 @@ Weights2D = tuple[np.ndarray, int]  # a weight and the axis that multiplies the 
 class BlockPlan:
     """Every decision for one block's layers, with the measurement behind each."""
 
-    int8: list[LayerQuantization] = field(default_factory=list)
-    int4: list[NBitsLayer] = field(default_factory=list)
+    layers: list[Planned] = field(default_factory=list)  # each quantized layer in its format, in graph order
     layer_reports: list[LayerReport] = field(default_factory=list)
     # Per quantized layer: its output error when only it is quantized, on calibration rows, in the output's own
     # units (--keep-float-budget ranks layers by it); filled when asked for.
@@ -116,44 +109,33 @@ def _judge(result: GroupResult, act_max: np.ndarray, rows: np.ndarray | None, co
 
 def _plan_layers(result: GroupResult, act_max: np.ndarray | None, group_level: _GroupLevel, config: QuantizeConfig,
                  stats: ActivationStats, quantized: set[str], plan: BlockPlan) -> None:
-    """Each layer of the group: its weight format (int4 where 4 bits hold, else int8), rounding, report row."""
+    """Each layer of the group: the first wanted format whose error model takes it (formats.FORMATS), and its
+    report row; a format that does not take it says why, and the reason leads the row's."""
     group = result.group
     hessian = _hessian(stats, str(group.activation.name), result.scales) if config.needs_hessians else None
-    level, why, error = group_level.level, group_level.why, group_level.error
+    context = LayerContext(group_level.static_max, group_level.level, group_level.why, group_level.error,
+                           group_level.smoothed_rows, hessian)
+    why = group_level.why
     for layer in group.layers:
         is_quantized = layer.name in quantized and not config.smooth_only and not group_level.kept_float
-        layer_level, layer_why, layer_error = level.value, why, error
+        layer_level, layer_why, layer_error = group_level.level.value, why, group_level.error
         if is_quantized:
-            four, layer_level, layer_why, layer_error = _int4_or_int8(layer, group_level, hessian, config)
-            if four is not None:
-                plan.int4.append(four)
-            else:
-                weight = layer.weight if layer.in_axis == 0 else layer.weight.T  # [in, out]
-                rounded = round_weight(weight, Grid.int8(config.weight_qmax), hessian, config.act_order) \
-                    if hessian is not None and config.per_channel else None
-                plan.int8.append(LayerQuantization(layer, group_level.static_max, level, rounded))
+            declined: list[str] = []
+            for fmt in FORMATS:
+                planned = fmt.plan(layer, context, config) if fmt.wanted(config) else NoMatch("")
+                if not isinstance(planned, NoMatch):
+                    break
+                if planned.reason:
+                    declined.append(planned.reason)
+            assert not isinstance(planned, NoMatch), f"no format takes {layer.name}"
+            plan.layers.append(planned)
+            layer_level, layer_why, layer_error = planned.level, "; ".join([*declined, planned.reason]), planned.error
         if group_level.kept_float and layer.name in quantized:
             layer_why = (f"float: needs per-token activations, which {rules_of(config.target).runtime} has no form "
                          f"for ({why})")
         plan.layer_reports.append(_layer_report(
             layer.name, result, act_max, is_quantized, group_level.static_max, layer_level if is_quantized else "",
             layer_why if is_quantized or group_level.kept_float else "", layer_error if is_quantized else None))
-
-
-def _int4_or_int8(layer: LinearLayer, group_level: _GroupLevel, hessian: np.ndarray | None,
-                  config: QuantizeConfig) -> tuple[NBitsLayer | None, str, str, float | None]:
-    """--weights int4: the layer as MatMulNBits where its W4A8 error on calibration rows is within
-    INT4_ERROR_LIMIT. Returns the int4 layer (None: int8) and the report's level, reason and error."""
-    level, why, error = group_level.level.value, group_level.why, group_level.error
-    if config.weights is not Weights.INT4:
-        return None, level, why, error
-    weight = layer.weight if layer.in_axis == 0 else layer.weight.T  # [in, out]
-    four = round_weight(weight, Grid.int4(config.int4_block), hessian, config.act_order)
-    rows = group_level.smoothed_rows
-    four_error = 0.0 if rows is None else w4a8_error(rows, weight, four, config.int4_block)
-    if four_error > INT4_ERROR_LIMIT:
-        return None, level, f"W4A8 error {four_error:.2g} on calibration rows (limit {INT4_ERROR_LIMIT}); {why}", error
-    return NBitsLayer(layer, four), W4A8, f"W4A8 error {four_error:.2g} on calibration rows", four_error
 
 
 def _hessian(stats: ActivationStats, activation: str, scales: np.ndarray | None) -> np.ndarray | None:

@@ -1,0 +1,20 @@
+"""How planned layers are written: one module per weight format, one line in the registry below.
+
+The registry's order is the order formats are tried for a layer (the first wanted one whose error model takes it)
+and the order their insert passes run."""
+
+from __future__ import annotations
+
+from sqonnx.config import QuantizeConfig
+from sqonnx.formats.base import LayerContext, Planned, WeightFormat
+from sqonnx.formats.int4_nbits import W4A8, Int4NBits
+from sqonnx.formats.int8 import Int8Integer, Int8QDQ
+
+FORMATS: tuple[WeightFormat, ...] = (Int4NBits(), Int8Integer(), Int8QDQ())
+
+__all__ = ["FORMATS", "W4A8", "LayerContext", "Planned", "WeightFormat", "primary"]
+
+
+def primary(config: QuantizeConfig) -> WeightFormat:
+    """The run's first choice of format: what the α search judges and the quality check's yardstick is written in."""
+    return next(fmt for fmt in FORMATS if fmt.wanted(config))
