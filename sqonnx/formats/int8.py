@@ -30,40 +30,36 @@ def _integer(config: QuantizeConfig, level: Level) -> bool:
     return config.integer_form or level is Level.O1
 
 
-class Int8Integer(WeightFormat):
-    name = "int8 integer ops"
+class _Int8(WeightFormat):
+    """INT8 weights; a layer takes the spelling its level and the run ask for (`integer`)."""
+
     bits = 8
+    integer: bool
 
     def wanted(self, config: QuantizeConfig) -> bool:
         return True
 
     def plan(self, layer: LinearLayer, context: LayerContext, config: QuantizeConfig) -> Match[Planned]:
-        if not _integer(config, context.level):
+        if _integer(config, context.level) is not self.integer:
             return NoMatch("")
         return _planned(self, layer, context, config)
+
+    def yardstick(self) -> str:
+        return "unsmoothed W8A8"
+
+
+class Int8Integer(_Int8):
+    name = "int8 integer ops"
+    integer = True
 
     def insert(self, items: list[Any], config: QuantizeConfig, opset: int) -> QuantizingPass:
         return InsertIntegerMatMulPass(items, config.weight_qmax, config.per_channel, config.level, opset,
                                        signed=rules_of(config.target).signed)
 
-    def yardstick(self) -> str:
-        return "unsmoothed W8A8"
 
-
-class Int8QDQ(WeightFormat):
+class Int8QDQ(_Int8):
     name = "int8 Q/DQ"
-    bits = 8
-
-    def wanted(self, config: QuantizeConfig) -> bool:
-        return True
-
-    def plan(self, layer: LinearLayer, context: LayerContext, config: QuantizeConfig) -> Match[Planned]:
-        if _integer(config, context.level):
-            return NoMatch("")
-        return _planned(self, layer, context, config)
+    integer = False
 
     def insert(self, items: list[Any], config: QuantizeConfig, opset: int) -> QuantizingPass:
         return InsertQDQPass(items, config.weight_qmax, config.per_channel)
-
-    def yardstick(self) -> str:
-        return "unsmoothed W8A8"

@@ -81,6 +81,9 @@ def prepare_model(model: ir.Model, model_path: Path, config: QuantizeConfig, wor
             chains = [chain.with_tokens(found) for chain, found in zip(chains, tokens, strict=True)]
         else:
             with progress.phase("decode tokens"):
+                # The tokens come from the model before it is rotated: the rotated weights are computed on every
+                # read (deferred), and generating reads every block once per step. So this graph is cut here and
+                # the rotated one (its norms folded, run-time rotations added) again below: two graphs, one cut each.
                 whole = partition(model.graph, config.block_bytes)
                 in_memory = whole.total_bytes <= GENERATE_IN_MEMORY_BYTES
                 if not in_memory:
