@@ -42,6 +42,7 @@ LLAMA_OPTIONS: dict[str, dict[str, Any]] = {
     "no-smooth": {"smooth": False},
     "o1": {"level": Level.O1, "per_token_where_needed": False},
     "sequential": {"sequential": True},
+    "alpha-auto-keep-float": {"alpha": "auto", "keep_float_budget": 0.0},
 }
 # Families whose run differs from llama's under an option (Gemma 3's run-time rotations).
 OTHER_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {

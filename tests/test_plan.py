@@ -1,6 +1,7 @@
 """A run is prepare -> plan -> write: every candidate that only the whole model's evidence tells apart is staged
-as it is built, the plan picks one, and that stage is moved into place. No block is written twice, into any stage,
-in any run: the requested one, --alpha auto's candidates, --keep-float-budget's trials, a rotation declined."""
+as it is built, the plan picks one, and that stage is moved into place; the others are dropped before. No stage
+gets a block twice, in any run: the requested one, --alpha auto's candidates (a single α winning too),
+--keep-float-budget's trials, a rotation declined."""
 
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ class Writes:
 
         def counted_finish(writer: StreamingWriter, stage_: Stage, *args: Any) -> int:
             self.finished.append(stage_.name)
+            # the losers were dropped as soon as they lost: their data files are gone before the output is saved
+            assert [s.name for s in self.stages if s is not stage_ and s.data_path.exists()] == []
             return finish(writer, stage_, *args)
 
         def counted_stage(writer: StreamingWriter, name: str) -> Stage:
@@ -102,3 +105,28 @@ def test_a_declined_rotation_is_written_once(tmp_path: Path, monkeypatch: pytest
     assert str(report.settings["rotation"]).startswith("not rotated: the rotation loses")
     names = writes.check_once(every_block=False)  # (the unrotated graph may be cut elsewhere)
     assert len(names) == 2 and writes.finished == [names[1]]
+
+
+def test_a_single_alpha_that_wins_is_moved_into_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--alpha auto where a single value wins (forced here: 0.25): its stage, built in the calibration pass, is the
+    output, every layer at α 0.25, the per-group stage dropped, nothing built again."""
+    from sqonnx.run import pipeline
+
+    model = zoo.build("llama")
+    writes = Writes(monkeypatch)
+    choices: list[list[float]] = []
+
+    def second(errors: list[float]) -> int:
+        choices.append(errors)
+        return 1
+
+    monkeypatch.setattr(pipeline, "choose_alpha", second)
+    report = sqonnx.quantize(model, tmp_path / "q.onnx", QuantizeConfig(
+        alpha="auto", block_bytes=1, calibration=_calibration(model, tmp_path)))
+    writes.check_once()
+    assert len(choices) == 1 and len(choices[0]) == 4
+    assert "alpha-0.25" in writes.finished[0]
+    assert "chose 0.25" in str(report.settings["alpha"])
+    alphas = {layer.alpha for layer in report.layers if layer.quantized and layer.scale_min is not None}
+    assert alphas == {0.25}, alphas
+    assert report.kernels is not None and report.kernels.checked_blocks > 0  # its blocks' kernels were checked

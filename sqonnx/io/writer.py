@@ -53,7 +53,10 @@ class Stage:
         self.output_folder = output_folder
         self.data_name = f"{name}.{PARTIAL_DATA}"
         self.data_path = folder / self.data_name
-        self._file = open(self.data_path, "wb")  # noqa: SIM115 (closed in close())
+        try:
+            self._file = open(self.data_path, "wb")  # noqa: SIM115 (closed in close())
+        except OSError as exc:
+            raise SqonnxError(_no_space(output_folder, exc, 0)) from None
         self._offset = 0
         self.digest = hashlib.sha256()
         self._written: dict[str, tuple[int, ir.ExternalTensor]] = {}  # name -> (id of its source tensor, ref)
@@ -72,6 +75,7 @@ class Stage:
         """This candidate lost: its data file goes now (the disk it took is free for the next)."""
         self.close()
         self.blocks = []
+        self._offset = 0
         self.data_path.unlink(missing_ok=True)
 
     def add(self, block: ir.Model, shared: set[int]) -> None:

@@ -20,11 +20,10 @@ from sqonnx.judgements.quality import HeadVerdict, RotationVerdict, rotation_ver
 from sqonnx.streaming.runner import Comparison
 
 
-def choose_alpha(errors: dict[str, float]) -> int:
-    """The index (in `errors`' order, the per-group choice first) of the candidate with the smallest output error;
-    the first one on a tie."""
-    values = list(errors.values())
-    return values.index(min(values))
+def choose_alpha(errors: list[float]) -> int:
+    """The index of the candidate (the per-group choice first, then the single values) with the smallest output
+    error on the held-back samples; the first one on a tie."""
+    return errors.index(min(errors))
 
 
 def judge_head(layers: frozenset[str], int8: Comparison, float_head: Comparison, kind: str) -> HeadVerdict:

@@ -80,9 +80,11 @@ class SmoothPass(ir.passes.InPlacePass):
         self.stats, self.quantized, self.settings = stats, quantized, settings
 
     def requires(self, model: ir.Model) -> None:
-        """Every group with a layer to quantize has its input's channel maxima."""
+        """Every group whose smoothing is to be decided (a layer to quantize, and an absorber or a setting that may
+        insert a Mul) has its input's channel maxima."""
         missing = [str(g.activation.name) for g in find_smoothing_groups(model.graph)
                    if any(layer.name in self.quantized for layer in g.layers)
+                   and (g.absorber is not None or self.settings.unabsorbed is not Unabsorbed.SKIP)
                    and str(g.activation.name) not in self.stats.channel_max]
         if missing:
             raise ir.passes.PreconditionError(f"no calibration statistics for {', '.join(missing[:3])}")

@@ -14,7 +14,8 @@ import onnx_ir.passes.common as common_passes
 
 from sqonnx.calibrators import ActivationStats
 from sqonnx.config import QuantizeConfig
-from sqonnx.formats import FORMATS, W4A8, primary
+from sqonnx.errors import SqonnxError
+from sqonnx.formats import FORMATS, primary
 from sqonnx.graph.layers import LinearLayer, find_linear_layers
 from sqonnx.graph.tensors import HALF_TYPES, SHARED, opset_version
 from sqonnx.judgements.layer_report import LayerReport
@@ -27,7 +28,7 @@ from sqonnx.passes.smoothing_groups import find_smoothing_groups
 from sqonnx.passes.transposed import RestoreTransposedCopiesPass
 from sqonnx.run.planning import BlockPlan, plan_block
 
-__all__ = ["W4A8", "Built", "build", "quantization_scheme", "smooth_block"]
+__all__ = ["Built", "build", "quantization_scheme", "smooth_block"]
 
 
 @dataclass
@@ -52,7 +53,7 @@ def build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quant
     originals = {layer.name: (layer.weight, layer.in_axis) for group in find_smoothing_groups(model.graph)
                  for layer in group.layers
                  if sensitivities or (rotation is not None and str(group.activation.name) in rotation.readers)}
-    groups = smooth_block(model, config, stats, quantized)
+    groups = smooth_block(model, config, stats, quantized, scheme)
     plan = plan_block(groups, config, stats, quantized, originals, scheme, rotation, sensitivities)
     write_block(model, plan, config)
     return Built(model, plan.layer_reports, [planned.layer for planned in plan.layers], plan.sensitivity,
@@ -65,12 +66,13 @@ def quantization_scheme(config: QuantizeConfig, stats: ActivationStats) -> Alpha
                        config.calib_method, primary(config).search_block(config))
 
 
-def smooth_block(model: ir.Model, config: QuantizeConfig, stats: ActivationStats,
-                 quantized: set[str]) -> list[GroupResult]:
-    """Fold every group's smoothing into `model` as `quantize` does (`inspect` reports the very same choices)."""
+def smooth_block(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quantized: set[str],
+                 scheme: AlphaSearch | None = None) -> list[GroupResult]:
+    """Fold every group's smoothing into `model` as `quantize` does (`inspect` reports the very same choices).
+    `scheme`: `quantization_scheme(config, stats)`, when the caller has it already."""
     if not config.smooth:
         return [GroupResult(g, None, "", "not smoothed: --no-smooth") for g in find_smoothing_groups(model.graph)]
-    scheme = quantization_scheme(config, stats)
+    scheme = scheme or quantization_scheme(config, stats)
     # --smooth-only: the quantizer that takes over is not ours to judge; every exact fold is made.
     settings = SmoothSettings(0.0 if config.alpha_auto else float(config.alpha), config.unabsorbed,
                               scheme if config.alpha_auto else None, None if config.smooth_only else scheme)
@@ -86,13 +88,19 @@ def write_block(model: ir.Model, plan: BlockPlan, config: QuantizeConfig) -> Non
     opset = opset_version(model.graph)
     by_format = {id(fmt): [planned.item for planned in plan.layers if planned.format is fmt] for fmt in FORMATS}
     islands = [planned.layer for bits in (8, 4) for planned in plan.layers if planned.format.bits == bits]
-    ir.passes.PassManager([
+    manager = ir.passes.PassManager([
         FloatIslandsPass(islands),
         *(fmt.insert(by_format[id(fmt)], config, opset) for fmt in FORMATS),
         RestoreTransposedCopiesPass(),
         common_passes.RemoveUnusedNodesPass(),
         common_passes.TopologicalSortPass(),
-    ])(model)
+    ])
+    try:
+        manager(model)
+    except ir.passes.PassError as exc:  # the manager wraps what a pass raises: a user's error stays one line
+        if isinstance(exc.__cause__, SqonnxError):
+            raise exc.__cause__ from None
+        raise
 
 
 def _weights_in_float32(graph: ir.Graph, quantized: set[str]) -> None:

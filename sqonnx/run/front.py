@@ -19,6 +19,7 @@ from sqonnx.config import Level, QuantizeConfig, tool_version
 from sqonnx.errors import SqonnxError
 from sqonnx.graph.layers import find_linear_layers
 from sqonnx.graph.tensors import opset_version
+from sqonnx.io.genai import companion_files
 from sqonnx.io.load import load_model
 from sqonnx.passes.prepare import prepare
 from sqonnx.passes.rotate import RotationResult, rotate_model
@@ -41,6 +42,26 @@ CHECK_HOLD_BACK_FROM = 16
 
 # Decode chains are generated with every block's session kept open when the model's weights fit in this.
 GENERATE_IN_MEMORY_BYTES = 1 << 30
+
+
+@dataclass
+class Loaded:
+    """The input as read (`read_input`), handed to the run, which takes `model` out of it: the run then holds the only
+    reference, and a run that starts again unrotated frees the first model before it reads the second."""
+
+    model: ir.Model | None
+    external: bool  # its weights are in external data (the output's will be too)
+    input_bytes: int
+    companions: dict[str, bytes]  # an onnxruntime-genai folder's config and tokenizer, staged with the output
+
+
+def read_input(model_path: Path, output_path: Path, config: QuantizeConfig) -> Loaded:
+    """Read the model and refuse, with one line, what the asked quantization cannot take."""
+    model = load_model(model_path)
+    companions = companion_files(model_path, output_path)
+    check_quantizable(model, config)
+    external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+    return Loaded(model, external, _model_bytes(model_path, model), companions)
 
 
 @dataclass
@@ -171,3 +192,10 @@ def check_quantizable(model: ir.Model, config: QuantizeConfig) -> None:
     if already:
         raise SqonnxError(f"the model is already quantized (it has {', '.join(already)}); "
                           "pass the original float model")
+
+
+def _model_bytes(path: Path, model: ir.Model) -> int:
+    """The .onnx file plus every external data file its initializers point to."""
+    data_files = {Path(v.const_value.path) for v in model.graph.initializers.values()
+                  if isinstance(v.const_value, ir.ExternalTensor)}
+    return path.stat().st_size + sum(f.stat().st_size for f in data_files if f.exists())

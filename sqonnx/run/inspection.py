@@ -1,10 +1,11 @@
 """`sqonnx inspect`: where a model's outliers are, and what smoothing does to them, without writing a model.
 
 It goes through `quantize`'s own front end (sqonnx.run.front) and smoothing (`run.build.smooth_block`): the residual
-stream is rotated where quantize rotates it, the model is calibrated block by block on the samples quantize counts
-(the check's held-back ones aside), and every group's α, s, or reason to stay unsmoothed is the one quantize
-chooses, so the report describes the graph quantize smooths. (`--alpha auto` may still end on a single α for the
-whole model, judged on whole-model outputs that inspect does not compute; its per-group choices are shown.)
+stream is rotated where quantize first rotates it, the model is calibrated block by block on the samples quantize
+counts (the check's held-back ones aside), and every group's α, s, or reason to stay unsmoothed is the one quantize
+chooses. Two judgements need whole-model evidence inspect does not gather: `--alpha auto` may end on a single α
+(its per-group choices are shown), and the default may decline the rotation after judging it (the rotated graph
+is shown; `--no-rotate` shows the other).
 
 Per smoothing group (the layers that read one activation): the max/median ratio of per-channel max|X| and of
 per-input-channel max|W| before and after smoothing, the α used, and each layer's sensitivity: the relative error of its
@@ -79,7 +80,7 @@ def inspect_model(model_path: Path, out_dir: Path, config: QuantizeConfig, top: 
             search = quantization_scheme(config, stats)
             originals = {layer.name: (layer.weight, layer.in_axis) for group in find_smoothing_groups(block.graph)
                          for layer in group.layers}
-            for group in smooth_block(block, config, stats, front.quantized):
+            for group in smooth_block(block, config, stats, front.quantized, search):
                 name = str(group.group.activation.name)
                 if not any(layer.name in front.quantized for layer in group.group.layers) or name not in stats.rows:
                     continue

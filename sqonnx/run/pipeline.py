@@ -1,10 +1,12 @@
 """The passes over the blocks of a model that quantize it: calibrate, smooth and quantize, judge, write.
 
-The first pass calibrates every block on every sample and writes the requested build. `--alpha auto` judges
-its candidates (per-group α and single α values) on held-back samples as extra tracks of that pass, and
-rewrites the output if a single α wins; `--keep-float-budget` runs a pass per trial (statistics reused, no
-calibration), then rewrites the output with the chosen float layers. Each block is freed before the next
-one is read, so memory follows the largest block.
+The first pass calibrates every block on every sample and writes the requested build into its stage.
+`--alpha auto`'s candidates (per-group α and single α values) are built, judged on held-back samples and each
+staged in that same pass; the losers' stages are dropped. `--keep-float-budget` runs a pass per trial (statistics
+reused, no calibration), each trial with float layers staged; the last one is the output. Each stage gets each
+block once, and nothing is rebuilt to be written. Each block is freed before the next one is read, so memory
+follows the largest block; the staged candidates take disk: --alpha auto about four outputs until the choice,
+--keep-float-budget two.
 """
 
 from __future__ import annotations
@@ -254,15 +256,15 @@ class Pipeline:
         references = set().union(*(t.keys for t in tracks))
         summary = self.run_pass("quantizing", tracks, writer, calibrate=True, references=references,
                                 keep_stats=keep_float or search, timing_key=min(eval_keys) if keep_float else None)
-        outcome = Outcome(config, primary.result, primary.stage or writer.stage("none"), resumed=summary.resumed,
-                          head=summary.head)
+        assert primary.stage is not None
+        outcome = Outcome(config, primary.result, primary.stage, resumed=summary.resumed, head=summary.head)
         if outcome.head is not None:
             logger.info("LM head: %s", outcome.head.summary())
         written = _as_written(primary, forks, outcome.head)
         if search:
             judged = [primary, *uniform]
             outcome.alpha_trials = {t.name: t.comparison.output_error for t in judged}
-            best = judged[choose_alpha(outcome.alpha_trials)]
+            best = judged[choose_alpha([t.comparison.output_error for t in judged])]
             logger.info("--alpha auto: %s", ", ".join(f"{k} {v:.4f}" for k, v in outcome.alpha_trials.items()))
             for track in judged:
                 if track is not best and track.stage is not None:
@@ -272,19 +274,19 @@ class Pipeline:
                 outcome.config, outcome.result, outcome.stage = best.config, best.result, best.stage
                 written = _as_written(best, forks, outcome.head)
         if keep_float:
-            written = self._keep_float(outcome, trial0, summary.fp_seconds, eval_keys, writer)
+            written = self._keep_float(outcome, trial0, primary.result.sensitivity, summary.fp_seconds, eval_keys,
+                                       writer)
         outcome.check = _check(written, baseline, samples.held_out > 0 and written.keys <= set(samples.held_out_keys))
         return outcome
 
-    def _keep_float(self, outcome: Outcome, trial0: Track, fp_seconds: float, eval_keys: set[int],
-                    writer: StreamingWriter) -> Track:
+    def _keep_float(self, outcome: Outcome, trial0: Track, sensitivity: dict[str, float], fp_seconds: float,
+                    eval_keys: set[int], writer: StreamingWriter) -> Track:
         """Leave the most sensitive layers in float, 1, 2, 4, ... until the quality loss fits the budget. Each trial
         with float layers is staged as it is built; the last one is the model written. Returns it (its comparison
         measured on `eval_keys`)."""
         config = outcome.config
         budget = config.keep_float_budget
         assert budget is not None
-        sensitivity = outcome.result.sensitivity
         ranking = sorted(sensitivity, key=lambda name: -sensitivity[name])
         trial = trial0 if config is trial0.config else None
         staged: Track | None = None
@@ -324,7 +326,7 @@ class Pipeline:
         for track in tracks:
             if track.stage is not None:
                 track.result = BlockPassResult(kernels=KernelCheck() if self.verify else None)
-        checked: dict[tuple[object, ...], KernelCheck] = {}  # kernels per block pattern
+        checked: dict[tuple[object, ...], tuple[int, KernelCheck]] = {}  # per block pattern: where, what it ran
         carries = {id(t): Carry(self.workdir / f"track-{n}", CARRY_MEMORY_BYTES) for n, t in enumerate(tracks)}
         progress = self.progress
         progress.start_pass(label, self.part.blocks)
@@ -454,12 +456,13 @@ class Pipeline:
 
     def _build_track(self, block: Block, fp: ir.Model, stats: ActivationStats, here: set[str], track: Track,
                      candidate: bool, carry: Carry, writer: StreamingWriter,
-                     checked: dict[tuple[object, ...], KernelCheck], calibrating: bool = False) -> _Build:
+                     checked: dict[tuple[object, ...], tuple[int, KernelCheck]], calibrating: bool = False) -> _Build:
         """Build `track`'s block and run its samples. A `candidate` for writing (a staged track, or a track that
-        forks from one) also gets its kernels checked; the block's graph, its kernels and its pattern are returned."""
+        forks from one) also gets its kernels checked; the block's graph and its kernels are returned."""
         with self.progress.phase("smooth and quantize"):
             built = build(fp, track.config, stats, here - track.float_layers,
-                          sensitivities=candidate and track.config.keep_float_budget is not None,
+                          sensitivities=candidate and track.config.keep_float_budget is not None
+                          and not track.float_layers,
                           rotation=self.rotation if candidate else None)
         for value in built.model.graph.initializers.values():
             value.meta.pop(FOLDED_TENSOR, None)  # the materialized table copy: not to be kept with the written graph
@@ -468,10 +471,12 @@ class Pipeline:
         found = None
         if check and signature in checked:
             # onnxruntime's fusions depend on the graph's pattern only: a block with the very ops and levels of a
-            # block already checked runs the same kernels (a 7B model has 64 alike), and its check is skipped
-            repeated = checked[signature]
-            found = replace(repeated, unfused=[f"{name} (and alike in block {block.index})"
-                                               for name in repeated.unfused], checked_blocks=0)
+            # block already checked runs the same kernels (a 7B model has 64 alike), and its check is skipped; this
+            # very block built alike for another candidate (--alpha auto) counts as checked
+            where, repeated = checked[signature]
+            found = repeated if where == block.index else replace(
+                repeated, unfused=[f"{name} (and alike in block {block.index})" for name in repeated.unfused],
+                checked_blocks=0)
             check = False
         # --sequential: the next block is calibrated on what this INT8 block computes from the INT8 blocks before
         sequential = calibrating and track.config.sequential and bool(built.quantized)
@@ -490,7 +495,7 @@ class Pipeline:
                 if optimized is not None:
                     found = count_kernels(optimized)
                     found.checked_blocks += 1
-                    checked[signature] = found
+                    checked[signature] = (block.index, found)
                 if track.keys:
                     run_track_block(self.runner, block, session, carry, track.keys, self.references,
                                     track.comparison, track.timed)

@@ -2,7 +2,7 @@
 blocks (each choice that needs the whole model's evidence staged as a candidate and decided in
 `judgements.decisions`), declines the rotation where it loses, and holds every decision with the measurement
 behind it. The plan is recorded in the report (`settings`) and the output's metadata (`metadata`), and names the
-stage to move into place: nothing is written twice.
+stage to move into place: each stage gets each block once, and the output is never rewritten.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from sqonnx.io.writer import Stage, StreamingWriter
 from sqonnx.judgements.decisions import RotationDecision, decide_rotation
 from sqonnx.judgements.quality import RotationVerdict, floor, rotation_judge
 from sqonnx.passes.smooth import SMOOTHED_KEY
-from sqonnx.run.front import Prepared, prepare_model
+from sqonnx.run.front import Loaded, Prepared, prepare_model
 from sqonnx.run.pipeline import Outcome, Pipeline
 from sqonnx.run.progress import Progress
 from sqonnx.runtime.session import calibration_providers
@@ -53,15 +53,18 @@ class Plan:
                                     else f"{settings['rotation']}; {verdict.summary()}")
         return settings
 
-    def metadata(self) -> dict[str, str]:
-        return _metadata(self.settings(), self.outcome, self.front.feeds.count)
+    def metadata(self, settings: dict[str, object]) -> dict[str, str]:
+        """The output's metadata, from the report's `settings`."""
+        return _metadata(settings, self.outcome, self.front.feeds.count)
 
 
-def plan_run(model: ir.Model, model_path: Path, config: QuantizeConfig, writer: StreamingWriter,
+def plan_run(loaded: Loaded, model_path: Path, config: QuantizeConfig, writer: StreamingWriter,
              progress: Progress) -> Plan:
-    """Prepare `model`, build every block (staging the candidates), decide. Where the rotation loses (the
-    default), the same run again unrotated (its calibration statistics differ: no cache), its stage replacing the
-    rotated one."""
+    """Prepare the loaded model (taken out of `loaded`), build every block (staging the candidates), decide. Where
+    the rotation loses (the default), the same run again unrotated (its calibration statistics differ: no cache),
+    its stage replacing the rotated one, the first model freed before the second is read."""
+    model, loaded.model = loaded.model, None
+    assert model is not None, "a Loaded input is planned once"
     providers, note = calibration_providers(config.calibration_provider.value)
     if note:
         logger.warning(note)
