@@ -25,7 +25,7 @@ class Int4NBits(WeightFormat):
         return config.weights is Weights.INT4
 
     def plan(self, layer: LinearLayer, context: LayerContext, config: QuantizeConfig) -> Match[Planned]:
-        weight = layer.weight if layer.in_axis == 0 else layer.weight.T  # [in, out]
+        weight = layer.weight_in_out
         four = round_weight(weight, Grid.int4(config.int4_block), context.hessian, config.act_order)
         rows = context.smoothed_rows
         error = 0.0 if rows is None else w4a8_error(rows, weight, four, config.int4_block)

@@ -19,7 +19,7 @@ from sqonnx.targets import rules_of
 
 
 def _planned(fmt: WeightFormat, layer: LinearLayer, context: LayerContext, config: QuantizeConfig) -> Planned:
-    weight = layer.weight if layer.in_axis == 0 else layer.weight.T  # [in, out]
+    weight = layer.weight_in_out
     rounded = round_weight(weight, Grid.int8(config.weight_qmax), context.hessian, config.act_order) \
         if context.hessian is not None and config.per_channel else None
     return Planned(fmt, LayerQuantization(layer, context.static_max, context.level, rounded), context.level.value,

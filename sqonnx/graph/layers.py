@@ -43,6 +43,12 @@ class LinearLayer:
         return array
 
     @property
+    def weight_in_out(self) -> np.ndarray:
+        """The weight as [in, out] (a view: Gemm(transB=1) stores [out, in]), as the quantizers round it."""
+        weight = self.weight
+        return weight if self.in_axis == 0 else weight.T
+
+    @property
     def bias_value(self) -> ir.Value | None:
         return self.node.inputs[2] if self.node.op_type == "Gemm" and len(self.node.inputs) > 2 else None
 
