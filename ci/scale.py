@@ -270,7 +270,7 @@ def decode_cost(model: Path, feeds: Path, result: Path, chains: int = 4, steps: 
     from sqonnx.io.load import load_model
     from sqonnx.passes.prepare import prepare
     from sqonnx.streaming.blocks import partition
-    from sqonnx.streaming.runner import generate_tokens
+    from sqonnx.streaming.generate import generate_tokens
 
     ir_model = prepare(load_model(model))
     inputs = [v for v in ir_model.graph.inputs if not v.is_initializer()]

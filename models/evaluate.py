@@ -36,11 +36,23 @@ def _inputs(model_path: Path) -> list[ir.Value]:
     return list(ir.serde.deserialize_graph(proto.graph).inputs)
 
 
-def eval_windows(model_dir: Path, seq_len: int, max_windows: int) -> np.ndarray:
-    """Non-overlapping token windows of the held-out pydoc text, with the tokenizer's special tokens."""
+# The second evaluation domain (issue 27): English legal prose, text unlike the pydoc topics sqonnx calibrates on by
+# default and that no calibration here reads (ci/data/README.md says what it is).
+SECOND_DOMAIN = Path(__file__).resolve().parent.parent / "ci" / "data" / "legal_prose.txt"
+DOMAINS = ("pydoc", "legal prose")
+
+
+def domain_text(domain: str) -> str:
+    """The held-out pydoc text, or the second domain's."""
+    return pydoc_text("evaluation") if domain == "pydoc" else SECOND_DOMAIN.read_text(encoding="utf-8")
+
+
+def eval_windows(model_dir: Path, seq_len: int, max_windows: int, domain: str = "pydoc") -> np.ndarray:
+    """Non-overlapping token windows of the held-out pydoc text (or `domain`'s), with the tokenizer's special
+    tokens."""
     tokenizer = load_tokenizer(model_dir)
     prefix, suffix = special_tokens(tokenizer)
-    ids = np.asarray(tokenizer.encode(pydoc_text("evaluation"), add_special_tokens=False).ids)
+    ids = np.asarray(tokenizer.encode(domain_text(domain), add_special_tokens=False).ids)
     body = seq_len - len(prefix) - len(suffix)
     count = min(max_windows, len(ids) // body)
     return np.stack([np.concatenate([prefix, ids[i * body:(i + 1) * body], suffix]).astype(np.int64)
@@ -72,10 +84,10 @@ def sentence_embeddings(model_path: Path, windows: list[np.ndarray]) -> np.ndarr
     return np.stack(out)
 
 
-def sentences(model_dir: Path, count: int, max_tokens: int = 128) -> list[np.ndarray]:
-    """Held-out pydoc paragraphs tokenized with [CLS] ... [SEP], as the sentence encoder expects."""
+def sentences(model_dir: Path, count: int, max_tokens: int = 128, domain: str = "pydoc") -> list[np.ndarray]:
+    """Held-out pydoc paragraphs (or `domain`'s) tokenized with [CLS] ... [SEP], as the sentence encoder expects."""
     tokenizer = load_tokenizer(model_dir)
-    paragraphs = [p.strip() for p in pydoc_text("evaluation").split("\n\n") if len(p.strip()) > 40]
+    paragraphs = [p.strip() for p in domain_text(domain).split("\n\n") if len(p.strip()) > 40]
     step = max(1, len(paragraphs) // count)
     result = []
     for paragraph in paragraphs[::step][:count]:

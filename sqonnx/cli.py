@@ -18,6 +18,7 @@ from sqonnx.api import quantize as quantize_model
 from sqonnx.config import (
     AUTO,
     DEFAULT_EXCLUDE,
+    OWN_TEXT_SHARE,
     CalibMethod,
     CalibrationConfig,
     Format,
@@ -94,8 +95,17 @@ def quantize(
     unabsorbed: Annotated[Unabsorbed, typer.Option(
         help="Groups whose producer cannot absorb 1/s. auto: an explicit Mul only where calibration shows it cuts "
              "the group's INT8 error by a fifth; skip: never; mul: always")] = Unabsorbed.AUTO,
-    calib_data: Annotated[Path | None, typer.Option(
-        help="Calibration text file or .npz of input feeds [default: Python's pydoc topics]")] = None,
+    calib_data: Annotated[list[Path] | None, typer.Option(
+        help="Calibration text file or .npz of input feeds; repeated, or a folder: text files mixed, an equal share "
+             "each [default: Python's pydoc topics, and --own-text of the model's own sampled text where it can "
+             "write it]")] = None,
+    eval_data: Annotated[Path | None, typer.Option(
+        help="Text unlike the calibration data (a text file or .npz) the quality check also measures the model on, "
+             "--check-samples windows [default: the model's own text from other seed words, where it can write "
+             "it]")] = None,
+    own_text: Annotated[float, typer.Option(
+        help="Share of the calibration windows a decoder with a key/value cache writes itself, sampled at temperature "
+             "1 from seed words, beside the pydoc text; 0: pydoc alone; not with --calib-data")] = OWN_TEXT_SHARE,
     num_samples: Annotated[int, typer.Option(help="Calibration samples")] = 128,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration sample (text data)")] = 512,
     decode_steps: Annotated[int, typer.Option(
@@ -151,8 +161,8 @@ def quantize(
             per_token_where_needed=_level_auto(level, static, dynamic, per_token), format=format,
             target=target, per_channel=per_channel, reduce_range=reduce_range,
             exclude=tuple(exclude) if exclude else DEFAULT_EXCLUDE, unabsorbed=unabsorbed,
-            calibration=CalibrationConfig(data=calib_data, num_samples=num_samples, seq_len=seq_len,
-                                          decode_steps=decode_steps),
+            calibration=CalibrationConfig(data=tuple(calib_data or ()), eval_data=eval_data, num_samples=num_samples,
+                                          seq_len=seq_len, decode_steps=decode_steps, own_text=own_text),
             verify_fusion=verify, optimize=optimize, keep_float_budget=keep_float_budget,
             block_bytes=block_bytes(block_size), cache_dir=cache_dir, sequential=sequential,
             check_samples=check_samples, allow_lossy=allow_lossy, weights=weights, weight_rounding=weight_rounding,
@@ -175,7 +185,8 @@ def inspect(
     out: Annotated[Path, typer.Option("--out", help="Folder for index.html, report.json and PNG plots")],
     alpha: Annotated[str, typer.Option(help="α to show, or 'auto' (searched per layer group)")] = AUTO,
     level: Annotated[Level, typer.Option(help="Level the sensitivities are measured at")] = Level.O3,
-    calib_data: Annotated[Path | None, typer.Option(help="Calibration text or .npz [default: pydoc topics]")] = None,
+    calib_data: Annotated[list[Path] | None, typer.Option(
+        help="Calibration text or .npz; repeated, or a folder: text files mixed [default: pydoc topics]")] = None,
     num_samples: Annotated[int, typer.Option(help="Calibration samples")] = 32,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration sample (text data)")] = 512,
     top: Annotated[int, typer.Option(help="Plot this many layer groups with the worst outliers")] = 8,
@@ -185,7 +196,7 @@ def inspect(
 
     with _user_errors("interrupted"):
         config = QuantizeConfig(alpha=_alpha(alpha), level=level, calibration=CalibrationConfig(
-            data=calib_data, num_samples=num_samples, seq_len=seq_len))
+            data=tuple(calib_data or ()), num_samples=num_samples, seq_len=seq_len))
         results = inspect_model(model, out, config, top=top, progress=sys.stderr.isatty())
     worst = max(results, key=lambda r: r.activation_ratio_before)
     typer.echo(f"{len(results)} layer groups; worst activation outliers: {', '.join(worst.layers)} (max/median "

@@ -78,23 +78,41 @@ def block_bytes(megabytes: float) -> int:
     return max(1, int(megabytes * MB))
 
 
+# See CalibrationConfig.own_text and sqonnx.calibrators.data (what was measured).
+OWN_TEXT_SHARE = 0.125
+
+
 @dataclass(frozen=True)
 class CalibrationConfig:
     """Where calibration samples come from and how many."""
 
-    data: Path | None = None  # text file or .npz of feeds; None: built-in pydoc text
+    # A text file or .npz of feeds; several text files, or a folder of them, mix their sources (each source an
+    # equal share of the windows). None: the built-in pydoc text (and the model's own text, where it can write it).
+    data: Path | tuple[Path, ...] | None = None
+    # The quality check's second set, text unlike the calibration data (a text file or an .npz of feeds); None: the
+    # model's own text from other seed words where it can write it (sqonnx.calibrators.data), else no second set.
+    eval_data: Path | None = None
     num_samples: int = 128
     seq_len: int = 512
+    # The share of the calibration windows a decoder that can write (a key/value cache, `logits`, in memory) writes
+    # itself, sampled from seed words, beside the built-in pydoc text (sqonnx.calibrators.data); 0: pydoc alone.
+    # Not with --calib-data.
+    own_text: float = OWN_TEXT_SHARE
     # Single tokens run through the key/value cache after the prefill windows (a with-past decoder, text
     # data): decode is what users run, and free-running tokens are what prefill over text cannot show.
     # 0: prefill only.
     decode_steps: int = 64
 
     def __post_init__(self) -> None:
+        if isinstance(self.data, (list, tuple)):
+            object.__setattr__(self, "data", tuple(Path(p) for p in self.data) if len(self.data) > 1 else
+                               Path(self.data[0]) if self.data else None)
         if self.num_samples < 1:
             raise SqonnxError(f"--num-samples must be at least 1, got {self.num_samples}")
         if self.seq_len < 2:
             raise SqonnxError(f"--seq-len must be at least 2, got {self.seq_len}")
+        if not 0 <= self.own_text <= 1:
+            raise SqonnxError(f"--own-text must be a share from 0 to 1, got {self.own_text:g}; try 0.125")
         if self.decode_steps < 0:
             raise SqonnxError(f"--decode-steps must be at least 0 (0: prefill only), got {self.decode_steps}")
 
@@ -236,6 +254,13 @@ class QuantizeConfig:
     def level_auto(self) -> bool:
         """Per-layer level: O3, and O1 where a static range cannot hold the activations."""
         return self.per_token_where_needed and self.level is Level.O3
+
+    @property
+    def splits_channels(self) -> bool:
+        """Outlier channels split (sqonnx.passes.split_channels): every layer static INT8, smoothed, nothing searched
+        on the weights as they were (--keep-float-budget's sensitivities)."""
+        return (self.smooth and not self.smooth_only and self.level is Level.O3 and not self.level_auto
+                and self.weights is Weights.INT8 and self.keep_float_budget is None)
 
     @property
     def integer_form(self) -> bool:

@@ -18,13 +18,13 @@ from sqonnx.calibrators.data import CalibrationFeeds, DecodeChain
 from sqonnx.graph.layers import find_linear_layers
 from sqonnx.passes.smoothing_groups import find_smoothing_groups, statistics_needed
 from sqonnx.streaming.blocks import partition
+from sqonnx.streaming.generate import generate_tokens
 from sqonnx.streaming.runner import (
     CARRY_MEMORY_BYTES,
     BlockRunner,
     Samples,
     calibrate_block,
     extract_block,
-    generate_tokens,
 )
 
 WHOLE = 1 << 62  # a block budget no test model reaches: the model is one block

@@ -371,7 +371,9 @@ def test_fused_norms_rotated_then_smoothed_and_quantized(tmp_path: Path) -> None
         assert _relative(generate(path, prompt(seed)), generate(smoothed, prompt(seed))) < 1e-4
 
     quantized = tmp_path / "q.onnx"
-    report = sqonnx.quantize(path, quantized, QuantizeConfig(calibration=CALIBRATION))
+    # allow_lossy: a random two-layer model is far from FP32 on its own sampled text (the quality check's second
+    # set, +126 %); the floor is not what this test is about
+    report = sqonnx.quantize(path, quantized, QuantizeConfig(calibration=CALIBRATION, allow_lossy=True))
     # the same rotation, judged on the groups that read the stream (a loss under ROTATION_LOSS: kept)
     assert report.settings["rotation"].startswith(rotation + "; INT8 error on calibration rows of the 5 groups")
     assert len(report.quantized_layers) == 11  # 2 x (qkv, o, gate, up, down) and the LM head
@@ -428,7 +430,9 @@ def test_int4_genai_folder(tmp_path: Path) -> None:
     near FP32's (this graph's random 2000-token head: 0.24 relative; INT8 0.08)."""
     path = build_genai(tmp_path / "fp")
     out = tmp_path / "int4" / "model.onnx"
-    report = sqonnx.quantize(path, out, QuantizeConfig(weights=Weights.INT4, calibration=CALIBRATION))
+    # allow_lossy: 4-bit weights on a random model, +507 % on its own sampled text (the check's second set)
+    report = sqonnx.quantize(path, out, QuantizeConfig(weights=Weights.INT4, calibration=CALIBRATION,
+                                                       allow_lossy=True))
     assert json.loads((out.parent / "genai_config.json").read_text())["model"]["decoder"]["filename"] == "model.onnx"
     quantized = [layer for layer in report.layers if layer.quantized]
     assert quantized and all(layer.level == "W4A8" for layer in quantized)

@@ -52,7 +52,11 @@ def model_identity(model_path: Path, data_files: list[Path]) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def data_identity(data: Path | None) -> str:
+def data_identity(data: Path | tuple[Path, ...] | None) -> str:
+    if isinstance(data, tuple) or (data is not None and data.is_dir()):
+        from sqonnx.calibrators.data import data_sources
+
+        return "+".join(data_identity(source) for source in data_sources(data))
     if data is None:
         from sqonnx.calibrators.data import pydoc_text
 
@@ -164,15 +168,16 @@ class CalibrationCache:
             raise SqonnxError(f"--cache-dir {self.folder} is damaged ({type(exc).__name__} reading {folder.name}); "
                               "delete it") from None
 
-    def tokens(self) -> list[np.ndarray] | None:
-        path = self.folder / "tokens.npz"
+    def tokens(self, name: str = "tokens") -> list[np.ndarray] | None:
+        """Tokens the FP model wrote: the decode chains' (`tokens`), its sampled text (`sampled`)."""
+        path = self.folder / f"{name}.npz"
         if not path.exists():
             return None
         with np.load(path) as archive:
             return [archive[f"chain{i}"] for i in range(len(archive.files))]
 
-    def save_tokens(self, tokens: list[np.ndarray]) -> None:
-        self._atomic(self.folder / "tokens.npz",
+    def save_tokens(self, tokens: list[np.ndarray], name: str = "tokens") -> None:
+        self._atomic(self.folder / f"{name}.npz",
                      lambda temporary: np.savez(temporary, **{f"chain{i}": t for i, t in enumerate(tokens)}))
 
     def _atomic(self, path: Path, write: object) -> None:

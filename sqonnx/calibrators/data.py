@@ -17,10 +17,11 @@ the previous run returned). See `DecodeChain`.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -80,13 +81,14 @@ def special_tokens(tokenizer) -> tuple[list[int], list[int]]:  # noqa: ANN001 (t
 
 
 def token_windows(token_ids: list[int], num_samples: int, seq_len: int,
-                  prefix: list[int] | None = None, suffix: list[int] | None = None) -> np.ndarray:
+                  prefix: list[int] | None = None, suffix: list[int] | None = None,
+                  what: str = "calibration text") -> np.ndarray:
     """`num_samples` windows of `seq_len` tokens (special tokens included) at evenly spaced offsets of the
     text, overlapping if the text is short."""
     prefix, suffix = prefix or [], suffix or []
     body = seq_len - len(prefix) - len(suffix)
     if body < 1 or len(token_ids) < body:
-        raise SqonnxError(f"calibration text has {len(token_ids)} tokens, too few for --seq-len {seq_len}; "
+        raise SqonnxError(f"{what} has {len(token_ids)} tokens, too few for --seq-len {seq_len}; "
                           "give more text or a smaller --seq-len")
     ids = np.asarray(token_ids, dtype=np.int64)
     offsets = np.linspace(0, len(ids) - body, num_samples).astype(np.int64)
@@ -236,18 +238,7 @@ class DecodeChain:
         """Model inputs of single-token step `step` (from 0) of a teacher-forced chain, without the cache (the
         caller feeds the cache the run before returned)."""
         assert self.forced is not None
-        prompt = self.prompt["input_ids"].shape[1]
-        feeds: dict[str, np.ndarray] = {}
-        for name, array in self.prompt.items():
-            if name == "input_ids":
-                feeds[name] = np.full((1, 1), self.forced[step], array.dtype)
-            elif name == "attention_mask":
-                feeds[name] = np.ones((1, prompt + step + 1), array.dtype)
-            elif name == "position_ids":
-                feeds[name] = np.full((1, 1), prompt + step, array.dtype)
-            elif name == "token_type_ids":
-                feeds[name] = array[:, -1:]
-        return feeds
+        return step_feeds(self.prompt, self.forced[step:step + 1], step)
 
     def next_feeds(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
                    step: int) -> dict[str, np.ndarray]:
@@ -264,6 +255,23 @@ class DecodeChain:
             elif name == "token_type_ids":
                 following[name] = array[:, -1:]
         return following
+
+
+def step_feeds(prompt: dict[str, np.ndarray], tokens: np.ndarray, step: int) -> dict[str, np.ndarray]:
+    """Model inputs of single-token step `step` (from 0) after `prompt` (rows of one length), each row fed its token
+    of `tokens` [rows]; without the cache (the caller feeds the one the run before returned)."""
+    rows, length = prompt["input_ids"].shape
+    feeds: dict[str, np.ndarray] = {}
+    for name, array in prompt.items():
+        if name == "input_ids":
+            feeds[name] = np.asarray(tokens, array.dtype).reshape(rows, 1)
+        elif name == "attention_mask":  # covers past and new tokens (optimum and genai alike)
+            feeds[name] = np.ones((rows, length + step + 1), array.dtype)
+        elif name == "position_ids":
+            feeds[name] = np.full((rows, 1), length + step, array.dtype)
+        elif name == "token_type_ids":
+            feeds[name] = array[:, -1:]
+    return feeds
 
 
 def cache_outputs(inputs: list[ir.Value]) -> dict[str, str]:
@@ -302,54 +310,196 @@ def decode_chains(inputs: list[ir.Value], outputs: list[ir.Value], windows: np.n
             for window, n in zip(picked, split, strict=True)]
 
 
+# The default calibration text of a language model that can write its own (a key/value cache, `logits`, small
+# enough to generate in memory: sqonnx.run.front): pydoc, and a share of the windows (CalibrationConfig.own_text,
+# every round(1 / share)-th window) sampled by the FP model itself, SAMPLED_LENGTH tokens a sequence from one word of
+# SEED_WORDS at temperature 1 (what the model writes when free: prose, lists, code, chat), packed to the window
+# length. pydoc alone is one register (Python's reference manual); the model's own text is the broadest text there is
+# for it, and costs a decode step a token (batched: sqonnx.streaming.generate), which is why it is a share.
+SAMPLED_LENGTH = 128
+TEMPERATURE = 1.0
+SEED_WORDS = ("The", "In", "A", "When", "It", "This", "We", "If", "As", "There", "One", "After", "For", "I", "How",
+              "Many")
+# The quality check's second set, when no --eval-data is given: the model's own text from other words and another
+# seed, which neither the statistics nor the alpha search saw.
+CHECK_SEED_WORDS = ("She", "Our", "Today", "Why", "Every", "Some", "My", "Before")
+CALIBRATION_SEED, CHECK_SEED = 0, 1
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Text the FP model is to write (sqonnx.streaming.generate.sample_text): `prompts` (model inputs of one word
+    each after the tokenizer's opening tokens, an empty cache) continued to `length` tokens at `temperature`,
+    seeded; `fill` packs them into the feeds' windows (CalibrationFeeds.with_sampled)."""
+
+    prompts: list[dict[str, np.ndarray]]
+    present: dict[str, str]  # cache input -> the output that returns it one token longer
+    length: int
+    temperature: float
+    seed: int
+    rows: list[int]  # the windows the sequences fill, len(prompts) // len(rows) sequences each, in order
+
+
 @dataclass
 class CalibrationFeeds:
     """A re-iterable, countable source of feeds; samples are made one at a time. `decode`: decode chains
-    to calibrate after the samples, kept apart from them (--alpha auto selects among the last samples)."""
+    to calibrate after the samples, kept apart from them (--alpha auto selects among the last samples).
+    `sampling`: windows the FP model writes before anything runs (`with_sampled` fills them). `other`: the last
+    `other` samples are the quality check's second set, never counted (`other_description` says what they are)."""
 
     count: int
     _make: object  # Callable[[], Iterator[dict[str, np.ndarray]]]
     description: str
     decode: list[DecodeChain] = field(default_factory=list)
+    sampling: Sampling | None = None
+    other: int = 0
+    other_description: str = ""
+    windows: np.ndarray | None = None  # the token windows of text feeds (`_make` feeds them)
+    _feeds_of: object = None  # Callable[[np.ndarray], dict[str, np.ndarray]]: one window's feeds
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self._make()  # type: ignore[operator]
 
+    def with_sampled(self, tokens: np.ndarray) -> CalibrationFeeds:
+        """These feeds with the sampled windows filled from `tokens` [sequences, length] (sample_text's)."""
+        assert self.sampling is not None and self.windows is not None
+        windows = self.windows.copy()
+        rows = self.sampling.rows
+        per_window = len(tokens) // len(rows)
+        for number, row in enumerate(rows):
+            windows[row] = tokens[number * per_window:(number + 1) * per_window].reshape(-1)[:windows.shape[1]]
+        feeds_of = self._feeds_of
+        return replace(self, _make=lambda: (feeds_of(w) for w in windows), sampling=None,  # type: ignore[misc]
+                       windows=windows)
 
-def calibration_feeds(graph: ir.Graph, model_dir: Path, config: CalibrationConfig) -> CalibrationFeeds:
+
+def calibration_feeds(graph: ir.Graph, model_dir: Path, config: CalibrationConfig, check: int = 0,
+                      can_sample: bool = False) -> CalibrationFeeds:
+    """The calibration samples, then `check` samples of the quality check's second set (`CalibrationFeeds.other`:
+    --eval-data, else the model's own text from CHECK_SEED_WORDS where it can write it). `can_sample`: the FP model
+    can write text (a share of the calibration windows, `config.own_text`), as sqonnx.run.front decides."""
     inputs = [v for v in graph.inputs if not v.is_initializer()]
-    data = config.data
-    if data is not None and not data.exists():
-        raise SqonnxError(f"calibration data not found: {data}")
-    if data is not None and data.is_dir():
-        raise SqonnxError(f"--calib-data {data} is a folder; give a text file or an .npz")
+    sources = data_sources(config.data)
+    data = sources[0] if len(sources) == 1 else None
+    _check_data(config.eval_data, "--eval-data")
     if data is not None and data.suffix == ".npz":
-        return _npz_feeds(inputs, data, config.num_samples)
-    if data is not None:
-        try:
-            text = data.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise SqonnxError(f"{data} is neither UTF-8 text nor an .npz of input feeds") from None
-        except OSError as exc:
-            raise SqonnxError(f"cannot read --calib-data {data}: {exc.strerror}") from None
-        description = f"{data.name}"
-    else:
-        text = pydoc_text("calibration")
-        description = "built-in pydoc topics"
+        feeds = _npz_feeds(inputs, data, config.num_samples)
+        if config.eval_data is not None and check:
+            feeds = _with_other(feeds, _npz_feeds(inputs, config.eval_data, check), config.eval_data.name)
+        return feeds
     tokenizer = load_tokenizer(model_dir)
-    ids = tokenizer.encode(text, add_special_tokens=False).ids
-    windows = token_windows(ids, config.num_samples, config.seq_len, *special_tokens(tokenizer))
-
     dims = cache_dims(model_dir) if any(str(v.name).startswith(CACHE_PREFIXES) for v in inputs) else None
-    decode = decode_chains(inputs, list(graph.outputs), windows, config.decode_steps, dims)
-    description += f", {len(windows)} x {config.seq_len} tokens"
+    present = cache_outputs(inputs)
+    can_sample = can_sample and bool(present) and not sources and \
+        LOGITS in {str(v.name) for v in graph.outputs} and "input_ids" in {str(v.name) for v in inputs}
+    special = special_tokens(tokenizer)
+    per_window = max(1, -(-config.seq_len // SAMPLED_LENGTH))
+    length = min(SAMPLED_LENGTH, config.seq_len)
+    every = round(1 / config.own_text) if config.own_text > 0 else 0
+    sampled = [i for i in range(config.num_samples) if every and (i + 1) % every == 0] if can_sample else []
+    texts = [_read_text(source, "--calib-data") for source in sources] or [pydoc_text("calibration")]
+    description = ", ".join(source.name for source in sources) or "built-in pydoc topics"
+    plain = _mixed_windows([tokenizer.encode(text, add_special_tokens=False).ids for text in texts],
+                           config.num_samples - len(sampled), config.seq_len, special)
+    decode = decode_chains(inputs, list(graph.outputs), plain, config.decode_steps, dims)
+    windows = np.zeros((config.num_samples, config.seq_len), np.int64)
+    windows[[i for i in range(config.num_samples) if i not in set(sampled)]] = plain
+    prompts = [_prompt(inputs, tokenizer, word, special[0], dims)
+               for word in itertools.islice(itertools.cycle(SEED_WORDS), len(sampled) * per_window)]
+    rows = list(sampled)
+    if sampled:
+        description += (f" and the model's own text ({len(sampled)} of {config.num_samples} windows: "
+                        f"{len(prompts)} sequences of {length} tokens sampled at temperature {TEMPERATURE:g})")
+    other, other_description = 0, ""
+    if config.eval_data is not None and check:
+        other_description = config.eval_data.name
+        if config.eval_data.suffix != ".npz":
+            other_ids = tokenizer.encode(_read_text(config.eval_data, "--eval-data"), add_special_tokens=False).ids
+            windows = np.concatenate([windows, token_windows(other_ids, check, config.seq_len, *special,
+                                                                 what=f"--eval-data {config.eval_data.name}")])
+            other = check
+    elif can_sample and check:
+        other, other_description = check, "the model's own text from other words"
+        rows += range(config.num_samples, config.num_samples + check)
+        prompts += [_prompt(inputs, tokenizer, word, special[0], dims)
+                    for word in itertools.islice(itertools.cycle(CHECK_SEED_WORDS), check * per_window)]
+        windows = np.concatenate([windows, np.zeros((check, config.seq_len), np.int64)])
+    description += f", {config.num_samples} x {config.seq_len} tokens"
     if decode:
         description += f" + {sum(chain.steps for chain in decode)} decode steps"
 
-    def make() -> Iterator[dict[str, np.ndarray]]:
-        return (feeds_for_tokens(inputs, w, dims) for w in windows)
+    def feeds_of(window: np.ndarray) -> dict[str, np.ndarray]:
+        return feeds_for_tokens(inputs, window, dims)
 
-    return CalibrationFeeds(len(windows), make, description, decode)
+    sampling = Sampling(prompts, present, length, TEMPERATURE, CALIBRATION_SEED, rows) if rows else None
+    feeds = CalibrationFeeds(len(windows), lambda: (feeds_of(w) for w in windows), description, decode, sampling,
+                             other, other_description, windows, feeds_of)
+    if config.eval_data is not None and config.eval_data.suffix == ".npz" and check:
+        feeds = _with_other(feeds, _npz_feeds(inputs, config.eval_data, check), config.eval_data.name)
+    return feeds
+
+
+def check_data(config: CalibrationConfig) -> None:
+    """--calib-data and --eval-data exist and are what they can be: one line each, before any work (a cache key reads
+    them first)."""
+    data_sources(config.data)
+    _check_data(config.eval_data, "--eval-data")
+
+
+def data_sources(data: Path | tuple[Path, ...] | None) -> list[Path]:
+    """--calib-data's sources: a file, several, or a folder's files (sorted, hidden ones left out); checked here."""
+    paths = list(data) if isinstance(data, tuple) else [] if data is None else [data]
+    for path in paths:
+        _check_data(path, "--calib-data", folder=True)
+    found = [f for p in paths for f in (sorted(c for c in p.iterdir() if c.is_file() and not c.name.startswith("."))
+                                        if p.is_dir() else [p])]
+    if paths and not found:
+        raise SqonnxError(f"--calib-data {paths[0]} is an empty folder; put text files in it")
+    if len(found) > 1 and any(p.suffix == ".npz" for p in found):
+        raise SqonnxError("--calib-data mixes text files only; give an .npz alone")
+    return found
+
+
+def _mixed_windows(sources: list[list[int]], count: int, seq_len: int,
+                   special: tuple[list[int], list[int]]) -> np.ndarray:
+    """`count` windows, an equal share from each source (the first ones one more where it does not divide), in
+    turn: a short source is not drowned by a long one."""
+    shares = [count // len(sources) + (i < count % len(sources)) for i in range(len(sources))]
+    parts = [token_windows(ids, share, seq_len, *special) for ids, share in zip(sources, shares, strict=True) if share]
+    order = np.argsort(np.concatenate([np.arange(share) * len(sources) + i for i, share in enumerate(shares)]),
+                       kind="stable")
+    return np.concatenate(parts)[order] if parts else np.zeros((0, seq_len), np.int64)
+
+
+def _prompt(inputs: list[ir.Value], tokenizer, word: str, prefix: list[int],  # noqa: ANN001 (tokenizers.Tokenizer)
+            dims: CacheDims | None) -> dict[str, np.ndarray]:
+    """A sampled sequence's prompt: the tokenizer's opening tokens and the first token of `word` (one length for all:
+    they run as one batch)."""
+    first = tokenizer.encode(word, add_special_tokens=False).ids[:1]
+    return feeds_for_tokens(inputs, np.asarray([*prefix, *first], np.int64), dims)
+
+
+def _with_other(feeds: CalibrationFeeds, other: CalibrationFeeds, name: str) -> CalibrationFeeds:
+    """`feeds`, then `other`'s samples as the quality check's second set."""
+    make_first, make_other = feeds._make, other._make
+    return replace(feeds, count=feeds.count + other.count, other=other.count, other_description=name,
+                   _make=lambda: itertools.chain(make_first(), make_other()))  # type: ignore[operator]
+
+
+def _check_data(data: Path | None, flag: str, folder: bool = False) -> None:
+    if data is not None and not data.exists():
+        raise SqonnxError(f"{'calibration' if flag == '--calib-data' else 'evaluation'} data not found: {data}")
+    if data is not None and data.is_dir() and not folder:
+        raise SqonnxError(f"{flag} {data} is a folder; give a text file or an .npz")
+
+
+def _read_text(data: Path, flag: str) -> str:
+    try:
+        return data.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SqonnxError(f"{data} is neither UTF-8 text nor an .npz of input feeds") from None
+    except OSError as exc:
+        raise SqonnxError(f"cannot read {flag} {data}: {exc.strerror}") from None
 
 
 def _npz_feeds(inputs: list[ir.Value], path: Path, num_samples: int) -> CalibrationFeeds:

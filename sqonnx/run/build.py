@@ -2,7 +2,8 @@
 
 The block is a model of its own (`streaming.runner.extract_block`). Three steps: the smoothing pass folds 1/s
 (`smooth_block`), the planning step decides each group's level and range and each layer's format
-(`run.planning`), and one pass manager inserts what the plan says (`write_block`).
+(`run.planning`), and one pass manager inserts what the plan says (`write_block`). Where every layer is static,
+the outlier channels smoothing leaves are split between the first two (`passes.split_channels`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from sqonnx.math.smoothing import as_float32
 from sqonnx.passes.float_islands import FloatIslandsPass
 from sqonnx.passes.smooth import GroupResult, SmoothPass, SmoothPassResult, SmoothSettings
 from sqonnx.passes.smoothing_groups import find_smoothing_groups
+from sqonnx.passes.split_channels import SplitChannelsPass, SplitResult
 from sqonnx.passes.transposed import RestoreTransposedCopiesPass
 from sqonnx.run.planning import BlockPlan, plan_block
 
@@ -54,6 +56,11 @@ def build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quant
                  for layer in group.layers
                  if sensitivities or (rotation is not None and str(group.activation.name) in rotation.readers)}
     groups = smooth_block(model, config, stats, quantized, scheme)
+    if config.splits_channels:
+        split = SplitChannelsPass(groups, stats, quantized, rotation.readers if rotation is not None else frozenset())(
+            model)
+        assert isinstance(split, SplitResult) and split.stats is not None
+        groups, stats = split.groups, split.stats
     plan = plan_block(groups, config, stats, quantized, originals, scheme, rotation, sensitivities)
     write_block(model, plan, config)
     return Built(model, plan.layer_reports, [planned.layer for planned in plan.layers], plan.sensitivity,

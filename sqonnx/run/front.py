@@ -15,6 +15,7 @@ import onnx_ir as ir
 
 from sqonnx.calibrators import CalibrationFeeds, calibration_feeds
 from sqonnx.calibrators.cache import CalibrationCache, data_identity, model_identity
+from sqonnx.calibrators.data import check_data
 from sqonnx.config import Level, QuantizeConfig, tool_version
 from sqonnx.errors import SqonnxError
 from sqonnx.graph.layers import find_linear_layers
@@ -26,7 +27,8 @@ from sqonnx.passes.rotate import RotationResult, rotate_model
 from sqonnx.run.progress import Progress
 from sqonnx.runtime.optimize import fuse_transformer_ops
 from sqonnx.streaming.blocks import Partition, partition
-from sqonnx.streaming.runner import Samples, generate_tokens
+from sqonnx.streaming.generate import generate_tokens, sample_text
+from sqonnx.streaming.runner import Samples
 from sqonnx.targets import rules_of
 
 logger = logging.getLogger(__name__)
@@ -40,7 +42,9 @@ ALPHA_SELECTION_SAMPLES = 8
 # 124 calibrate, 4 are compared).
 CHECK_HOLD_BACK_FROM = 16
 
-# Decode chains are generated with every block's session kept open when the model's weights fit in this.
+# The FP model writes text of its own for calibration, and decode chains are generated with every block's session
+# kept open, when the model's weights fit in this (beyond, every token would read the weights again: the text is
+# then pydoc alone, and the chains read the weights once a step).
 GENERATE_IN_MEMORY_BYTES = 1 << 30
 
 
@@ -80,6 +84,7 @@ def prepare_model(model: ir.Model, model_path: Path, config: QuantizeConfig, wor
                   progress: Progress) -> Prepared:
     """The model as the passes will see it, and its samples (the held-back ones apart: `quantize` judges on them,
     and `inspect` calibrates on what `quantize` counts)."""
+    check_data(config.calibration)
     cache = CalibrationCache.open(config.cache_dir, _cache_key(model_path, model, config)) \
         if config.cache_dir is not None else None
     fused: dict[str, int] = {}
@@ -93,8 +98,23 @@ def prepare_model(model: ir.Model, model_path: Path, config: QuantizeConfig, wor
         if not any(not config.is_excluded(layer.name) for layer in layers):
             raise SqonnxError(f"{model_path.name} has no MatMul/Gemm with a constant float weight to quantize"
                               + (" outside --exclude patterns" if layers else ""))
-        feeds = calibration_feeds(model.graph, model_path.parent, config.calibration)
-    held_out, check = _held_out(feeds.count, config)
+        # The FP model writes tokens (its own text, the decode chains') before it is rotated: the rotated weights are
+        # computed on every read (deferred), and generating reads every block once per step. So this graph is cut
+        # here and the rotated one (its norms folded, run-time rotations added) again below: two graphs, one cut each.
+        whole = partition(model.graph, config.block_bytes)
+        in_memory = whole.total_bytes <= GENERATE_IN_MEMORY_BYTES
+        check = 0 if config.smooth_only else config.check_samples
+        feeds = calibration_feeds(model.graph, model_path.parent, config.calibration, check, can_sample=in_memory)
+    if feeds.sampling is not None:
+        sampling = feeds.sampling
+        found = cache.tokens("sampled") if cache is not None else None
+        if found is None or len(found) != 1 or found[0].shape != (len(sampling.prompts), sampling.length):
+            with progress.phase("sample text"):
+                found = [sample_text(model, whole, sampling, workdir, keep_sessions=True)]
+            if cache is not None:
+                cache.save_tokens(found, "sampled")
+        feeds = feeds.with_sampled(found[0])
+    held_out, check = _held_out(feeds.count - feeds.other, config)
     chains = feeds.decode
     if chains:
         tokens = cache.tokens() if cache is not None else None
@@ -102,14 +122,9 @@ def prepare_model(model: ir.Model, model_path: Path, config: QuantizeConfig, wor
             chains = [chain.with_tokens(found) for chain, found in zip(chains, tokens, strict=True)]
         else:
             with progress.phase("decode tokens"):
-                # The tokens come from the model before it is rotated: the rotated weights are computed on every
-                # read (deferred), and generating reads every block once per step. So this graph is cut here and
-                # the rotated one (its norms folded, run-time rotations added) again below: two graphs, one cut each.
-                whole = partition(model.graph, config.block_bytes)
-                in_memory = whole.total_bytes <= GENERATE_IN_MEMORY_BYTES
                 if not in_memory:
                     steps = max(chain.steps for chain in chains)
-                    progress.note(f"decode chains: their tokens take {steps + 1} passes over the "
+                    progress.note(f"decode chains: their tokens take {steps} passes over the "
                                   f"{whole.total_bytes / 1e9:.1f} GB of weights; --decode-steps 0 calibrates "
                                   "prefill only")
                 chains = generate_tokens(model, whole, chains, workdir, in_memory)
@@ -123,7 +138,8 @@ def prepare_model(model: ir.Model, model_path: Path, config: QuantizeConfig, wor
         blocks = partition(model.graph, config.block_bytes)
     if blocks.reason and blocks.total_bytes > config.block_bytes:
         progress.note(f"the whole model is one block ({blocks.total_bytes / 1e6:.0f} MB at once): {blocks.reason}")
-    return Prepared(model, blocks, Samples(feeds, held_out, chains, check), feeds, rotation, quantized, fused, cache)
+    samples = Samples(feeds, held_out, chains, check, feeds.other)
+    return Prepared(model, blocks, samples, feeds, rotation, quantized, fused, cache)
 
 
 def _held_out(count: int, config: QuantizeConfig) -> tuple[int, int]:
@@ -153,6 +169,8 @@ def _cache_key(model_path: Path, model: ir.Model, config: QuantizeConfig) -> dic
         "rotation setting": f"rotate={config.rotate} smooth={config.smooth} smooth_only={config.smooth_only}",
         "block size": str(config.block_bytes),
         "held-back samples (--alpha auto, --check-samples)": str(_held_out(calibration.num_samples, config)[0]),
+        "the check's second set (--eval-data, --check-samples)": (
+            f"{data_identity(calibration.eval_data) if calibration.eval_data else 'own text'} x{config.check_samples}"),
         "--optimize setting": str(config.optimize),
         "Hessians (--weight-rounding gptq)": str(config.needs_hessians),
         "quantization options (--sequential)": repr(replace(config, cache_dir=None)) if config.sequential else "",

@@ -92,7 +92,10 @@ class Track:
     config: QuantizeConfig
     float_layers: frozenset[str] = frozenset()
     keys: set[int] = field(default_factory=set)
-    comparison: Comparison = field(default_factory=Comparison)
+    # on the keys of the quality check's second set (`other_keys`: text unlike the calibration's), and on the rest
+    other_keys: frozenset[int] = frozenset()
+    other: Comparison = field(default_factory=Comparison)
+    domain: Comparison = field(default_factory=Comparison)
     timed: dict[str, float] = field(default_factory=dict)
     # Built only from the first block where it differs (its float layers) on, from `fork_of`'s carried values
     # there: judging the LM head float costs one build of the last block, not of every block.
@@ -101,6 +104,14 @@ class Track:
     # and `result` gathers what they hold. None: a track that is only measured.
     stage: Stage | None = None
     result: BlockPassResult = field(default_factory=BlockPassResult)
+
+    @property
+    def comparison(self) -> Comparison:
+        """On every key: what the alpha search, the LM head's verdict and --keep-float-budget judge by."""
+        return self.domain.merged(self.other)
+
+    def comparison_of(self, key: int) -> Comparison:
+        return self.other if key in self.other_keys else self.domain
 
 
 @dataclass
@@ -133,18 +144,27 @@ class Outcome:
     head: HeadVerdict | None = None  # the INT8 LM head judged against a float one (None: not judged)
 
 
-def _check(written: Track, baseline: Track | None, held_out: bool) -> QualityCheck | None:
-    comparison = written.comparison
+def _check(written: Track, baseline: Track | None, held_out: bool, other: str = "") -> QualityCheck | None:
+    """The quality check on the calibration-like samples, with the second set's (`other`: what it is) beside it."""
+    check = _measure(written.domain, baseline.domain if baseline else None, written, baseline, held_out)
+    second = _measure(written.other, baseline.other if baseline else None, written, baseline, True)
+    if check is None or second is None:
+        return check or second
+    return replace(check, other=replace(second, name=other))
+
+
+def _measure(comparison: Comparison, base: Comparison | None, written: Track, baseline: Track | None,
+             held_out: bool) -> QualityCheck | None:
     if not comparison.cosines:
         return None
-    measured = baseline is not None and bool(baseline.comparison.cosines)
+    measured = base is not None and bool(base.cosines)
     # paired where both ran the same samples (in order: BlockRunner.forward); --keep-float-budget's trials ran others
-    noise = loss_noise(comparison.sample_losses, baseline.comparison.sample_losses,
-                       written.keys == baseline.keys) if measured and baseline else None
+    noise = loss_noise(comparison.sample_losses, base.sample_losses,
+                       written.keys == baseline.keys) if measured and base and baseline else None
     return QualityCheck(len(comparison.cosines), held_out, comparison.language_model and comparison.tokens > 0,
                         comparison.quality_loss, comparison.output_error,
-                        baseline.comparison.quality_loss if measured and baseline else None,
-                        baseline.comparison.output_error if measured and baseline else None,
+                        base.quality_loss if measured and base else None,
+                        base.output_error if measured and base else None,
                         baseline.name if baseline else baseline_name(written.config), comparison.mean_kl, noise)
 
 
@@ -214,8 +234,11 @@ class Pipeline:
     def quantize(self, config: QuantizeConfig, writer: StreamingWriter) -> Outcome:
         samples = self.samples
         search = bool(samples.held_out) and config.alpha_auto and config.smooth and not config.smooth_only
+        # every judgement also looks at the quality check's second set, text unlike the calibration data: what wins
+        # on calibration-like samples alone can lose on the user's own text
+        other = frozenset(samples.other_keys)
         primary = Track("per group" if config.alpha_auto else "requested", config,
-                        keys=set(samples.held_out_keys if search else samples.check_keys),
+                        keys=set(samples.held_out_keys if search else samples.check_keys) | other, other_keys=other,
                         stage=writer.stage("requested"))
         tracks = [primary]
         # --alpha auto: single α values beside the per-group choice, each staged as it is built, judged on the
@@ -223,14 +246,15 @@ class Pipeline:
         uniform: list[Track] = []
         if search:
             low, high = config.alpha_range
-            uniform = [Track(str(alpha), replace(config, alpha=alpha), keys=set(samples.held_out_keys),
+            uniform = [Track(str(alpha), replace(config, alpha=alpha), keys=set(samples.held_out_keys) | other,
+                             other_keys=other,
                              stage=writer.stage(f"alpha-{alpha}")) for alpha in UNIFORM_ALPHAS if low <= alpha <= high]
             tracks += uniform
         keep_float = config.keep_float_budget is not None
-        eval_keys = set(range(min(EVAL_SAMPLES, samples.calibration_count))) if keep_float else set()
+        eval_keys = set(range(min(EVAL_SAMPLES, samples.calibration_count))) | other if keep_float else set()
         trial0 = primary
         if keep_float and primary.keys:
-            trial0 = Track("keep-float 0", config, keys=eval_keys)
+            trial0 = Track("keep-float 0", config, keys=eval_keys, other_keys=other)
             tracks.append(trial0)
         elif keep_float:
             primary.keys = eval_keys
@@ -242,7 +266,7 @@ class Pipeline:
             # (an int4 run's: unsmoothed W4A8 rounded to nearest, what onnxruntime's MatMulNBitsQuantizer writes)
             baseline = Track(baseline_name(config), replace(
                 config, smooth=False, alpha=0.5, keep_float_budget=None, sequential=False,
-                weight_rounding=Rounding.NEAREST), keys=set(primary.keys))
+                weight_rounding=Rounding.NEAREST), keys=set(primary.keys), other_keys=other)
             tracks.append(baseline)
         # a language model's LM head (the layer computing `logits`) float beside the INT8 one: INT8 only where it
         # pays. Judged once, on the requested track; every staged candidate has a fork for the verdict to pick.
@@ -250,7 +274,8 @@ class Pipeline:
         forks: list[Track] = []
         if head is not None and head.name in self.quantized and len(self.quantized) > 1 and primary.keys \
                 and not keep_float and not config.smooth_only:
-            forks = [Track("float LM head", t.config, frozenset({head.name}), keys=set(t.keys), fork_of=t)
+            forks = [Track("float LM head", t.config, frozenset({head.name}), keys=set(t.keys), other_keys=other,
+                           fork_of=t)
                      for t in (primary, *uniform)]
             tracks += forks
         references = set().union(*(t.keys for t in tracks))
@@ -276,7 +301,8 @@ class Pipeline:
         if keep_float:
             written = self._keep_float(outcome, trial0, primary.result.sensitivity, summary.fp_seconds, eval_keys,
                                        writer)
-        outcome.check = _check(written, baseline, samples.held_out > 0 and written.keys <= set(samples.held_out_keys))
+        held_out = samples.held_out > 0 and written.keys - other <= set(samples.held_out_keys)
+        outcome.check = _check(written, baseline, held_out, samples.feeds.other_description)
         return outcome
 
     def _keep_float(self, outcome: Outcome, trial0: Track, sensitivity: dict[str, float], fp_seconds: float,
@@ -296,7 +322,7 @@ class Pipeline:
             if trial is None:
                 if staged is not None and staged.stage is not None:
                     staged.stage.drop()
-                trial = Track(f"keep-float {count}", config, chosen, keys=eval_keys,
+                trial = Track(f"keep-float {count}", config, chosen, keys=eval_keys, other_keys=trial0.other_keys,
                               stage=writer.stage(f"keep-float-{count}") if chosen else None)
                 self.run_pass(f"keep-float trial {count}", [trial], writer)
                 staged = trial if chosen else None
@@ -498,7 +524,7 @@ class Pipeline:
                     checked[signature] = (block.index, found)
                 if track.keys:
                     run_track_block(self.runner, block, session, carry, track.keys, self.references,
-                                    track.comparison, track.timed)
+                                    track.comparison_of, track.timed)
                 if sequential:
                     forward_block(self.runner, block, session, self.stream, self.samples.counted_keys,
                                   self.progress.tick)

@@ -19,7 +19,6 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -71,14 +70,20 @@ class Samples:
     """The calibration samples (the last `held_out` of them only pass through, for judging whole models) and the
     decode chains (teacher-forced with the model's own greedy tokens, generated beforehand)."""
 
-    def __init__(self, feeds: CalibrationFeeds, held_out: int, chains: list[DecodeChain], check: int = 0) -> None:
+    def __init__(self, feeds: CalibrationFeeds, held_out: int, chains: list[DecodeChain], check: int = 0,
+                 other: int = 0) -> None:
         self.feeds = feeds
         self.count = feeds.count
         self.held_out = held_out
         self.check = check  # samples the quality check compares (the held-back ones, else the last calibration ones)
+        self.other = other  # the last samples: the quality check's second set (text unlike the calibration's)
         self.chains = chains
-        self.calibration_count = self.count - held_out
+        self.calibration_count = self.count - held_out - other
         self.row_samples = min(ROW_SAMPLES, self.calibration_count)
+
+    @classmethod
+    def empty(cls) -> Samples:
+        return cls(CalibrationFeeds(0, lambda: iter(()), ""), 0, [])
 
     def tokens(self, count: int) -> int:
         """Tokens in `count` samples (a sample's length: its widest model input), plus the decode steps."""
@@ -93,7 +98,12 @@ class Samples:
 
     @property
     def held_out_keys(self) -> list[int]:
-        return list(range(self.calibration_count, self.count))
+        return list(range(self.calibration_count, self.count - self.other))
+
+    @property
+    def other_keys(self) -> list[int]:
+        """The quality check's second set."""
+        return list(range(self.count - self.other, self.count))
 
     @property
     def check_keys(self) -> list[int]:
@@ -231,6 +241,17 @@ class Comparison:
             self.kl += float(np.sum(np.exp(log_p) * (log_p - log_q)))
         self.gaps.append(gap / len(tokens))
         self.tokens += len(tokens)
+
+    def merged(self, other: Comparison) -> Comparison:
+        """Both sets of samples in one comparison."""
+        if not other.cosines:
+            return self
+        if not self.cosines:
+            return other
+        return Comparison(self.squared_error + other.squared_error, self.squared_reference + other.squared_reference,
+                          self.nll_reference + other.nll_reference, self.nll + other.nll, self.kl + other.kl,
+                          self.tokens + other.tokens, self.cosines + other.cosines, self.gaps + other.gaps,
+                          self.language_model and other.language_model)
 
     @property
     def output_error(self) -> float:
@@ -448,9 +469,9 @@ def reference_output(part: Partition) -> str:
 
 
 def run_track_block(runner: BlockRunner, block: Block, session: Session, carry: Carry, keys: set[int],
-                    reference_carry: Carry, comparison: Comparison, timed: dict[str, float]) -> None:
+                    reference_carry: Carry, comparison: Callable[[int], Comparison], timed: dict[str, float]) -> None:
     """The evaluation samples `keys` through a track's INT8 block; at the block that makes the first output,
-    compare it with the FP model's. `timed['seconds']` adds the run time of the first of them."""
+    compare it with the FP model's, in `comparison(sample)`. `timed['seconds']` adds the run time of the first."""
     first_output = reference_output(runner.part)
     produces = first_output in block.outputs
     first = min(keys) if keys else -1
@@ -463,8 +484,8 @@ def run_track_block(runner: BlockRunner, block: Block, session: Session, carry: 
             timed["seconds"] = timed.get("seconds", 0.0) + time.perf_counter() - start
         fetched = dict(zip(fetch, results, strict=True))
         if produces:
-            comparison.add(first_output, reference_carry.get(run.key, first_output), fetched[first_output],
-                           feeds)
+            comparison(sequence.index).add(first_output, reference_carry.get(run.key, first_output),
+                                           fetched[first_output], feeds)
         return fetched
 
     runner.forward(block, run_one, carry, only=keys)
@@ -514,56 +535,3 @@ class _ReadOnly:
 
     def put(self, key: Key, name: str, array: np.ndarray) -> None:
         self.sink.put(key, name, array)
-
-
-def generate_tokens(model: ir.Model, part: Partition, chains: list[DecodeChain], workdir: Path,
-                    keep_sessions: bool) -> list[DecodeChain]:
-    """The decode chains teacher-forced with the FP model's own greedy tokens: one pass over the blocks per
-    step (all chains together), the key/value cache of each block carried from the pass before. With
-    `keep_sessions` (a model that fits in memory) each block's session is opened once."""
-    if not chains:
-        return chains
-    samples = Samples(CalibrationFeeds(0, lambda: iter(()), ""), 0, [])
-    runner = BlockRunner(part, samples)
-    carry = Carry(workdir / "generate", CARRY_MEMORY_BYTES)
-    caches = Carry(workdir / "generate-cache", CARRY_MEMORY_BYTES)
-    tokens: list[list[int]] = [[] for _ in chains]
-    sessions: dict[int, Session] = {}
-    for step in range(max(chain.steps for chain in chains) + 1):
-        active = [i for i, chain in enumerate(chains) if step <= chain.steps and (step == 0 or tokens[i])]
-        for block in part.blocks:
-            session = sessions.get(block.index) or open_session(
-                extract_block(model, block), float32=True, prepack=False, what=f"block {block.index} ({block.label})")
-            if keep_sessions:
-                sessions[block.index] = session
-            out_names = runner.carried_out(block)
-            for i in active:
-                chain = chains[i]
-                feeds = dict(chain.prompt) if step == 0 else _step_inputs(chain, step, tokens[i])
-                for name in block.inputs:
-                    if name in chain.present and step:
-                        feeds[name] = caches.get((i, 0), chain.present[name])
-                    elif name not in feeds and carry.has((i, 0), name):
-                        feeds[name] = carry.get((i, 0), name)
-                presents = [p for p in chain.present.values() if p in block.outputs]
-                wanted = [*out_names, *presents, *([LOGITS] if LOGITS in block.outputs else [])]
-                where = f"decode chain {i}, step {step} (--decode-steps 0 calibrates prefill only)"
-                fetched = dict(zip(wanted, session.run(wanted, feeds, where), strict=True))
-                for name in out_names:
-                    carry.put((i, 0), name, fetched[name])
-                for name in presents:
-                    caches.put((i, 0), name, fetched[name])
-                if LOGITS in fetched and step < chain.steps:
-                    tokens[i].append(int(fetched[LOGITS][0, -1].argmax()))
-            if not keep_sessions:
-                del session
-                release_block(model, block)
-            runner.finish_block(block, carry)
-    carry.clear()
-    caches.clear()
-    return [chain.with_tokens(np.asarray(found, np.int64)) for chain, found in zip(chains, tokens, strict=True)]
-
-
-def _step_inputs(chain: DecodeChain, step: int, tokens: list[int]) -> dict[str, np.ndarray]:
-    """Model inputs of step `step` (1-based: after the prompt) of a chain being generated."""
-    return DecodeChain(chain.prompt, chain.steps, chain.present, np.asarray(tokens, np.int64)).step_feeds(step - 1)
