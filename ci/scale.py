@@ -282,8 +282,8 @@ def decode_cost(model: Path, feeds: Path, result: Path, chains: int = 4, steps: 
     with tempfile.TemporaryDirectory() as tmp:
         generate_tokens(ir_model, part, [DecodeChain(p, steps, present) for p in prompts], Path(tmp), False)
     seconds = time.perf_counter() - start
-    result.write_text(json.dumps({"seconds": seconds, "passes": steps + 1, "chains": chains,
-                                  "seconds_per_pass": seconds / (steps + 1)}))
+    result.write_text(json.dumps({"seconds": seconds, "passes": steps, "chains": chains,
+                                  "seconds_per_pass": seconds / (steps)}))
 
 
 def signal_latency(model: Path, feeds: Path, out: Path, delays: tuple[float, ...] = (15.0, 35.0, 55.0)) -> list[float]:

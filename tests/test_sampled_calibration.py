@@ -5,6 +5,7 @@ seed words), whose worse number the floor and the warnings go by."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,6 @@ import pytest
 import sqonnx
 from models.evaluate import greedy_tokens
 from sqonnx import CalibrationConfig, QuantizeConfig
-from sqonnx.calibrators import data
 from sqonnx.calibrators.data import calibration_feeds, load_tokenizer, pydoc_text
 from sqonnx.errors import SqonnxError
 from sqonnx.judgements.quality import QualityCheck
@@ -57,11 +57,13 @@ def test_default_mix_plans_the_models_own_text(tmp_path: Path) -> None:
     assert len(feeds.sampling.prompts) == len(sampled) + 2  # windows of SEQ < SAMPLED_LENGTH tokens: one sequence each
     assert f"the model's own text ({len(sampled)} of 8 windows" in feeds.description
     assert feeds.other_description == "the model's own text from other words"
-    # the text it cannot write: not asked to (a model over GENERATE_IN_MEMORY_BYTES), or --calib-data given
-    for config, can_sample in ((CalibrationConfig(num_samples=8, seq_len=SEQ), False),
-                               (CalibrationConfig(data=_text(tmp_path), num_samples=8, seq_len=SEQ), True)):
-        plain = calibration_feeds(model.graph, path.parent, config, check=2, can_sample=can_sample)
-        assert plain.sampling is None and plain.other == 0 and plain.count == 8
+    # not asked to write (a model over GENERATE_IN_MEMORY_BYTES): neither
+    plain = calibration_feeds(model.graph, path.parent, CalibrationConfig(num_samples=8, seq_len=SEQ), check=2)
+    assert plain.sampling is None and plain.other == 0 and plain.count == 8
+    # --calib-data: the user's text alone calibrates; the check's second set is still the model's own text
+    given = calibration_feeds(model.graph, path.parent, CalibrationConfig(data=_text(tmp_path), num_samples=8,
+                                                                         seq_len=SEQ), check=2, can_sample=True)
+    assert given.sampling is not None and given.sampling.rows == [8, 9] and given.count == 10 and given.other == 2
 
 
 def _text(tmp_path: Path, name: str = "text.txt", words: slice = slice(0, 4000)) -> Path:
@@ -77,8 +79,7 @@ def test_sampled_text_is_the_models_own(tmp_path: Path) -> None:
     feeds = calibration_feeds(model.graph, path.parent, CalibrationConfig(num_samples=8, seq_len=SEQ), check=2,
                               can_sample=True)
     assert feeds.sampling is not None
-    cold = data.Sampling(feeds.sampling.prompts, feeds.sampling.present, feeds.sampling.length, 1e-6, 0,
-                         feeds.sampling.rows)
+    cold = replace(feeds.sampling, temperature=1e-6)
     tokens = sample_text(model, partition(model.graph, WHOLE), cold, tmp_path / "w", keep_sessions=True)
     assert tokens.shape == (len(cold.prompts), SEQ)
     for row, prompt in zip(tokens, cold.prompts, strict=True):
@@ -195,3 +196,32 @@ def test_own_text_share(tmp_path: Path) -> None:
     result = run_cli("quantize", path, "-o", tmp_path / "q" / "model.onnx", "--own-text", "2")
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert result.stderr.strip().splitlines() == ["error: --own-text must be a share from 0 to 1, got 2; try 0.125"]
+
+
+def test_second_set_from_its_own_seed(tmp_path: Path) -> None:
+    """The check's own-text windows are the same whatever share of the calibration the model writes (their own seed
+    and words); an .npz second set survives the sampled windows being filled; a text one beside .npz feeds is one
+    line."""
+    path, model = _model(tmp_path)
+    part = partition(model.graph, WHOLE)
+    found = []
+    for share in (0.0, 0.5):
+        feeds = calibration_feeds(model.graph, path.parent, CalibrationConfig(num_samples=8, seq_len=SEQ,
+                                                                             own_text=share), check=2, can_sample=True)
+        assert feeds.sampling is not None
+        tokens = sample_text(model, part, feeds.sampling, tmp_path / "w", keep_sessions=True)
+        found.append(np.stack([f["input_ids"][0] for f in feeds.with_sampled(tokens)])[-2:])
+    assert np.array_equal(found[0], found[1])
+
+    first = next(iter(calibration_feeds(model.graph, path.parent, CalibrationConfig(num_samples=8, seq_len=SEQ))))
+    npz = tmp_path / "eval.npz"
+    np.savez(npz, **{name: np.stack([array] * 3) for name, array in first.items()})
+    feeds = calibration_feeds(model.graph, path.parent, CalibrationConfig(num_samples=8, seq_len=SEQ, eval_data=npz),
+                              check=2, can_sample=True)
+    assert feeds.count == 10 and feeds.other == 2 and feeds.sampling is not None
+    filled = feeds.with_sampled(sample_text(model, part, feeds.sampling, tmp_path / "w", keep_sessions=True))
+    assert len(list(filled)) == 10
+    np.savez(tmp_path / "feeds.npz", **{name: np.stack([array] * 4) for name, array in next(iter(filled)).items()})
+    with pytest.raises(SqonnxError, match="is text but --calib-data is an .npz"):
+        calibration_feeds(model.graph, path.parent, CalibrationConfig(data=tmp_path / "feeds.npz",
+                                                                      eval_data=_text(tmp_path)), check=2)

@@ -86,11 +86,18 @@ def test_genai_decode_calibration_block_by_block(tmp_path: Path) -> None:
     path = build_genai(tmp_path / "genai", layers=3, fused_norms=True)
     config = CalibrationConfig(num_samples=8, seq_len=SEQ, decode_steps=8)
     (tmp_path / "whole").mkdir()
-    whole = sqonnx.quantize(path, tmp_path / "whole" / "model.onnx", QuantizeConfig(calibration=config))
+    # allow_lossy: a random three-layer model is far from FP32 on its own sampled text (the check's second set); the
+    # floor is not what this test is about. Its own text is written block by block too, and calibrates (1 of 8).
+    whole = sqonnx.quantize(path, tmp_path / "whole" / "model.onnx", QuantizeConfig(calibration=config,
+                                                                                   allow_lossy=True))
     blocks = sqonnx.quantize(path, tmp_path / "blocks" / "model.onnx",
-                             QuantizeConfig(calibration=config, block_bytes=ONE_BYTE))
+                             QuantizeConfig(calibration=config, block_bytes=ONE_BYTE, allow_lossy=True))
     assert int(str(blocks.settings["blocks"]).split()[0]) >= 4
-    assert whole.calibration == blocks.calibration == f"built-in pydoc topics, 8 x {SEQ} tokens + 8 decode steps"
+    assert whole.calibration == blocks.calibration
+    assert whole.calibration.startswith("built-in pydoc topics and the model's own text (1 of 8 windows")
+    assert whole.calibration.endswith(f", 8 x {SEQ} tokens + 8 decode steps")
+    assert whole.check is not None and blocks.check is not None and whole.check.other is not None
+    assert blocks.check.other is not None and blocks.check.other.loss == pytest.approx(whole.check.other.loss, rel=1e-3)
     assert _decisions(blocks) == _decisions(whole)
     np.testing.assert_allclose(_ranges(blocks), _ranges(whole), rtol=1e-4)
     assert (tmp_path / "blocks" / "genai_config.json").exists()  # the folder genai loads, written as before

@@ -321,7 +321,8 @@ TEMPERATURE = 1.0
 SEED_WORDS = ("The", "In", "A", "When", "It", "This", "We", "If", "As", "There", "One", "After", "For", "I", "How",
               "Many")
 # The quality check's second set, when no --eval-data is given: the model's own text from other words and another
-# seed, which neither the statistics nor the alpha search saw.
+# seed, which the statistics never see (the alpha search, the LM head's verdict and --keep-float-budget judge on it
+# as well: what they choose should hold on text unlike the calibration's).
 CHECK_SEED_WORDS = ("She", "Our", "Today", "Why", "Every", "Some", "My", "Before")
 CALIBRATION_SEED, CHECK_SEED = 0, 1
 
@@ -336,8 +337,16 @@ class Sampling:
     present: dict[str, str]  # cache input -> the output that returns it one token longer
     length: int
     temperature: float
-    seed: int
     rows: list[int]  # the windows the sequences fill, len(prompts) // len(rows) sequences each, in order
+    # prompts[:calibration] are the calibration's (seeded CALIBRATION_SEED), the rest the check's (CHECK_SEED): the
+    # check's text is the same whatever --num-samples or --own-text
+    calibration: int = 0
+
+    @property
+    def groups(self) -> list[tuple[list[dict[str, np.ndarray]], int]]:
+        """The prompts, each group with its seed."""
+        return [(part, seed) for part, seed in ((self.prompts[:self.calibration], CALIBRATION_SEED),
+                                                (self.prompts[self.calibration:], CHECK_SEED)) if part]
 
 
 @dataclass
@@ -368,9 +377,11 @@ class CalibrationFeeds:
         per_window = len(tokens) // len(rows)
         for number, row in enumerate(rows):
             windows[row] = tokens[number * per_window:(number + 1) * per_window].reshape(-1)[:windows.shape[1]]
-        feeds_of = self._feeds_of
-        return replace(self, _make=lambda: (feeds_of(w) for w in windows), sampling=None,  # type: ignore[misc]
-                       windows=windows)
+        feeds_of, make, count = self._feeds_of, self._make, len(windows)
+        # an .npz second set follows the windows (_with_other): kept after them
+        return replace(self, _make=lambda: itertools.chain(  # type: ignore[misc]
+            (feeds_of(w) for w in windows), itertools.islice(make(), count, None)),  # type: ignore[operator]
+            sampling=None, windows=windows)
 
 
 def calibration_feeds(graph: ir.Graph, model_dir: Path, config: CalibrationConfig, check: int = 0,
@@ -384,28 +395,38 @@ def calibration_feeds(graph: ir.Graph, model_dir: Path, config: CalibrationConfi
     _check_data(config.eval_data, "--eval-data")
     if data is not None and data.suffix == ".npz":
         feeds = _npz_feeds(inputs, data, config.num_samples)
+        if config.eval_data is not None and config.eval_data.suffix != ".npz":
+            raise SqonnxError(f"--eval-data {config.eval_data.name} is text but --calib-data is an .npz of feeds; "
+                              "give the second set as an .npz too")
         if config.eval_data is not None and check:
             feeds = _with_other(feeds, _npz_feeds(inputs, config.eval_data, check), config.eval_data.name)
         return feeds
     tokenizer = load_tokenizer(model_dir)
     dims = cache_dims(model_dir) if any(str(v.name).startswith(CACHE_PREFIXES) for v in inputs) else None
     present = cache_outputs(inputs)
-    can_sample = can_sample and bool(present) and not sources and \
+    # the model can write text (the check's second set); its own text joins the calibration only beside pydoc
+    can_sample = can_sample and bool(present) and \
         LOGITS in {str(v.name) for v in graph.outputs} and "input_ids" in {str(v.name) for v in inputs}
     special = special_tokens(tokenizer)
     per_window = max(1, -(-config.seq_len // SAMPLED_LENGTH))
     length = min(SAMPLED_LENGTH, config.seq_len)
     every = round(1 / config.own_text) if config.own_text > 0 else 0
-    sampled = [i for i in range(config.num_samples) if every and (i + 1) % every == 0] if can_sample else []
+    sampled = [i for i in range(config.num_samples)
+               if every and (i + 1) % every == 0] if can_sample and not sources else []
     texts = [_read_text(source, "--calib-data") for source in sources] or [pydoc_text("calibration")]
     description = ", ".join(source.name for source in sources) or "built-in pydoc topics"
     plain = _mixed_windows([tokenizer.encode(text, add_special_tokens=False).ids for text in texts],
                            config.num_samples - len(sampled), config.seq_len, special)
-    decode = decode_chains(inputs, list(graph.outputs), plain, config.decode_steps, dims)
+    rows = [i for i in range(config.num_samples) if i not in set(sampled)]
+    # decode prompts from the plain windows before the last quarter (decode_chains keeps its own margin too): the
+    # held-back samples are judged, never calibrated on
+    early = [n for n, row in enumerate(rows) if row < config.num_samples - config.num_samples // 4] or [0]
+    decode = decode_chains(inputs, list(graph.outputs), plain[early] if sampled else plain, config.decode_steps, dims)
     windows = np.zeros((config.num_samples, config.seq_len), np.int64)
-    windows[[i for i in range(config.num_samples) if i not in set(sampled)]] = plain
+    windows[rows] = plain
     prompts = [_prompt(inputs, tokenizer, word, special[0], dims)
                for word in itertools.islice(itertools.cycle(SEED_WORDS), len(sampled) * per_window)]
+    calibration_prompts = len(prompts)
     rows = list(sampled)
     if sampled:
         description += (f" and the model's own text ({len(sampled)} of {config.num_samples} windows: "
@@ -431,7 +452,7 @@ def calibration_feeds(graph: ir.Graph, model_dir: Path, config: CalibrationConfi
     def feeds_of(window: np.ndarray) -> dict[str, np.ndarray]:
         return feeds_for_tokens(inputs, window, dims)
 
-    sampling = Sampling(prompts, present, length, TEMPERATURE, CALIBRATION_SEED, rows) if rows else None
+    sampling = Sampling(prompts, present, length, TEMPERATURE, rows, calibration_prompts) if rows else None
     feeds = CalibrationFeeds(len(windows), lambda: (feeds_of(w) for w in windows), description, decode, sampling,
                              other, other_description, windows, feeds_of)
     if config.eval_data is not None and config.eval_data.suffix == ".npz" and check:

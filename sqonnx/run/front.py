@@ -165,7 +165,7 @@ def _cache_key(model_path: Path, model: ir.Model, config: QuantizeConfig) -> dic
     return {
         "model": model_identity(model_path, data_files),
         "calibration data": f"{data_identity(calibration.data)} x{calibration.num_samples} len{calibration.seq_len} "
-                            f"decode{calibration.decode_steps}",
+                            f"decode{calibration.decode_steps} own-text{calibration.own_text:g}",
         "rotation setting": f"rotate={config.rotate} smooth={config.smooth} smooth_only={config.smooth_only}",
         "block size": str(config.block_bytes),
         "held-back samples (--alpha auto, --check-samples)": str(_held_out(calibration.num_samples, config)[0]),

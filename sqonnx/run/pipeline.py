@@ -146,21 +146,23 @@ class Outcome:
 
 def _check(written: Track, baseline: Track | None, held_out: bool, other: str = "") -> QualityCheck | None:
     """The quality check on the calibration-like samples, with the second set's (`other`: what it is) beside it."""
-    check = _measure(written.domain, baseline.domain if baseline else None, written, baseline, held_out)
-    second = _measure(written.other, baseline.other if baseline else None, written, baseline, True)
+    paired = baseline is not None and written.keys - written.other_keys == baseline.keys - baseline.other_keys
+    check = _measure(written.domain, baseline.domain if baseline else None, written, baseline, held_out, paired)
+    second = _measure(written.other, baseline.other if baseline else None, written, baseline, True,
+                      baseline is not None and written.other_keys == baseline.other_keys)
     if check is None or second is None:
         return check or second
     return replace(check, other=replace(second, name=other))
 
 
 def _measure(comparison: Comparison, base: Comparison | None, written: Track, baseline: Track | None,
-             held_out: bool) -> QualityCheck | None:
+             held_out: bool, paired: bool) -> QualityCheck | None:
+    """One set's check. `paired`: the written model and the baseline ran the same samples (in order:
+    BlockRunner.forward); --keep-float-budget's trials ran other calibration-like samples, the same second set."""
     if not comparison.cosines:
         return None
     measured = base is not None and bool(base.cosines)
-    # paired where both ran the same samples (in order: BlockRunner.forward); --keep-float-budget's trials ran others
-    noise = loss_noise(comparison.sample_losses, base.sample_losses,
-                       written.keys == baseline.keys) if measured and base and baseline else None
+    noise = loss_noise(comparison.sample_losses, base.sample_losses, paired) if measured and base else None
     return QualityCheck(len(comparison.cosines), held_out, comparison.language_model and comparison.tokens > 0,
                         comparison.quality_loss, comparison.output_error,
                         base.quality_loss if measured and base else None,

@@ -55,7 +55,7 @@ class Plan:
 
     def metadata(self, settings: dict[str, object]) -> dict[str, str]:
         """The output's metadata, from the report's `settings`."""
-        return _metadata(settings, self.outcome, self.front.feeds.count)
+        return _metadata(settings, self.outcome, self.front.feeds.count - self.front.feeds.other)
 
 
 def plan_run(loaded: Loaded, model_path: Path, config: QuantizeConfig, writer: StreamingWriter,

@@ -29,10 +29,11 @@ Choose = Callable[[np.ndarray, int], np.ndarray]  # (last logits [rows, vocab], 
 
 def generate(model: ir.Model, part: Partition, prompt: dict[str, np.ndarray], present: dict[str, str], steps: int,
              choose: Choose, workdir: Path, keep_sessions: bool, sessions: dict[int, Session] | None = None,
-             ) -> np.ndarray:
+             hint: str = "--decode-steps 0 calibrates prefill only") -> np.ndarray:
     """[rows, steps] tokens written after `prompt` (model inputs of rows of one length, an empty cache): the prefill
     picks the first, each of `steps` - 1 single-token runs the next. `present`: cache input -> the output returning it
-    one token longer. `sessions`: open block sessions to reuse (filled where `keep_sessions`)."""
+    one token longer. `sessions`: open block sessions to reuse (filled where `keep_sessions`). `hint`: how to do
+    without, for an error's line."""
     rows = prompt["input_ids"].shape[0]
     if steps == 0:
         return np.zeros((rows, 0), np.int64)
@@ -59,7 +60,7 @@ def generate(model: ir.Model, part: Partition, prompt: dict[str, np.ndarray], pr
             out_names = runner.carried_out(block)
             presents = [p for p in present.values() if p in block.outputs]
             wanted = [*out_names, *presents, *([LOGITS] if LOGITS in block.outputs else [])]
-            where = f"generating token {step} (--decode-steps 0 calibrates prefill only)"
+            where = f"generating token {step} ({hint})"
             fetched = dict(zip(wanted, session.run(wanted, feeds, where), strict=True))
             for name in out_names:
                 carry.put(key, name, fetched[name])
@@ -96,20 +97,22 @@ def generate_tokens(model: ir.Model, part: Partition, chains: list[DecodeChain],
 def sample_text(model: ir.Model, part: Partition, sampling: Sampling, workdir: Path,
                 keep_sessions: bool) -> np.ndarray:
     """[sequences, length] tokens: each of `sampling`'s prompts continued at its temperature by the FP model
-    (prompt tokens included), seeded, in batches of BATCH_ROWS."""
-    rng = np.random.default_rng(sampling.seed)
+    (prompt tokens included), each group from its own seed, in batches of BATCH_ROWS."""
     sessions: dict[int, Session] = {}
     written = []
-    for start in range(0, len(sampling.prompts), BATCH_ROWS):
-        prompts = sampling.prompts[start:start + BATCH_ROWS]
-        prompt = {name: np.concatenate([feeds[name] for feeds in prompts]) for name in prompts[0]}
+    for group, seed in sampling.groups:
+        rng = np.random.default_rng(seed)
+        for start in range(0, len(group), BATCH_ROWS):
+            prompts = group[start:start + BATCH_ROWS]
+            prompt = {name: np.concatenate([feeds[name] for feeds in prompts]) for name in prompts[0]}
 
-        def choose(logits: np.ndarray, step: int) -> np.ndarray:
-            return sample(logits, sampling.temperature, rng)
+            def choose(logits: np.ndarray, step: int, rng: np.random.Generator = rng) -> np.ndarray:
+                return sample(logits, sampling.temperature, rng)
 
-        steps = sampling.length - prompt["input_ids"].shape[1]
-        tokens = generate(model, part, prompt, sampling.present, steps, choose, workdir, keep_sessions, sessions)
-        written.append(np.concatenate([prompt["input_ids"].astype(np.int64), tokens], axis=1))
+            steps = sampling.length - prompt["input_ids"].shape[1]
+            tokens = generate(model, part, prompt, sampling.present, steps, choose, workdir, keep_sessions, sessions,
+                              "--own-text 0 with --eval-data FILE or --check-samples 0: no text of the model's own")
+            written.append(np.concatenate([prompt["input_ids"].astype(np.int64), tokens], axis=1))
     return np.concatenate(written)
 
 
