@@ -103,9 +103,10 @@ def quantize(
         help="Text unlike the calibration data (a text file or .npz) the quality check also measures the model on, "
              "--check-samples windows [default: the model's own text from other seed words, where it can write "
              "it]")] = None,
-    own_text: Annotated[float, typer.Option(
+    own_text: Annotated[float | None, typer.Option(
         help="Share of the calibration windows a decoder with a key/value cache writes itself, sampled at temperature "
-             "1 from seed words, beside the pydoc text; 0: pydoc alone; not with --calib-data")] = OWN_TEXT_SHARE,
+             f"1 from seed words, beside the pydoc text; 0: pydoc alone; not with --calib-data [default: "
+             f"{OWN_TEXT_SHARE:g} with --weights int4, 0 with int8]")] = None,
     num_samples: Annotated[int, typer.Option(help="Calibration samples")] = 128,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration sample (text data)")] = 512,
     decode_steps: Annotated[int, typer.Option(

@@ -135,8 +135,7 @@ def test_quantize_calibrates_decode_steps_with_alpha_auto(tmp_path: Path, monkey
     config = QuantizeConfig(alpha="auto", calibration=CalibrationConfig(num_samples=8, seq_len=SEQ, decode_steps=8))
     (tmp_path / "out").mkdir()
     report = sqonnx.quantize(path, tmp_path / "out" / "model.onnx", config)
-    assert report.calibration.startswith("built-in pydoc topics and the model's own text (")
-    assert report.calibration.endswith(f", 8 x {SEQ} tokens + 8 decode steps")
+    assert report.calibration == f"built-in pydoc topics, 8 x {SEQ} tokens + 8 decode steps"  # int8: pydoc alone
     assert "per group" in str(report.settings["alpha"])
     # 8 samples less 2 held out, then 4 chains of a prompt and 2 single tokens (teacher-forced with the tokens
     # the FP model generated first).

@@ -15,8 +15,9 @@ import pytest
 
 import sqonnx
 from models.evaluate import greedy_tokens
-from sqonnx import CalibrationConfig, QuantizeConfig
+from sqonnx import CalibrationConfig, QuantizeConfig, Weights
 from sqonnx.calibrators.data import calibration_feeds, load_tokenizer, pydoc_text
+from sqonnx.config import OWN_TEXT_SHARE
 from sqonnx.errors import SqonnxError
 from sqonnx.judgements.quality import QualityCheck
 from sqonnx.streaming.blocks import partition
@@ -48,9 +49,10 @@ def test_default_mix_plans_the_models_own_text(tmp_path: Path) -> None:
     """A decoder that can write (a cache, logits, a tokenizer): every (1 / own_text)-th window is its own text,
     and `check` windows of text from other seed words follow as the check's second set."""
     path, model = _model(tmp_path)
-    feeds = calibration_feeds(model.graph, path.parent, CalibrationConfig(num_samples=8, seq_len=SEQ), check=2,
+    feeds = calibration_feeds(model.graph, path.parent, CalibrationConfig(num_samples=8, seq_len=SEQ,
+                                                                         own_text=OWN_TEXT_SHARE), check=2,
                               can_sample=True)
-    every = round(1 / CalibrationConfig().own_text)
+    every = round(1 / OWN_TEXT_SHARE)
     sampled = [i for i in range(8) if (i + 1) % every == 0]
     assert feeds.sampling is not None and feeds.sampling.rows == [*sampled, 8, 9]
     assert feeds.count == 10 and feeds.other == 2
@@ -116,11 +118,11 @@ def test_quantize_checks_the_second_set(tmp_path: Path) -> None:
     assert recorded["other"]["loss"] == pytest.approx(check.other.loss)
 
     own = _text(tmp_path, "prose.txt", slice(2500, 4000))
-    config = QuantizeConfig(calibration=CalibrationConfig(num_samples=8, seq_len=SEQ, decode_steps=4, eval_data=own),
-                            check_samples=2)
+    config = QuantizeConfig(calibration=CalibrationConfig(num_samples=8, seq_len=SEQ, decode_steps=4, eval_data=own,
+                                                          own_text=0.5), check_samples=2)
     report = sqonnx.quantize(path, tmp_path / "b" / "model.onnx", config)
     assert report.check is not None and report.check.other is not None and report.check.other.name == "prose.txt"
-    assert "the model's own text (" in report.calibration  # --eval-data changes the check, not the calibration
+    assert "the model's own text (4 of 8 windows" in report.calibration  # --eval-data changes the check alone
 
 
 def _metadata(path: Path) -> dict[str, str]:
@@ -216,8 +218,8 @@ def test_second_set_from_its_own_seed(tmp_path: Path) -> None:
     first = next(iter(calibration_feeds(model.graph, path.parent, CalibrationConfig(num_samples=8, seq_len=SEQ))))
     npz = tmp_path / "eval.npz"
     np.savez(npz, **{name: np.stack([array] * 3) for name, array in first.items()})
-    feeds = calibration_feeds(model.graph, path.parent, CalibrationConfig(num_samples=8, seq_len=SEQ, eval_data=npz),
-                              check=2, can_sample=True)
+    feeds = calibration_feeds(model.graph, path.parent, CalibrationConfig(num_samples=8, seq_len=SEQ, eval_data=npz,
+                                                                         own_text=0.5), check=2, can_sample=True)
     assert feeds.count == 10 and feeds.other == 2 and feeds.sampling is not None
     filled = feeds.with_sampled(sample_text(model, part, feeds.sampling, tmp_path / "w", keep_sessions=True))
     assert len(list(filled)) == 10
@@ -225,3 +227,12 @@ def test_second_set_from_its_own_seed(tmp_path: Path) -> None:
     with pytest.raises(SqonnxError, match="is text but --calib-data is an .npz"):
         calibration_feeds(model.graph, path.parent, CalibrationConfig(data=tmp_path / "feeds.npz",
                                                                       eval_data=_text(tmp_path)), check=2)
+
+
+def test_own_text_by_default_for_int4_only() -> None:
+    """GPTQ's Hessians gain from the model's own text on every domain measured, INT8's ranges do not: the default
+    share follows --weights; a share given is kept."""
+    assert QuantizeConfig(weights=Weights.INT4).calibration.own_text == OWN_TEXT_SHARE
+    assert QuantizeConfig().calibration.own_text == 0
+    assert QuantizeConfig(calibration=CalibrationConfig(own_text=0.5)).calibration.own_text == 0.5
+    assert QuantizeConfig(weights=Weights.INT4, calibration=CalibrationConfig(own_text=0)).calibration.own_text == 0

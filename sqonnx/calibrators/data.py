@@ -410,7 +410,7 @@ def calibration_feeds(graph: ir.Graph, model_dir: Path, config: CalibrationConfi
     special = special_tokens(tokenizer)
     per_window = max(1, -(-config.seq_len // SAMPLED_LENGTH))
     length = min(SAMPLED_LENGTH, config.seq_len)
-    every = round(1 / config.own_text) if config.own_text > 0 else 0
+    every = round(1 / config.own_text) if config.own_text else 0
     sampled = [i for i in range(config.num_samples)
                if every and (i + 1) % every == 0] if can_sample and not sources else []
     texts = [_read_text(source, "--calib-data") for source in sources] or [pydoc_text("calibration")]
