@@ -197,7 +197,7 @@ def test_own_text_share(tmp_path: Path) -> None:
     assert half.sampling is not None and half.sampling.rows == [1, 3, 5, 7, 8, 9]
     result = run_cli("quantize", path, "-o", tmp_path / "q" / "model.onnx", "--own-text", "2")
     assert result.returncode == 2, (result.stdout, result.stderr)
-    assert result.stderr.strip().splitlines() == ["error: --own-text must be a share from 0 to 1, got 2; try 0.125"]
+    assert result.stderr.strip().splitlines() == ["error: --own-text must be a share from 0 to 1, got 2; try 0.25"]
 
 
 def test_second_set_from_its_own_seed(tmp_path: Path) -> None:
