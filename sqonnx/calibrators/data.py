@@ -1,8 +1,11 @@
-"""Calibration feeds: token windows from text (a file, or Python's own pydoc topics), or an .npz.
+"""Calibration feeds: token windows from text (files, a folder, or Python's own pydoc topics), or an .npz; then the
+quality check's second set (`CalibrationFeeds.other`: --eval-data, or the model's own text).
 
 Text is tokenized with the tokenizer.json that optimum saves beside the model. The built-in text is
 `pydoc_data.topics`, which every CPython ships: topics are split deterministically into a calibration
-part and a held-out evaluation part, so quality is never measured on the calibration text.
+part and a held-out evaluation part, so quality is never measured on the calibration text. A decoder that can
+write (see `Sampling`) may have a share of its windows filled with its own sampled text (--own-text), and its check
+measures it on its own text from other seed words as well: pydoc is one register, and numbers on it flatter.
 
 A decoder with a key/value cache (an optimum with-past export, an onnxruntime-genai model) is calibrated as
 a prefill: its past_key_values inputs are empty, [1, kv_heads, 0, head_size]. When the graph leaves a size
