@@ -245,19 +245,11 @@ class DecodeChain:
 
     def next_feeds(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
                    step: int) -> dict[str, np.ndarray]:
-        """Feeds of single-token step `step` (from 0), after a run on `feeds` returned `outputs`."""
+        """Feeds of single-token step `step` (from 0), after a run on `feeds` (the chain's, from its prompt) returned
+        `outputs`: the cache it returned, and `step_feeds`'s inputs."""
         token = self.forced[step] if self.forced is not None else outputs[LOGITS][0, -1].argmax()
         following = {name: outputs[present] for name, present in self.present.items()}
-        for name, array in feeds.items():
-            if name == "input_ids":
-                following[name] = np.full((1, 1), token, array.dtype)
-            elif name == "attention_mask":  # covers past and new tokens (optimum and genai alike)
-                following[name] = np.ones((1, array.shape[1] + 1), array.dtype)
-            elif name == "position_ids":
-                following[name] = array[:, -1:] + 1
-            elif name == "token_type_ids":
-                following[name] = array[:, -1:]
-        return following
+        return following | step_feeds(self.prompt, np.asarray([token]), step)
 
 
 def step_feeds(prompt: dict[str, np.ndarray], tokens: np.ndarray, step: int) -> dict[str, np.ndarray]:
