@@ -30,6 +30,7 @@ quality: install
 # ci/genai_bench.py builds the genai SmolLM2 (and the builder's venv) on first use.
 bench: install
 	$(PY) ci/bench.py
+	$(PY) ci/phases.py
 	$(PY) ci/genai_bench.py
 
 lint: install

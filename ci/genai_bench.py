@@ -7,14 +7,16 @@ fresh child process of the builder's environment, ci/genai_generate.py):
   onnxruntime's MatMulNBits weight-only int4 and int8 (block 32, symmetric, accuracy_level 4: int8 compute,
   LM head included), the peers a genai user reaches for;
   sqonnx: the defaults (portable 7-bit weights), the defaults with 8-bit weights for VNNI/ARM targets, O1
-  everywhere, and O3 everywhere (--static).
-Columns: held-out perplexity (16 x 512 tokens, onnxruntime), prefill of a 256-token prompt and decode
-tokens/s over 128 greedy tokens in the generator, greedy agreement with FP32 over those 128 tokens
+  everywhere, O3 everywhere (--static), W4A8 (--weights int4), and W8A8 prompt with W4A8 decode in one graph
+  (--decode-weights int4).
+Columns: held-out perplexity (16 x 512 tokens, onnxruntime), the same staged as generation runs (8 windows:
+256 tokens as the prompt, then one token at a time through the cache, teacher-forced), prefill of a 256-token
+prompt and decode tokens/s over 128 greedy tokens in the generator, greedy agreement with FP32 over those 128 tokens
 (identical share, first divergence), file size, the generator process's peak RSS.
-Also the profiler's kernel-time table at one decode token (past 256) for FP32, MatMulNBits int8 and the
-sqonnx defaults. Writes ci/results/genai_bench.md and genai_bench.json (part of `make bench`).
+Also the profiler's kernel-time table at one decode token (past 256) for FP32, MatMulNBits int4 and int8,
+the sqonnx defaults and W4A8. Writes ci/results/genai_bench.md and genai_bench.json (part of `make bench`).
 
-    .venv/bin/python ci/genai_bench.py [--rounds 3] [--samples 128]
+    .venv/bin/python ci/genai_bench.py [--rounds 3] [--samples 128] [--only 'VARIANT|VARIANT']
 """
 
 from __future__ import annotations
@@ -35,16 +37,27 @@ import numpy as np  # noqa: E402
 import sqonnx  # noqa: E402
 from ci.generation import VNNI, decode_profile_table  # noqa: E402
 from models import genai_smollm2  # noqa: E402
-from models.evaluate import decode_kernel_time_by_op, eval_windows, greedy_agreement, perplexity  # noqa: E402
+from models.evaluate import (  # noqa: E402
+    decode_kernel_time_by_op,
+    eval_windows,
+    greedy_agreement,
+    perplexity,
+    staged_perplexity,
+)
 from models.peers import matmul_nbits  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT_TOKENS, NEW_TOKENS = 256, 128
+STAGED_WINDOWS = 8  # each 256 single-token runs
 SQONNX_VARIANTS: dict[str, dict] = {
     "sqonnx defaults (--level auto, portable 7-bit weights)": {},
     "sqonnx defaults, --target x86-vnni (8-bit weights)": VNNI,
     "sqonnx O1 --target x86-vnni": {"level": sqonnx.Level.O1, **VNNI},
     "sqonnx O3 --static": {"per_token_where_needed": False},
+    "sqonnx --weights int4 (W4A8)": {"weights": sqonnx.Weights.INT4},
+    "sqonnx --decode-weights int4 (W8A8 prompt, W4A8 decode, one graph)": {"decode_weights": sqonnx.Weights.INT4},
+    "sqonnx --decode-weights int8-blocks (W8A8 prompt, 8-bit MatMulNBits decode)": {
+        "decode_weights": sqonnx.Weights.INT8_BLOCKS},
 }
 NBITS = {"MatMulNBits int4 (weight-only, block 32)": 4, "MatMulNBits int8 (weight-only, block 32)": 8}
 
@@ -74,7 +87,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--samples", type=int, default=128, help="calibration samples for sqonnx")
+    parser.add_argument("--only", default="", help="'|'-separated variants to run beside builder FP32 (default: all); "
+                                                   "writes genai_bench-only.md/json, not the full table")
     args = parser.parse_args()
+    only = set(filter(None, args.only.split("|")))
+    unknown = only - set(NBITS) - set(SQONNX_VARIANTS)
+    if unknown:
+        raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {[*NBITS, *SQONNX_VARIANTS]}")
     fp32 = genai_smollm2.build()
     python = genai_smollm2.genai_python()
     windows = eval_windows(fp32.parent, 512, 16)
@@ -85,11 +104,15 @@ def main() -> None:
         folders: dict[str, Path] = {"builder FP32": fp32.parent}
         notes: dict[str, str] = {}
         for index, (name, bits) in enumerate(NBITS.items()):
+            if only and name not in only:
+                continue
             folder = work / f"nbits{index}"
             folder.mkdir()
             nbits_folder(fp32, folder, bits)
             folders[name] = folder
         for index, (name, options) in enumerate(SQONNX_VARIANTS.items()):
+            if only and name not in only:
+                continue
             folder = work / f"sqonnx{index}"
             folder.mkdir()
             config = sqonnx.QuantizeConfig(calibration=sqonnx.CalibrationConfig(num_samples=args.samples), **options)
@@ -101,8 +124,10 @@ def main() -> None:
             print(name, notes[name], flush=True)
             folders[name] = folder
 
-        rows = {name: {"variant": name, "size_mb": size_mb(folder), "perplexity": perplexity(folder / "model.onnx",
-                                                                                           windows)}
+        rows = {name: {"variant": name, "size_mb": size_mb(folder),
+                       "perplexity": perplexity(folder / "model.onnx", windows),
+                       # as generation runs: half of each window as the prompt, then one token at a time
+                       "staged_perplexity": staged_perplexity(folder / "model.onnx", windows[:STAGED_WINDOWS], 256)}
                 for name, folder in folders.items()}
         runs: dict[str, list[dict]] = {name: [] for name in folders}
         for _ in range(args.rounds):
@@ -118,6 +143,7 @@ def main() -> None:
             identical, first = greedy_agreement(reference, measured[0]["tokens"])
             rows[name].update({
                 "perplexity_vs_fp32": rows[name]["perplexity"] / rows["builder FP32"]["perplexity"],
+                "staged_vs_fp32": rows[name]["staged_perplexity"] / rows["builder FP32"]["staged_perplexity"],
                 "prefill_ms": 1000 * prefill, "prefill_speedup": base_prefill / prefill,
                 "decode_tps": decode, "decode_speedup": decode / base_decode,
                 "identical_tokens": identical, "first_divergence": first,
@@ -125,23 +151,27 @@ def main() -> None:
                 "note": notes.get(name, "")})
             print(rows[name], flush=True)
         profiles = {name: decode_kernel_time_by_op(folders[name] / "model.onnx", PROMPT_TOKENS)
-                    for name in ("builder FP32", "MatMulNBits int8 (weight-only, block 32)",
-                                 "sqonnx defaults (--level auto, portable 7-bit weights)")}
+                    for name in ("builder FP32", "MatMulNBits int4 (weight-only, block 32)",
+                                 "MatMulNBits int8 (weight-only, block 32)",
+                                 "sqonnx defaults (--level auto, portable 7-bit weights)",
+                                 "sqonnx --weights int4 (W4A8)") if name in folders}
 
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "genai_bench.json").write_text(json.dumps({"rows": list(rows.values()), "profiles": profiles},
+    stem = "genai_bench-only" if only else "genai_bench"
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"rows": list(rows.values()), "profiles": profiles},
                                                          indent=2))
-    lines = [f"| variant | perplexity (vs FP32) | prefill {PROMPT_TOKENS} tok | decode tok/s | "
-             f"greedy tokens identical to FP32 ({NEW_TOKENS}) | first divergence | size MB | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| variant | perplexity (vs FP32) | staged: 256 tokens prompt, then one at a time | prefill "
+             f"{PROMPT_TOKENS} tok | decode tok/s | greedy tokens identical to FP32 ({NEW_TOKENS}) | "
+             "first divergence | size MB | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows.values():
         lines.append(f"| {r['variant']} | {r['perplexity']:.2f} ({r['perplexity_vs_fp32']:.3f}) | "
+                     f"{r['staged_perplexity']:.2f} ({r['staged_vs_fp32']:.3f}) | "
                      f"{r['prefill_ms']:.0f} ms ({r['prefill_speedup']:.2f}x) | {r['decode_tps']:.1f} "
                      f"({r['decode_speedup']:.2f}x) | {r['identical_tokens']:.0%} | {r['first_divergence']} | "
                      f"{r['size_mb']:.0f} | {r['peak_rss_mb']:.0f} |")
     lines += ["", f"Kernel time per op type at one decode token (onnxruntime profiler, past {PROMPT_TOKENS}):", "",
               *decode_profile_table(profiles)]
-    (RESULTS / "genai_bench.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

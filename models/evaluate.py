@@ -72,6 +72,41 @@ def perplexity(model_path: Path, windows: np.ndarray) -> float:
     return float(np.exp(total / count))
 
 
+def staged_perplexity(model_path: Path, windows: np.ndarray, prompt: int) -> float:
+    """exp(mean next-token negative log-likelihood) of the tokens after the first `prompt` of each window, as
+    generation computes them (`staged_logits`). Needs a with-past export."""
+    sess = session(model_path)
+    total, count = 0.0, 0
+    for window in windows:
+        logits = staged_logits(model_path, window[:-1], prompt, sess)[prompt - 1:]
+        total += next_token_nll(logits.astype(np.float64), window[prompt:])
+        count += len(window) - prompt
+    return float(np.exp(total / count))
+
+
+def staged_logits(model_path: Path, tokens: np.ndarray, prompt: int,
+                  sess: ort.InferenceSession | None = None) -> np.ndarray:
+    """Logits [len(tokens), vocabulary] as generation computes them: the first `prompt` tokens in one run (the prompt),
+    every later one alone through the key/value cache, fed the sequence's own token (teacher forcing). A
+    `--decode-weights` model's prompt stage writes the cache its decode stage reads here."""
+    sess = sess or session(model_path)
+    inputs = _inputs(model_path)
+    present = cache_outputs(inputs)
+    if not present:
+        raise ValueError(f"{model_path} has no past_key_values inputs; export it with past (with_past=True)")
+    names = [o.name for o in sess.get_outputs()]
+    chain = DecodeChain(feeds_for_tokens(inputs, tokens[:prompt], cache_dims(model_path.parent)),
+                        len(tokens) - prompt, present).with_tokens(tokens[prompt:])
+    outputs = dict(zip(names, sess.run(None, chain.prompt), strict=True))
+    logits = [outputs["logits"][0]]
+    for step in range(chain.steps):
+        feeds = chain.step_feeds(step)
+        feeds.update({name: outputs[returned] for name, returned in present.items()})
+        outputs = dict(zip(names, sess.run(None, feeds), strict=True))
+        logits.append(outputs["logits"][0])
+    return np.concatenate(logits)
+
+
 def sentence_embeddings(model_path: Path, windows: list[np.ndarray]) -> np.ndarray:
     """Mean-pooled, L2-normalized sentence embeddings (as sentence-transformers computes them)."""
     sess = session(model_path)

@@ -34,6 +34,13 @@ from sqonnx.errors import SqonnxError
 from sqonnx.targets import Target
 
 
+class DecodeChoice(str, enum.Enum):
+    """--decode-weights: the MatMulNBits forms of the decode stage."""
+
+    INT4 = Weights.INT4.value
+    INT8_BLOCKS = Weights.INT8_BLOCKS.value
+
+
 class LevelChoice(str, enum.Enum):
     """--level: a Level, or auto (O3 with per-token O1 where needed)."""
 
@@ -106,7 +113,7 @@ def quantize(
     own_text: Annotated[float | None, typer.Option(
         help="Share of the calibration windows a decoder with a key/value cache writes itself, sampled at temperature "
              f"1 from seed words, beside the pydoc text; 0: pydoc alone; not with --calib-data [default: "
-             f"{OWN_TEXT_SHARE:g} with --weights int4, 0 with int8]")] = None,
+             f"{OWN_TEXT_SHARE:g} with int4 weights (--weights or --decode-weights), else 0]")] = None,
     num_samples: Annotated[int, typer.Option(help="Calibration samples")] = 128,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration sample (text data)")] = 512,
     decode_steps: Annotated[int, typer.Option(
@@ -139,12 +146,18 @@ def quantize(
                              "block by block along its residual stream; less memory, more sessions")] = 256,
     weights: Annotated[Weights, typer.Option(
         help="int8: W8A8; int4: W4A8, 4-bit block weights as onnxruntime's MatMulNBits (int8 activations per "
-             "block inside the kernel), layers 4 bits would break stay W8A8")] = Weights.INT8,
+             "block inside the kernel), layers 4 bits would break stay W8A8; int8-blocks: 8-bit MatMulNBits "
+             "blocks (faster decode, slower prefill than int8)")] = Weights.INT8,
+    decode_weights: Annotated[DecodeChoice | None, typer.Option(
+        help="int4 or int8-blocks: a decode stage beside the W8A8 prompt stage, one graph branching on the token "
+             "count: single-token runs (with the key/value cache) take MatMulNBits layers, the fastest decode, "
+             "prompts the INT8 GEMM, the fastest prefill [default: one graph for both]")] = None,
     weight_rounding: Annotated[Rounding | None, typer.Option(
         help="nearest, or gptq: error feedback through the calibration inputs (X^T X per layer group) "
-             "[default: gptq with --weights int4, nearest with int8]")] = None,
+             "[default: gptq for int4 weights (--weights or --decode-weights), nearest for 8 bits]")] = None,
     int4_block: Annotated[int, typer.Option(
-        help="--weights int4: input channels per 4-bit block (a scale each): 32, 64 or 128")] = 32,
+        help="MatMulNBits (--weights or --decode-weights int4, int8-blocks): input channels per block (a scale "
+             "each): 32, 64 or 128")] = 32,
     calibration_provider: Annotated[Provider, typer.Option(
         help="Where calibration runs: cuda (onnxruntime-gpu on an NVIDIA GPU, TF32 off), cpu, or auto: cuda when "
              "this onnxruntime has it")] = Provider.AUTO,
@@ -166,8 +179,10 @@ def quantize(
                                           seq_len=seq_len, decode_steps=decode_steps, own_text=own_text),
             verify_fusion=verify, optimize=optimize, keep_float_budget=keep_float_budget,
             block_bytes=block_bytes(block_size), cache_dir=cache_dir, sequential=sequential,
-            check_samples=check_samples, allow_lossy=allow_lossy, weights=weights, weight_rounding=weight_rounding,
-            int4_block=int4_block, act_order=act_order, calibration_provider=calibration_provider)
+            check_samples=check_samples, allow_lossy=allow_lossy, weights=weights,
+            decode_weights=Weights(decode_weights.value) if decode_weights else None,
+            weight_rounding=weight_rounding, int4_block=int4_block, act_order=act_order,
+            calibration_provider=calibration_provider)
         if report_json is not None:
             _check_writable_file(report_json, "--report-json")
         report = quantize_model(model, output, config, progress=True)

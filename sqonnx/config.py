@@ -40,6 +40,15 @@ class Weights(str, enum.Enum):
     # activations to int8 per row and block itself (accuracy_level 4), so static ranges and --level do not apply.
     # Layers that 4 bits would hurt stay W8A8 (sqonnx.math.search.INT4_ERROR_LIMIT).
     INT4 = "int4"
+    # W8A8 in MatMulNBits' form: 8-bit weight blocks, int8 activations per row and block inside the kernel. Its decode
+    # is faster than the INT8 GEMM's (no separate activation quantization, one fused kernel), its prefill slower:
+    # the decode stage of --decode-weights int8-blocks.
+    INT8_BLOCKS = "int8-blocks"
+
+    @property
+    def matmul_nbits(self) -> bool:
+        """Written as MatMulNBits (formats.nbits)."""
+        return self in (Weights.INT4, Weights.INT8_BLOCKS)
 
 
 class Rounding(str, enum.Enum):
@@ -100,7 +109,8 @@ class CalibrationConfig:
     seq_len: int = 512
     # The share of the calibration windows a decoder that can write (a key/value cache, `logits`, in memory) writes
     # itself, sampled from seed words, beside the built-in pydoc text (sqonnx.calibrators.data); 0: pydoc alone.
-    # Not with --calib-data. None: by the weights (QuantizeConfig: OWN_TEXT_SHARE for int4, 0 for int8).
+    # Not with --calib-data. None: by the weights (QuantizeConfig: OWN_TEXT_SHARE for int4 weights, a decode
+    # stage's too; else 0).
     own_text: float | None = None
     # Single tokens run through the key/value cache after the prefill windows (a with-past decoder, text
     # data): decode is what users run, and free-running tokens are what prefill over text cannot show.
@@ -183,10 +193,15 @@ class QuantizeConfig:
     # GPTQ's act-order: channels rounded in order of decreasing X^T X diagonal, groups' scales fixed beforehand
     act_order: bool = True
     calibration_provider: Provider = Provider.AUTO
+    # A decode stage beside the prompt's (a decoder with its key/value cache): single-token runs take a second copy of
+    # the linear layers in this format, from the same calibration, smoothing and rotation; the written graph branches
+    # on the token count (io.writer's phases). int4: W4A8 MatMulNBits, the fastest decode (a decode step reads every
+    # weight once); int8-blocks: 8-bit MatMulNBits, nearly W8A8's quality. None: one graph for both.
+    decode_weights: Weights | None = None
 
     def __post_init__(self) -> None:
         if self.calibration.own_text is None:
-            share = OWN_TEXT_SHARE if self.weights is Weights.INT4 else 0.0
+            share = OWN_TEXT_SHARE if Weights.INT4 in (self.weights, self.decode_weights) else 0.0
             object.__setattr__(self, "calibration", replace(self.calibration, own_text=share))
         if self.alpha != AUTO and not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
             raise SqonnxError(f"--alpha must be between 0 and 1 or 'auto', got {self.alpha}; try 0.5")
@@ -208,9 +223,10 @@ class QuantizeConfig:
             raise SqonnxError(f"--check-samples must be >= 0 (0: no quality check), got {self.check_samples}; try 4")
         rules, target = rules_of(self.target), self.target.value
         if rules.qdq_only:
-            if self.weights is Weights.INT4:
-                raise SqonnxError(f"--weights int4 writes MatMulNBits, which {rules.runtime} cannot import; drop "
-                                  f"--weights int4 for --target {target} (INT8 Q/DQ), or use another --target")
+            if self.weights.matmul_nbits:
+                raise SqonnxError(f"--weights {self.weights.value} writes MatMulNBits, which {rules.runtime} cannot "
+                                  f"import; drop --weights {self.weights.value} for --target {target} (INT8 Q/DQ), "
+                                  "or use another --target")
             if self.format is Format.QOPERATOR or self.level is not Level.O3:
                 raise SqonnxError(f"--target {target} takes static Q/DQ only; drop "
                                   f"{'--format qoperator' if self.format is Format.QOPERATOR else '--dynamic/--level'}"
@@ -220,13 +236,41 @@ class QuantizeConfig:
                               "DynamicQuantizeLinear); drop --dynamic/--level (per-token groups stay float there)")
         if self.int4_block not in (16, 32, 64, 128, 256):
             raise SqonnxError(f"--int4-block must be 16, 32, 64, 128 or 256, got {self.int4_block}; try 32")
-        if self.smooth_only and self.weights is Weights.INT4:
-            raise SqonnxError("--smooth-only writes a float model; --weights int4 has nothing to quantize, drop one")
+        if self.smooth_only and self.weights.matmul_nbits:
+            raise SqonnxError(f"--smooth-only writes a float model; --weights {self.weights.value} has nothing to "
+                              "quantize, drop one")
         if self.block_bytes < 1:
             block_bytes(self.block_bytes / MB)  # raises the --block-size message
+        if self.decode_weights is not None:
+            self._check_decode()
         for pattern in self.exclude:
             if not pattern:
                 raise SqonnxError("--exclude got an empty pattern; give a node-name glob like '*lm_head*'")
+
+    def _check_decode(self) -> None:
+        decode = self.decode_weights
+        assert decode is not None
+        if not decode.matmul_nbits:
+            raise SqonnxError(f"--decode-weights {decode.value} is not a decode format; try --decode-weights int4 "
+                              "(W4A8 MatMulNBits for the decode stage, W8A8 for the prompt) or int8-blocks")
+        if self.weights is not Weights.INT8:
+            raise SqonnxError(f"--decode-weights {decode.value} gives the prompt stage W8A8 and the decode stage "
+                              f"{decode.value}; drop --weights {self.weights.value} (or --decode-weights, for one "
+                              "graph)")
+        if self.smooth_only:
+            raise SqonnxError("--smooth-only writes a float model; --decode-weights has nothing to quantize, drop one")
+        rules = rules_of(self.target)
+        if rules.qdq_only:
+            raise SqonnxError(f"--decode-weights writes MatMulNBits, which {rules.runtime} cannot import; drop "
+                              f"--decode-weights for --target {self.target.value}")
+
+    @property
+    def decode_config(self) -> QuantizeConfig | None:
+        """How the decode stage's layers are built (None: no decode stage). Its smoothing is the prompt stage's, so
+        that the key/value cache one stage writes is what the other reads (run.build.build's `smoothing`)."""
+        if self.decode_weights is None:
+            return None
+        return replace(self, weights=self.decode_weights, decode_weights=None, keep_float_budget=None, sequential=False)
 
     @property
     def rounding(self) -> Rounding:
@@ -235,9 +279,15 @@ class QuantizeConfig:
         return Rounding.GPTQ if self.weights is Weights.INT4 else Rounding.NEAREST
 
     @property
-    def needs_hessians(self) -> bool:
-        """Whether calibration must sum X^T X per activation (GPTQ)."""
+    def gptq(self) -> bool:
+        """Whether this run's layers are rounded with GPTQ."""
         return self.rounding is Rounding.GPTQ and not self.smooth_only
+
+    @property
+    def needs_hessians(self) -> bool:
+        """Whether calibration must sum X^T X per activation (GPTQ here, or in the decode stage)."""
+        decode = self.decode_config
+        return self.gptq or (decode is not None and decode.gptq)
 
     @property
     def alpha_auto(self) -> bool:
@@ -254,7 +304,8 @@ class QuantizeConfig:
     def needs_rows(self) -> bool:
         """Whether calibration must keep activation rows (searches), not only maxima."""
         return (self.smooth and (self.alpha_auto or self.unabsorbed is Unabsorbed.AUTO)
-                or self.keep_float_budget is not None or self.level_auto or self.weights is Weights.INT4
+                or self.keep_float_budget is not None or self.level_auto or self.weights.matmul_nbits
+                or (self.decode_weights is not None and self.decode_weights.matmul_nbits)
                 or (self.calib_method is not CalibMethod.MINMAX and self.level is Level.O3))
 
     @property

@@ -63,6 +63,7 @@ class QuantizeReport:
             f"{ratio_before:.1f} -> {ratio_after:.1f}",
             *([f"  {self.settings['quality_check']}"] if "quality_check" in self.settings else []),
             *([f"  LM head {self.settings['lm_head']}"] if "lm_head" in self.settings else []),
+            *([f"  {self.settings['decode']}"] if "decode" in self.settings else []),
             *([f"  TensorRT: {self.settings['tensorrt']}"] if "tensorrt" in self.settings else []),
             *([f"  CUDA: {self.settings['cuda']}"] if "cuda" in self.settings else []),
             f"  size: {self.input_bytes / 1e6:.1f} MB -> {self.output_bytes / 1e6:.1f} MB in {self.seconds:.1f} s",

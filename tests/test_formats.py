@@ -10,7 +10,7 @@ import pytest
 
 from sqonnx import Level, QuantizeConfig, Target, Weights
 from sqonnx.formats import FORMATS, LayerContext, primary
-from sqonnx.formats.int4_nbits import W4A8
+from sqonnx.formats.nbits import W4A8
 from sqonnx.graph.layers import as_linear_layer
 from sqonnx.graph.match import NoMatch
 from sqonnx.math.search import INT4_ERROR_LIMIT
@@ -42,11 +42,14 @@ def _first(layer: object, context: LayerContext, config: QuantizeConfig) -> tupl
 
 
 def test_registry_order_and_yardsticks() -> None:
-    assert [fmt.name for fmt in FORMATS] == ["int4 MatMulNBits", "int8 integer ops", "int8 Q/DQ"]
+    assert [fmt.name for fmt in FORMATS] == ["int4 MatMulNBits", "int8 MatMulNBits", "int8 integer ops", "int8 Q/DQ"]
     assert primary(QuantizeConfig()).yardstick() == "unsmoothed W8A8"
     assert primary(QuantizeConfig(weights=Weights.INT4)).yardstick() == "unsmoothed W4A8 (round to nearest)"
     assert primary(QuantizeConfig(weights=Weights.INT4)).search_block(QuantizeConfig(int4_block=64)) == 64
     assert primary(QuantizeConfig()).search_block(QuantizeConfig()) == 0
+    blocks = QuantizeConfig(weights=Weights.INT8_BLOCKS)
+    assert primary(blocks).yardstick() == "unsmoothed W8A8 blocks (round to nearest)"
+    assert primary(blocks).search_block(blocks) == 0
 
 
 @pytest.mark.parametrize(("config", "level", "expected"), [
@@ -54,6 +57,7 @@ def test_registry_order_and_yardsticks() -> None:
     (QuantizeConfig(), Level.O1, "int8 integer ops"),  # per-token scales have no Q/DQ spelling
     (QuantizeConfig(target=Target.CUDA), Level.O3, "int8 integer ops"),  # the target's row: no fused kernel
     (QuantizeConfig(weights=Weights.INT4), Level.O3, "int4 MatMulNBits"),
+    (QuantizeConfig(weights=Weights.INT8_BLOCKS), Level.O3, "int8 MatMulNBits"),
 ])
 def test_each_layer_takes_the_first_format_that_takes_it(config: QuantizeConfig, level: Level, expected: str) -> None:
     rng = np.random.default_rng(0)

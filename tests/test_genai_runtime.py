@@ -43,12 +43,16 @@ def _complete_genai_config(folder: Path) -> None:
     path.write_text(json.dumps(config, indent=2))
 
 
-def test_genai_generator_runs_the_quantized_folder(tmp_path: Path) -> None:
+@pytest.mark.parametrize("decode", [None, sqonnx.Weights.INT4], ids=["w8a8", "decode-int4"])
+def test_genai_generator_runs_the_quantized_folder(tmp_path: Path, decode: sqonnx.Weights | None) -> None:
+    """--decode-weights int4 too: genai runs the one graph as it is, the prompt through the W8A8 branch and every
+    generated token through the W4A8 one (the `If` on the token count), as onnxruntime does."""
     model = build_genai(tmp_path / "fp")
     _complete_genai_config(model.parent)
     out = tmp_path / "int8" / "model.onnx"
     out.parent.mkdir()
-    report = sqonnx.quantize(model, out, sqonnx.QuantizeConfig(calibration=CALIBRATION))
+    report = sqonnx.quantize(model, out, sqonnx.QuantizeConfig(calibration=CALIBRATION, decode_weights=decode,
+                                                               allow_lossy=decode is not None))
     assert report.quantized_layers and report.kernels is not None and not report.kernels.unfused
     prompt = np.random.default_rng(3).integers(1, 2000, 12).astype(np.int64)
     (tmp_path / "prompt.json").write_text(json.dumps(prompt.tolist()))

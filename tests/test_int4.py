@@ -101,7 +101,8 @@ def _linear(path: Path, k: int, n: int, gemm: bool, rng: np.random.Generator,
 
 @pytest.mark.parametrize("gemm", [False, True], ids=["matmul", "gemm-transB-bias"])
 @pytest.mark.parametrize("level", [0, 4])
-def test_matmul_nbits_equals_its_numpy_reference(tmp_path: Path, gemm: bool, level: int) -> None:
+@pytest.mark.parametrize("bits", [4, 8])
+def test_matmul_nbits_equals_its_numpy_reference(tmp_path: Path, gemm: bool, level: int, bits: int) -> None:
     """The written MatMulNBits (K = 200, not a multiple of the block: padded) computes x @ dequantized weight: in
     float at accuracy_level 0, and on int8 inputs per row and block of 32 at level 4 (which onnxruntime really
     does on this CPU: its output differs from level 0's)."""
@@ -109,12 +110,13 @@ def test_matmul_nbits_equals_its_numpy_reference(tmp_path: Path, gemm: bool, lev
     k, n = 200, 48
     path, w, b = _linear(tmp_path / "m.onnx", k, n, gemm, rng)
     model = ir.load(path)
-    rounded = nearest(w, Grid.int4(32))
-    InsertMatMulNBitsPass([NBitsLayer(find_linear_layers(model.graph)[0], rounded)], accuracy_level=level)(model)
+    rounded = nearest(w, Grid.int4(32) if bits == 4 else Grid.int8_blocks(32))
+    InsertMatMulNBitsPass([NBitsLayer(find_linear_layers(model.graph)[0], rounded, bits)],
+                          accuracy_level=level)(model)
     assert [node.op_type for node in model.graph] == ["MatMulNBits"]
-    packed, scales = pack(rounded)
-    assert packed.shape == (n, 7, 16) and packed.dtype == np.uint8 and scales.shape == (n, 7)
-    np.testing.assert_array_equal(unpack(packed, scales, k), rounded.dequantized())
+    packed, scales = pack(rounded, bits)
+    assert packed.shape == (n, 7, 32 * bits // 8) and packed.dtype == np.uint8 and scales.shape == (n, 7)
+    np.testing.assert_array_equal(unpack(packed, scales, k, bits), rounded.dequantized())
     proto = ir.serde.serialize_model(model)
     onnx.checker.check_model(proto)
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -126,7 +128,7 @@ def test_matmul_nbits_equals_its_numpy_reference(tmp_path: Path, gemm: bool, lev
     scale = np.abs(expected).max()
     assert np.abs(y - expected).max() <= (1e-5 if level == 0 else 2e-3) * scale
     if level == 4:
-        assert nbits_computes_int8(4, 32)
+        assert nbits_computes_int8(bits, 32)
         assert np.abs(y - (rows @ rounded.dequantized() + (b if gemm else 0)).reshape(y.shape)).max() > 1e-5 * scale
 
 

@@ -30,9 +30,9 @@ class Writes:
         self.stages: list[Stage] = []
         add, finish, stage = Stage.add, StreamingWriter.finish, StreamingWriter.stage
 
-        def counted_add(stage_: Stage, block: Any, shared: set[int]) -> None:
-            self.adds.append((stage_.name, str(block.graph.name)))
-            add(stage_, block, shared)
+        def counted_add(stage_: Stage, block: Any, shared: set[int], branch: str = "") -> None:
+            self.adds.append((f"{stage_.name}{'/' + branch if branch else ''}", str(block.graph.name)))
+            add(stage_, block, shared, branch)
 
         def counted_finish(writer: StreamingWriter, stage_: Stage, *args: Any) -> int:
             self.finished.append(stage_.name)

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from sqonnx.config import QuantizeConfig
 from sqonnx.formats.base import LayerContext, Planned, WeightFormat
-from sqonnx.formats.int4_nbits import W4A8, Int4NBits
 from sqonnx.formats.int8 import Int8Integer, Int8QDQ
+from sqonnx.formats.nbits import NBITS_LEVELS, W4A8, Int4NBits, Int8Blocks, NBits
 
-FORMATS: tuple[WeightFormat, ...] = (Int4NBits(), Int8Integer(), Int8QDQ())
+FORMATS: tuple[WeightFormat, ...] = (Int4NBits(), Int8Blocks(), Int8Integer(), Int8QDQ())
 
-__all__ = ["FORMATS", "W4A8", "LayerContext", "Planned", "WeightFormat", "primary"]
+__all__ = ["FORMATS", "NBITS_LEVELS", "W4A8", "NBits", "LayerContext", "Planned", "WeightFormat", "primary"]
 
 
 def primary(config: QuantizeConfig) -> WeightFormat:

@@ -62,6 +62,7 @@ class Stage:
         self._written: dict[str, tuple[int, ir.ExternalTensor]] = {}  # name -> (id of its source tensor, ref)
         self._inline: dict[str, tuple[str, tuple[int, ...], bytes]] = {}  # small tensors kept in the .onnx
         self.blocks: list[ir.Model] = []
+        self.decode_blocks: list[ir.Model] = []  # the decode stage's (--decode-weights): the graph then branches
 
     @property
     def bytes_written(self) -> int:
@@ -75,13 +76,16 @@ class Stage:
         """This candidate lost: its data file goes now (the disk it took is free for the next)."""
         self.close()
         self.blocks = []
+        self.decode_blocks = []
         self._offset = 0
         self.data_path.unlink(missing_ok=True)
 
-    def add(self, block: ir.Model, shared: set[int]) -> None:
+    def add(self, block: ir.Model, shared: set[int], branch: str = "") -> None:
         """Write `block`'s tensors (but the smallest, which stay in its graph) and keep its graph. `shared`: ids
         of the tensors the full model holds for the whole run; one of them read by several blocks is written
-        once (an id is compared only while its tensor is alive, so it cannot stand for another)."""
+        once (an id is compared only while its tensor is alive, so it cannot stand for another). `branch` DECODE:
+        a decode stage's block, whose tensors equal to the prompt stage's (the embedding, norms) are not written
+        again: a name in both branches is one tensor (`_assemble_phases` puts it in the outer graph)."""
         graph = block.graph
         for value in list(graph.initializers.values()):
             tensor = value.const_value
@@ -93,7 +97,7 @@ class Stage:
                 if isinstance(tensor, (ir.ExternalTensor, ir.LazyTensor)):
                     value.const_value = ir.tensor(data, name=name)
                 key = (str(tensor.dtype), tuple(tensor.shape), data.tobytes())
-                if self._inline.setdefault(name, key) != key:
+                if name in self._written or self._inline.setdefault(name, key) != key:
                     value.name = name = _unique(name, {**self._written, **self._inline}, graph)
                     self._inline[name] = key
                 continue
@@ -101,11 +105,23 @@ class Stage:
             if known is not None and known[0] == id(tensor) and id(tensor) in shared:
                 value.const_value = known[1]
                 continue
+            if known is not None and branch == DECODE and self._holds(known[1], tensor):
+                value.const_value = known[1]
+                continue
             if known is not None or name in self._inline:  # the same name, changed in this block only
                 value.name = name = _unique(name, {**self._written, **self._inline}, graph)
             value.const_value = self._write(tensor, name)
             self._written[name] = (id(tensor), value.const_value)
-        self.blocks.append(block)
+        (self.decode_blocks if branch == DECODE else self.blocks).append(block)
+
+    def _holds(self, ref: ir.ExternalTensor, tensor: ir.TensorProtocol) -> bool:
+        """Whether the tensor written at `ref` is `tensor`, byte for byte (read back: a decode block's tensors are
+        compared only where a name is taken)."""
+        if ref.dtype != tensor.dtype or tuple(ref.shape) != tuple(tensor.shape):
+            return False
+        self._file.flush()
+        return bool(np.array_equal(_read(self.data_path, ref).reshape(-1).view(np.uint8),
+                                   np.ascontiguousarray(tensor.numpy()).reshape(-1).view(np.uint8)))
 
     def _write(self, tensor: ir.TensorProtocol, name: str) -> ir.ExternalTensor:
         padding = (-self._offset) % ALIGNMENT if tensor.nbytes >= ALIGN_FROM_BYTES else 0
@@ -206,7 +222,7 @@ class StreamingWriter:
         data_name = f"{self.output_path.name}.{stage.digest.hexdigest()[:_DIGEST_CHARS]}.data" if external else None
         if data_name is not None:
             os.replace(stage.data_path, self.staging / data_name)
-        for block in stage.blocks:
+        for block in (*stage.blocks, *stage.decode_blocks):
             for value in block.graph.initializers.values():
                 ref = value.const_value
                 if isinstance(ref, ir.ExternalTensor) and ref.location == stage.data_name:
@@ -214,7 +230,8 @@ class StreamingWriter:
                                                            shape=ref.shape, name=ref.name, base_dir=str(self.staging))
                                          if data_name is not None else ir.tensor(_read(stage.data_path, ref),
                                                                                  name=ref.name))
-        proto = _assemble(skeleton, stage.blocks, metadata)
+        proto = _assemble(skeleton, stage.blocks, metadata) if not stage.decode_blocks else \
+            _assemble_phases(skeleton, stage.blocks, stage.decode_blocks, metadata)
         staged = self.staging / self.output_path.name
         try:
             with open(staged, "wb") as handle:
@@ -300,7 +317,78 @@ def _space_message(folder: Path, written: int) -> str:
 
 def _assemble(skeleton: ir.Model, blocks: list[ir.Model], metadata: dict[str, str]) -> onnx.ModelProto:
     """One model from the blocks' graphs, linked by value names; inputs, outputs and header from `skeleton`."""
+    proto = _header(skeleton, metadata)
     graph = skeleton.graph
+    opsets = _link(proto.graph, blocks, {v.name for v in (*graph.inputs, *graph.outputs)})
+    _opsets(proto, skeleton, opsets)
+    return proto
+
+
+DECODE = "decode"  # Stage.add's branch of a decode stage's blocks
+PHASE_INPUT = "input_ids"  # its token count picks the branch
+
+
+def _assemble_phases(skeleton: ir.Model, prompt: list[ir.Model], decode: list[ir.Model],
+                     metadata: dict[str, str]) -> onnx.ModelProto:
+    """One model whose body branches on the phase (--decode-weights): `If` more than one token in `input_ids` (a
+    prompt), the prompt stage's graph, else the decode stage's. Both branches read the model's inputs and the tensors
+    they share (one name, one tensor: Stage.add) from the outer graph; each keeps its own layers. Inputs, outputs and
+    header from `skeleton`: what onnxruntime, onnxruntime-genai and optimum see is the model as exported."""
+    proto = _header(skeleton, metadata)
+    graph = skeleton.graph
+    outputs = [str(v.name) for v in graph.outputs]
+    ends = {str(v.name) for v in graph.inputs}
+    branches = []
+    opsets: dict[str, int] = {}
+    for name, blocks in (("prompt", prompt), ("decode", decode)):
+        branch = onnx.GraphProto(name=name)
+        opsets.update(_link(branch, blocks, ends | set(outputs)))
+        made = {value for node in branch.node for value in node.output}
+        if not made >= set(outputs):
+            raise AssertionError(f"internal error: the {name} stage computes none of {sorted(set(outputs) - made)}")
+        _rename(branch, {output: f"{output}/{name}" for output in outputs})
+        for declared in proto.graph.output:
+            branch.output.append(declared)
+            branch.output[-1].name = f"{declared.name}/{name}"
+        branches.append(branch)
+    then, otherwise = branches
+    names = {t.name for t in otherwise.initializer}
+    common = [t for t in then.initializer if t.name in names]
+    proto.graph.initializer.extend(common)
+    hoisted = {t.name for t in common}
+    for branch in branches:
+        kept = [t for t in branch.initializer if t.name not in hoisted]
+        del branch.initializer[:]
+        branch.initializer.extend(kept)
+    one = onnx.numpy_helper.from_array(np.array([1], np.int64), "sqonnx/phase/one")  # the sequence axis, one token
+    proto.graph.initializer.append(one)
+    proto.graph.node.extend([
+        onnx.helper.make_node("Shape", [PHASE_INPUT], ["sqonnx/phase/shape"], "sqonnx/phase/shape"),
+        onnx.helper.make_node("Gather", ["sqonnx/phase/shape", one.name], ["sqonnx/phase/tokens"],
+                              "sqonnx/phase/tokens", axis=0),
+        onnx.helper.make_node("Greater", ["sqonnx/phase/tokens", one.name], ["sqonnx/phase/prompt"],
+                              "sqonnx/phase/is_prompt"),
+        onnx.helper.make_node("If", ["sqonnx/phase/prompt"], outputs, "sqonnx/phase", then_branch=then,
+                              else_branch=otherwise,
+                              doc_string="prompt (more than one token): W8A8; decode (one token): the decode stage"),
+    ])
+    _opsets(proto, skeleton, opsets)
+    return proto
+
+
+def _rename(graph: onnx.GraphProto, names: dict[str, str]) -> None:
+    for node in graph.node:
+        for values in (node.input, node.output):
+            for i, value in enumerate(values):
+                if value in names:
+                    values[i] = names[value]
+    kept = [info for info in graph.value_info if info.name not in names]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
+
+
+def _header(skeleton: ir.Model, metadata: dict[str, str]) -> onnx.ModelProto:
+    """A model with `skeleton`'s header, metadata and functions, and its graph's name, inputs and outputs."""
     proto = onnx.ModelProto()
     proto.ir_version = skeleton.ir_version
     proto.producer_name = skeleton.producer_name or ""
@@ -311,34 +399,46 @@ def _assemble(skeleton: ir.Model, blocks: list[ir.Model], metadata: dict[str, st
         proto.model_version = skeleton.model_version
     if skeleton.doc_string:
         proto.doc_string = skeleton.doc_string
-    opsets = dict(graph.opset_imports)
+    proto.functions.extend(ir.serde.serialize_function(f) for f in skeleton.functions.values())
+    for key, value in {**skeleton.metadata_props, **metadata}.items():
+        prop = proto.metadata_props.add()
+        prop.key, prop.value = key, value
+    graph = skeleton.graph
     proto.graph.name = graph.name or "main_graph"
     proto.graph.input.extend(ir.serde.serialize_value(v) for v in graph.inputs)
     proto.graph.output.extend(ir.serde.serialize_value(v) for v in graph.outputs)
-    ends = {v.name for v in (*graph.inputs, *graph.outputs)}
+    return proto
+
+
+def _link(graph: onnx.GraphProto, blocks: list[ir.Model], ends: set[str]) -> dict[str, int]:
+    """The blocks' nodes, initializers and value infos into `graph` (each name once; `ends`: the model's inputs and
+    outputs, declared by the model). Returns the opsets the blocks import."""
+    opsets: dict[str, int] = {}
     initializers: set[str] = set()
     infos: set[str] = set(ends)
     for block in blocks:
         part = ir.serde.serialize_model(block)
         for opset in part.opset_import:
             opsets.setdefault(opset.domain, opset.version)
-        proto.graph.node.extend(part.graph.node)
+        graph.node.extend(part.graph.node)
         for tensor in part.graph.initializer:
             if tensor.name not in initializers:
                 initializers.add(tensor.name)
-                proto.graph.initializer.append(tensor)
+                graph.initializer.append(tensor)
         for info in (*part.graph.input, *part.graph.output, *part.graph.value_info):
             if info.name not in infos:
                 infos.add(info.name)
-                proto.graph.value_info.append(info)
+                graph.value_info.append(info)
+    return opsets
+
+
+def _opsets(proto: onnx.ModelProto, skeleton: ir.Model, found: dict[str, int]) -> None:
+    opsets = dict(skeleton.graph.opset_imports)
+    for domain, version in found.items():
+        opsets.setdefault(domain, version)
     for domain, version in sorted(opsets.items()):
         entry = proto.opset_import.add()
         entry.domain, entry.version = domain, version
-    proto.functions.extend(ir.serde.serialize_function(f) for f in skeleton.functions.values())
-    for key, value in {**skeleton.metadata_props, **metadata}.items():
-        prop = proto.metadata_props.add()
-        prop.key, prop.value = key, value
-    return proto
 
 
 STAGING_PREFIX = ".sqonnx-"

@@ -44,6 +44,10 @@ class Grid:
     def int4(cls, block: int) -> Grid:
         return cls(-8, 7, block, signed_max=True)
 
+    @classmethod
+    def int8_blocks(cls, block: int) -> Grid:
+        return cls(-128, 127, block, signed_max=True)
+
     def size(self, k: int) -> int:
         return self.group or k
 

@@ -46,16 +46,19 @@ class Built:
 
 
 def build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quantized: set[str],
-          sensitivities: bool = False, rotation: RotationJudge | None = None) -> Built:
+          sensitivities: bool = False, rotation: RotationJudge | None = None,
+          smoothing: QuantizeConfig | None = None) -> Built:
     """Smooth and quantize `model` (a fresh copy of a block) with its calibration statistics. `rotation`: judge
-    the residual-stream rotation on the groups that read it."""
+    the residual-stream rotation on the groups that read it. `smoothing`: the config whose choices the smoothing
+    follows (a decode stage's: the prompt stage's, so both stages fold the same factors); None: `config`."""
     if not config.smooth_only:
         _weights_in_float32(model.graph, quantized)
     scheme = quantization_scheme(config, stats)
     originals = {layer.name: (layer.weight, layer.in_axis) for group in find_smoothing_groups(model.graph)
                  for layer in group.layers
                  if sensitivities or (rotation is not None and str(group.activation.name) in rotation.readers)}
-    groups = smooth_block(model, config, stats, quantized, scheme)
+    groups = smooth_block(model, config, stats, quantized, scheme) if smoothing is None else \
+        smooth_block(model, smoothing, stats, quantized)
     if config.splits_channels:
         split = SplitChannelsPass(groups, stats, quantized, rotation.readers if rotation is not None else frozenset())(
             model)

@@ -15,13 +15,14 @@ import onnx_ir as ir
 
 from sqonnx.calibrators import CalibrationFeeds, calibration_feeds
 from sqonnx.calibrators.cache import CalibrationCache, data_identity, model_identity
-from sqonnx.calibrators.data import check_data
+from sqonnx.calibrators.data import cache_outputs, check_data
 from sqonnx.config import Level, QuantizeConfig, tool_version
 from sqonnx.errors import SqonnxError
 from sqonnx.graph.layers import find_linear_layers
 from sqonnx.graph.tensors import opset_version
 from sqonnx.io.genai import companion_files
 from sqonnx.io.load import load_model
+from sqonnx.io.writer import PHASE_INPUT
 from sqonnx.passes.prepare import prepare
 from sqonnx.passes.rotate import RotationResult, rotate_model
 from sqonnx.run.progress import Progress
@@ -64,7 +65,11 @@ def read_input(model_path: Path, output_path: Path, config: QuantizeConfig) -> L
     model = load_model(model_path)
     companions = companion_files(model_path, output_path)
     check_quantizable(model, config)
-    external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+    # A --decode-weights model keeps its weights in a data file whatever the input did: onnxruntime then holds each
+    # branch's weights once instead of beside the parsed protobuf (SmolLM2's W8A8 generating 256 + 64 tokens: peak RSS
+    # 389 MB from a data file, 865 MB from one .onnx).
+    external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()) or \
+        config.decode_weights is not None
     return Loaded(model, external, _model_bytes(model_path, model), companions)
 
 
@@ -206,7 +211,16 @@ def check_quantizable(model: ir.Model, config: QuantizeConfig) -> None:
     if rules.max_opset and opset > rules.max_opset and not config.smooth_only:
         raise SqonnxError(f"the model uses opset {opset}; {rules.opset_reason.format(max=rules.max_opset)}: convert "
                           f"it with onnx.version_converter.convert_version(model, {rules.max_opset}) first")
-    already = sorted({node.op_type for node in model.graph if node.op_type in QUANTIZED_OPS})
+    inputs = list(model.graph.inputs)
+    if config.decode_weights is not None and not cache_outputs(inputs):
+        raise SqonnxError("--decode-weights writes a decode stage for single-token runs through the key/value cache, "
+                          "and the model has none (no past_key_values.* inputs): export it with past (optimum: --task "
+                          "text-generation-with-past, or onnxruntime-genai's builder), or drop --decode-weights")
+    if config.decode_weights is not None and PHASE_INPUT not in {v.name for v in inputs}:
+        raise SqonnxError(f"--decode-weights tells prompt from decode by the token count of `{PHASE_INPUT}`, which the "
+                          "model does not take (it reads embeddings?): drop --decode-weights")
+    already = sorted({node.op_type for node in ir.traversal.RecursiveGraphIterator(model.graph)
+                      if node.op_type in QUANTIZED_OPS})
     if already:
         raise SqonnxError(f"the model is already quantized (it has {', '.join(already)}); "
                           "pass the original float model")

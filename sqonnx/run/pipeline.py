@@ -24,10 +24,10 @@ from sqonnx.calibrators.channel_max import ActivationStats
 from sqonnx.calibrators.data import LOGITS
 from sqonnx.config import QuantizeConfig, Rounding
 from sqonnx.errors import SqonnxError
-from sqonnx.formats import W4A8, primary
+from sqonnx.formats import NBITS_LEVELS, primary
 from sqonnx.graph.layers import find_linear_layers, output_layer
 from sqonnx.graph.tensors import opset_version, prefetch
-from sqonnx.io.writer import Stage, StreamingWriter, no_space
+from sqonnx.io.writer import DECODE, Stage, StreamingWriter, no_space
 from sqonnx.judgements.decisions import choose_alpha, judge_head, keep_float_done
 from sqonnx.judgements.layer_report import LayerReport
 from sqonnx.judgements.quality import HeadVerdict, QualityCheck, RotationJudge, loss_noise
@@ -104,6 +104,10 @@ class Track:
     # and `result` gathers what they hold. None: a track that is only measured.
     stage: Stage | None = None
     result: BlockPassResult = field(default_factory=BlockPassResult)
+    # A decode stage's track: its blocks go to `stage`'s decode branch (io.writer.DECODE), smoothed as `smoothing`
+    # (the prompt stage's config) smooths them.
+    branch: str = ""
+    smoothing: QuantizeConfig | None = None
 
     @property
     def comparison(self) -> Comparison:
@@ -121,6 +125,7 @@ class PassSummary:
     fp_seconds: float = 0.0  # the FP model's time on the timing sample (--keep-float-budget's speedups)
     resumed: int = 0  # blocks whose calibration an earlier run left in --cache-dir
     head: HeadVerdict | None = None  # the quantized LM head judged against a float one, where its block was built
+    decode_head: HeadVerdict | None = None  # the same for the decode stage's (--decode-weights)
 
 
 @dataclass
@@ -142,6 +147,9 @@ class Outcome:
     resumed: int = 0  # blocks whose calibration an earlier run left in --cache-dir
     check: QualityCheck | None = None  # the written model against the FP model (None: --check-samples 0)
     head: HeadVerdict | None = None  # the INT8 LM head judged against a float one (None: not judged)
+    decode: BlockPassResult | None = None  # the decode stage's layers (--decode-weights)
+    decode_check: QualityCheck | None = None  # the decode stage's layers on the check's samples
+    decode_head: HeadVerdict | None = None  # the decode stage's LM head judged against a float one
 
 
 def _check(written: Track, baseline: Track | None, held_out: bool, other: str = "") -> QualityCheck | None:
@@ -175,8 +183,8 @@ def baseline_name(config: QuantizeConfig) -> str:
 
 
 def _head_kind(reports: list[LayerReport], head: frozenset[str]) -> str:
-    """How the LM head is quantized in a build: W4A8 or INT8."""
-    return next((W4A8 for r in reports if r.name in head and r.level == W4A8), "INT8")
+    """How the LM head is quantized in a build: W4A8, W8A8 blocks or INT8."""
+    return next((r.level for r in reports if r.name in head and r.level in NBITS_LEVELS), "INT8")
 
 
 @dataclass(frozen=True)
@@ -280,11 +288,25 @@ class Pipeline:
                            fork_of=t)
                      for t in (primary, *uniform)]
             tracks += forks
+        # --decode-weights: the decode stage's layers are built in this pass where the smoothing is known before it
+        # (no α search, no float layers to find), with a fork of their own for their LM head's verdict; else in a
+        # pass of their own once it is decided (the statistics kept for it)
+        decode = None
+        if config.decode_weights is not None and not search and not keep_float:
+            assert primary.stage is not None
+            decode = self._decode_track(config, primary.stage, frozenset())
+            tracks.append(decode)
+            if forks:
+                tracks.append(Track("decode stage, float LM head", decode.config, forks[0].float_layers,
+                                    keys=set(decode.keys), other_keys=other, fork_of=decode, branch=DECODE,
+                                    smoothing=decode.smoothing))
+                forks.append(tracks[-1])
         references = set().union(*(t.keys for t in tracks))
         summary = self.run_pass("quantizing", tracks, writer, calibrate=True, references=references,
                                 keep_stats=keep_float or search, timing_key=min(eval_keys) if keep_float else None)
         assert primary.stage is not None
-        outcome = Outcome(config, primary.result, primary.stage, resumed=summary.resumed, head=summary.head)
+        outcome = Outcome(config, primary.result, primary.stage, resumed=summary.resumed, head=summary.head,
+                          decode_head=summary.decode_head)
         if outcome.head is not None:
             logger.info("LM head: %s", outcome.head.summary())
         written = _as_written(primary, forks, outcome.head)
@@ -305,7 +327,33 @@ class Pipeline:
                                        writer)
         held_out = samples.held_out > 0 and written.keys - other <= set(samples.held_out_keys)
         outcome.check = _check(written, baseline, held_out, samples.feeds.other_description)
+        if decode is not None:
+            self._decode_outcome(outcome, decode, _as_written(decode, forks, outcome.decode_head))
+        elif config.decode_weights is not None:
+            self._decode_stage(outcome, written, writer)
         return outcome
+
+    def _decode_track(self, config: QuantizeConfig, stage: Stage, float_layers: frozenset[str]) -> Track:
+        """The decode stage's layers (--decode-weights) as `config` smooths them, into `stage`'s decode branch; judged
+        on the check's samples, every token at once (the decode layers' own error, not the cache's)."""
+        decode = config.decode_config
+        assert decode is not None
+        other = frozenset(self.samples.other_keys)
+        return Track("decode stage", decode, float_layers, keys=set(self.samples.check_keys) | other,
+                     other_keys=other, stage=stage, branch=DECODE, smoothing=config)
+
+    def _decode_stage(self, outcome: Outcome, written: Track, writer: StreamingWriter) -> None:
+        """--decode-weights after an α search or --keep-float-budget: one more pass over the blocks (statistics kept, no
+        calibration) builds the decode stage's layers with the chosen smoothing and float layers."""
+        track = self._decode_track(outcome.config, outcome.stage, written.float_layers)
+        self.run_pass("decode stage", [track], writer)
+        self._decode_outcome(outcome, track, track)
+
+    def _decode_outcome(self, outcome: Outcome, track: Track, written: Track) -> None:
+        samples = self.samples
+        outcome.decode = track.result
+        held_out = samples.held_out > 0 and written.keys - written.other_keys <= set(samples.held_out_keys)
+        outcome.decode_check = _check(written, None, held_out, samples.feeds.other_description)
 
     def _keep_float(self, outcome: Outcome, trial0: Track, sensitivity: dict[str, float], fp_seconds: float,
                     eval_keys: set[int], writer: StreamingWriter) -> Track:
@@ -491,7 +539,8 @@ class Pipeline:
             built = build(fp, track.config, stats, here - track.float_layers,
                           sensitivities=candidate and track.config.keep_float_budget is not None
                           and not track.float_layers,
-                          rotation=self.rotation if candidate else None)
+                          rotation=self.rotation if candidate and not track.branch else None,
+                          smoothing=track.smoothing)
         for value in built.model.graph.initializers.values():
             value.meta.pop(FOLDED_TENSOR, None)  # the materialized table copy: not to be kept with the written graph
         check = candidate and self.verify and bool(built.quantized) and not track.config.smooth_only
@@ -537,17 +586,24 @@ class Pipeline:
         """Write each staged track's block as it built it, or as its fork built it where the fork wins (the LM
         head float, judged on the first staged track once it and its fork have run the check's samples through the
         block that makes the first output)."""
-        for fork in tracks:
-            parent = fork.fork_of
-            if parent is not None and id(fork) in built and id(parent) in built and fork.comparison.cosines:
-                summary.head = judge_head(fork.float_layers, parent.comparison, fork.comparison,
-                                          _head_kind(built[id(parent)].built.layer_reports, fork.float_layers))
-                break
+        for branch in ("", DECODE):  # the prompt stage's verdict, from its first staged candidate; the decode stage's
+            for fork in tracks:
+                parent = fork.fork_of
+                if parent is not None and fork.branch == branch and id(fork) in built and id(parent) in built and \
+                        fork.comparison.cosines:
+                    verdict = judge_head(fork.float_layers, parent.comparison, fork.comparison,
+                                         _head_kind(built[id(parent)].built.layer_reports, fork.float_layers))
+                    if branch:
+                        summary.decode_head = verdict
+                    else:
+                        summary.head = verdict
+                    break
         for track in tracks:
             if track.stage is None or id(track) not in built:
                 continue
-            fork = next((f for f in tracks if f.fork_of is track and id(f) in built), None)
-            chosen = fork if fork is not None and summary.head is not None and summary.head.loses else track
+            candidate = next((f for f in tracks if f.fork_of is track and id(f) in built), None)
+            judged = summary.decode_head if track.branch else summary.head
+            chosen = candidate if candidate is not None and judged is not None and judged.loses else track
             self._stage_block(track, built[id(chosen)])
 
     def _stage_block(self, track: Track, build_: _Build) -> None:
@@ -571,12 +627,13 @@ class Pipeline:
             result.kernels.blocks += 1
             result.kernels.checked_blocks += found.checked_blocks
         with self.progress.phase("write"):
-            track.stage.add(built.model, self.shared)
+            track.stage.add(built.model, self.shared, track.branch)
 
     def _keep(self, index: int, stats: ActivationStats) -> None:
         """Statistics of a block for later passes: in memory up to KEPT_STATS_BYTES in all, then on disk (rows of
         wide activations: 15 MB per Llama-2-7B MLP block)."""
-        size = sum(a.nbytes for a in itertools.chain(stats.channel_max.values(), stats.rows.values()))
+        size = sum(a.nbytes for a in itertools.chain(stats.channel_max.values(), stats.rows.values(),
+                                                     stats.hessians.values()))
         if self._kept_bytes + size <= KEPT_STATS_BYTES:
             self._kept_bytes += size
             self.stats[index] = stats

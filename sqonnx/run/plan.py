@@ -14,7 +14,8 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from sqonnx.config import Level, QuantizeConfig, Rounding, Weights, tool_version
+from sqonnx.config import Level, QuantizeConfig, Rounding, tool_version
+from sqonnx.formats import NBITS_LEVELS, NBits, primary
 from sqonnx.io.load import load_model
 from sqonnx.io.writer import Stage, StreamingWriter
 from sqonnx.judgements.decisions import RotationDecision, decide_rotation
@@ -109,8 +110,12 @@ def _judge(outcome: Outcome, config: QuantizeConfig, rotation: RotationVerdict |
         (f"--alpha {config.alpha}", config.smooth and config.alpha != QuantizeConfig.alpha)) if given)
     if not config.allow_lossy:
         floor(check, outcome.result.layer_reports, asked)
-    elif check.below_floor:
-        logger.warning("writing a model far worse than FP32 (--allow-lossy): %s", check.summary())
+        if outcome.decode_check is not None and outcome.decode is not None:
+            floor(outcome.decode_check, outcome.decode.layer_reports, f"{asked} --decode-weights".strip())
+    else:
+        for stage, measured in (("", check), (" (its decode stage)", outcome.decode_check)):
+            if measured is not None and measured.below_floor:
+                logger.warning("writing a model far worse than FP32%s (--allow-lossy): %s", stage, measured.summary())
     if check.worse_than_baseline and not check.below_floor:
         logger.warning("the written model loses more than %s on the same samples (%s)%s", check.baseline_name,
                        check.summary(),
@@ -153,7 +158,31 @@ def _settings(requested: QuantizeConfig, outcome: Outcome, front: Prepared) -> d
     if not config.smooth_only:
         settings["quality_check"] = outcome.check.summary() if outcome.check is not None else \
             "quality check: off (--check-samples 0)"
+    if outcome.decode is not None:
+        settings["decode"] = _decode_summary(config, outcome)
     return settings
+
+
+def _decode_summary(config: QuantizeConfig, outcome: Outcome) -> str:
+    """--decode-weights: what the decode stage holds, its LM head's verdict, its layers on the check's samples."""
+    assert outcome.decode is not None
+    decode = config.decode_config
+    assert decode is not None
+    fmt = primary(decode)
+    assert isinstance(fmt, NBits)
+    layers = [r for r in outcome.decode.layer_reports if r.quantized]
+    blocks = sum(r.level in NBITS_LEVELS for r in layers)
+    text = (f"decode stage (one token with the key/value cache; the graph branches on the token count): {blocks} of "
+            f"{len(layers)} layers {fmt.level} ({fmt.name}, blocks of {config.int4_block}, rounded "
+            f"{decode.rounding.value})"
+            + (f", {len(layers) - blocks} kept W8A8 where {fmt.breaks} break" if len(layers) > blocks else ""))
+    if outcome.decode_head is not None:
+        text += f"; LM head {outcome.decode_head.summary()}"
+    if outcome.decode.kernels is not None:
+        text += f"; onnxruntime CPU: {outcome.decode.kernels.summary()}"
+    if outcome.decode_check is not None:
+        text += f"; its layers alone, every token at once: {outcome.decode_check.summary()}"
+    return text
 
 
 def _metadata(settings: dict[str, object], outcome: Outcome, samples: int) -> dict[str, str]:
@@ -172,6 +201,8 @@ def _metadata(settings: dict[str, object], outcome: Outcome, samples: int) -> di
     if config.alpha_auto and config.smooth:
         metadata["sqonnx.alpha_per_layer"] = json.dumps(
             {r.name: r.alpha for r in reports if r.quantized and r.alpha is not None}, separators=(",", ":"))
+    if "decode" in settings:
+        metadata["sqonnx.decode"] = str(settings["decode"])
     if any(r.scale_min is not None for r in reports):
         metadata[SMOOTHED_KEY] = "alpha=auto" if config.alpha_auto else f"alpha={config.alpha}"
     return metadata
@@ -188,8 +219,7 @@ def _base_settings(config: QuantizeConfig, worst_pair: int) -> dict[str, object]
         if config.level_auto else config.level.value,
         "format": config.format_used.value,
         "target": target_text,
-        "weights": (f"int4 symmetric blocks of {config.int4_block} (MatMulNBits, accuracy_level 4: int8 activations "
-                    "per block in the kernel); where 4 bits break, " if config.weights is Weights.INT4 else "")
+        "weights": _nbits_weights(config)
         + f"int8 symmetric {'per-channel' if config.per_channel else 'per-tensor'} "
           f"[-{config.weight_qmax}, {config.weight_qmax}]",
         "weight_rounding": config.rounding.value + (
@@ -204,6 +234,16 @@ def _base_settings(config: QuantizeConfig, worst_pair: int) -> dict[str, object]
         "exclude": list(config.exclude),
         "unabsorbed": config.unabsorbed.value,
     } | ({key: "float (--smooth-only)" for key in FLOAT_SETTINGS} if config.smooth_only else {})
+
+
+def _nbits_weights(config: QuantizeConfig) -> str:
+    """The MatMulNBits part of the weights' description (empty for W8A8)."""
+    if not config.weights.matmul_nbits:
+        return ""
+    fmt = primary(config)
+    assert isinstance(fmt, NBits)
+    return (f"int{fmt.bits} symmetric blocks of {config.int4_block} (MatMulNBits, accuracy_level 4: int8 "
+            f"activations per block in the kernel); where {fmt.breaks} break, ")
 
 
 # What --smooth-only leaves in float: the metadata says so instead of describing a quantization.

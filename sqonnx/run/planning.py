@@ -112,7 +112,7 @@ def _plan_layers(result: GroupResult, act_max: np.ndarray | None, group_level: _
     """Each layer of the group: the first wanted format whose error model takes it (formats.FORMATS), and its
     report row; a format that does not take it says why, and the reason leads the row's."""
     group = result.group
-    hessian = _hessian(stats, str(group.activation.name), result.scales) if config.needs_hessians else None
+    hessian = _hessian(stats, str(group.activation.name), result.scales) if config.gptq else None
     context = LayerContext(group_level.static_max, group_level.level, group_level.why, group_level.error,
                            group_level.smoothed_rows, hessian)
     why = group_level.why
