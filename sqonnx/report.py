@@ -53,7 +53,8 @@ class QuantizeReport:
             f"int16 worst case {self.settings.get('int16_worst_case')}",
             *([f"  --optimize fused: {self.settings['optimize']}"] if "optimize" in self.settings else []),
             *([f"  {self.settings['rotation']}"] if "rotation" in self.settings else []),
-            *[f"  keep-float trial: {len(t['float_layers'])} layers in float -> quality loss {t['quality_loss']:.4f}, "
+            *[f"  keep-float trial: {len(t['float_layers'])} layers in float -> quality loss {t['quality_loss']:.4f}"
+              + (" (written), " if t.get("chosen") else ", ")
               + (f"{t['speedup']:.2f}x FP32 speed" if t["speedup"] == t["speedup"] and t["speedup"] > 0
                  else "speed not measured (calibration resumed from --cache-dir)")
               for t in self.settings.get("keep_float", [])],

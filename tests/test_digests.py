@@ -58,6 +58,8 @@ def _cases() -> list[Any]:
     cases += [(f"llama-{name}", "llama", "float32", options) for name, options in LLAMA_OPTIONS.items()]
     cases += [(name, family, "float32", options) for name, (family, options) in OTHER_OPTIONS.items()]
     cases += [(f"llama-{dtype}-defaults", "llama", dtype, {}) for dtype in DTYPES]
+    cases += [(f"llama-{dtype}-{target.value}", "llama", dtype, {"target": target}) for dtype in DTYPES
+              for target in (Target.TENSORRT, Target.CUDA)]
     return [pytest.param(*case, id=case[0], marks=pytest.mark.zoo) for case in cases]
 
 

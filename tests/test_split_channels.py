@@ -134,3 +134,30 @@ def test_static_int8_error_falls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ort.InferenceSession(str(split), options, providers=["CPUExecutionProvider"])
     optimized = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
     assert optimized.count("MatMulIntegerToFloat") == 2 and "MatMul" not in optimized
+
+
+def test_split_in_float16_for_tensorrt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A float16 model for TensorRT is quantized in float16 (no float32 islands): its outlier channels are split in
+    float16 too (Gather and a float16 Mul before the float16 QuantizeLinear), and the other tokens' error falls."""
+    model = ir.load(_model(tmp_path / "m32.onnx"))
+    for value in model.graph.initializers.values():
+        value.const_value = ir.tensor(value.const_value.numpy().astype(np.float16), name=value.name)
+        value.type = ir.TensorType(ir.DataType.FLOAT16)
+    for value in (*model.graph.inputs, *model.graph.outputs):
+        value.type = ir.TensorType(ir.DataType.FLOAT16)
+    ir.save(model, tmp_path / "m.onnx")
+    x = _samples(8, massive=(40.0, 25.0)).astype(np.float16)
+    np.savez(tmp_path / "feeds.npz", x=x)
+    config = QuantizeConfig(per_token_where_needed=False, alpha=0.5, target=sqonnx.Target.TENSORRT,
+                            calibration=CalibrationConfig(data=tmp_path / "feeds.npz", num_samples=8))
+    report = sqonnx.quantize(tmp_path / "m.onnx", tmp_path / "split.onnx", config)
+    assert any("split" in layer.smoothing for layer in report.layers)
+    graph = onnx.load(str(tmp_path / "split.onnx")).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("Gather") == 1 and ops.index("Mul") < ops.index("QuantizeLinear") and "Cast" not in ops
+    factors = next(t for t in graph.initializer if t.name.endswith("split/factors"))
+    assert factors.data_type == TensorProto.FLOAT16
+    monkeypatch.setattr(split_channels, "SPLIT_FROM", float("inf"))
+    sqonnx.quantize(tmp_path / "m.onnx", tmp_path / "whole.onnx", config)
+    reference = tmp_path / "m.onnx"
+    assert _error(tmp_path / "split.onnx", reference, x) < 0.8 * _error(tmp_path / "whole.onnx", reference, x)

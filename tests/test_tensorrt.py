@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import sqonnx
 from sqonnx import CalibrationConfig, QuantizeConfig, Target
+from sqonnx.config import STATIC_TARGET_BUDGET
 from sqonnx.targets.tensorrt import violation
 from tests.child import run_sqonnx
 
@@ -67,8 +68,9 @@ def test_checker_refuses_uint8_weight_codes() -> None:
 
 @pytest.mark.zoo
 def test_tensorrt_target_end_to_end(tmp_path: Path) -> None:
-    """A zoo Llama for TensorRT: the groups the CPU build puts per-token (if any) stay float, everything else is
-    static int8 Q/DQ that the checker passes, in the saved file."""
+    """A zoo Llama for TensorRT: every group static (the ones the CPU build puts per-token too), layers float only
+    where the keep-float search needs them for the default budget, the rest static int8 Q/DQ that the checker
+    passes, in the saved file."""
     from models import zoo
 
     model = zoo.build("llama")
@@ -77,12 +79,12 @@ def test_tensorrt_target_end_to_end(tmp_path: Path) -> None:
         feed["input_ids"][0, 0] = 3  # massive first-token activations: what a static range cannot hold
     np.savez(tmp_path / "c.npz", **{k: np.stack([f[k] for f in feeds]) for k in feeds[0]})
     calibration = CalibrationConfig(data=tmp_path / "c.npz", num_samples=8)
-    cpu = sqonnx.quantize(model, tmp_path / "cpu.onnx", QuantizeConfig(calibration=calibration))
-    per_token = {layer.name for layer in cpu.layers if layer.quantized and layer.level == "O1"}
     report = sqonnx.quantize(model, tmp_path / "trt.onnx", QuantizeConfig(target=Target.TENSORRT,
                                                                           calibration=calibration))
-    floated = {layer.name for layer in report.layers if layer.level_reason.startswith("float: needs per-token")}
-    assert floated == per_token and not any(layer.quantized for layer in report.layers if layer.name in floated)
+    chosen = [t for t in report.settings["keep_float"] if t["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["quality_loss"] <= STATIC_TARGET_BUDGET
+    floated = set(chosen[0]["float_layers"])
+    assert floated == {layer.name for layer in report.layers if not layer.quantized}
     assert {layer.level for layer in report.layers if layer.quantized} == {"O3"}
     assert "all pass" in report.settings["tensorrt"]
     saved = ir.load(tmp_path / "trt.onnx")
@@ -114,32 +116,39 @@ def test_tensorrt_flag_errors(tmp_path: Path, flags: list[str], message: str) ->
 
 
 @pytest.mark.parametrize("target", [Target.TENSORRT, Target.CUDA])
-def test_per_token_groups_stay_float(tmp_path: Path, target: Target) -> None:
+def test_massive_tokens_static_or_float_by_the_budget(tmp_path: Path, target: Target) -> None:
     """A layer whose input has a few massive tokens gets per-token activations on the CPU (--level auto); TensorRT
-    and onnxruntime's CUDA provider have no such form, so there it stays float, named in the report."""
+    and onnxruntime's CUDA provider have no such form. There the layer is tried static, and stays float because
+    static INT8 costs more than the default budget, named in the report; --static writes it static anyway."""
     rng = np.random.default_rng(0)
     w = rng.standard_normal((32, 8)).astype(np.float32)
     w[5] *= 1e-3  # read through a small weight row: the output stays ordinary
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 32])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 8])],
-                              [numpy_helper.from_array(w, "w")])
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+                               helper.make_node("MatMul", ["x2", "w2"], ["y2"], name="ordinary")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 32]),
+                               helper.make_tensor_value_info("x2", TensorProto.FLOAT, [1, 16, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 8]),
+                               helper.make_tensor_value_info("y2", TensorProto.FLOAT, [1, 16, 8])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(w.copy(), "w2")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, tmp_path / "m.onnx")
     x = rng.standard_normal((8, 1, 16, 32)).astype(np.float32)
+    x2 = x.copy()
     x[:, :, 0, 5] *= 1000  # a massive activation: the first token of every sample, in one channel
-    np.savez(tmp_path / "f.npz", x=x)
+    np.savez(tmp_path / "f.npz", x=x, x2=x2)
     calibration = CalibrationConfig(data=tmp_path / "f.npz", num_samples=8)
     cpu = sqonnx.quantize(tmp_path / "m.onnx", tmp_path / "cpu.onnx", QuantizeConfig(calibration=calibration,
                                                                                        smooth=False))
-    assert cpu.layers[0].quantized and cpu.layers[0].level == "O1"
+    assert [(layer.quantized, layer.level) for layer in cpu.layers] == [(True, "O1"), (True, "O3")]
     report = sqonnx.quantize(tmp_path / "m.onnx", tmp_path / "gpu.onnx", QuantizeConfig(
         calibration=calibration, target=target, smooth=False))
-    layer = report.layers[0]
-    runtime = "TensorRT" if target is Target.TENSORRT else "onnxruntime's CUDA provider"
-    assert not layer.quantized and layer.level_reason.startswith(
-        f"float: needs per-token activations, which {runtime} has no form for (O3 error")
+    trials = report.settings["keep_float"]
+    assert [t["float_layers"] for t in trials] == [[], ["mm"]] and trials[0]["quality_loss"] > STATIC_TARGET_BUDGET
+    assert [layer.quantized for layer in report.layers] == [False, True]
     line = report.settings["tensorrt" if target is Target.TENSORRT else "cuda"]
-    assert line.endswith("1 layers kept float (per-token groups): mm")
-    assert {node.op_type for node in onnx.load(str(tmp_path / "gpu.onnx")).graph.node} == {"MatMul"}
+    assert line.endswith("1 layers kept float (INT8 there costs more than the budget, quality loss 0.03): mm"), line
+    assert next(n for n in onnx.load(str(tmp_path / "gpu.onnx")).graph.node if n.name == "mm").input[1] == "w"
+    static = sqonnx.quantize(tmp_path / "m.onnx", tmp_path / "static.onnx", QuantizeConfig(
+        calibration=calibration, target=target, smooth=False, per_token_where_needed=False, allow_lossy=True))
+    assert all(layer.quantized for layer in static.layers) and "keep_float" not in static.settings

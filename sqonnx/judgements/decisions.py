@@ -6,7 +6,8 @@ metadata (`run.plan.Plan`).
 
 - `choose_alpha`: --alpha auto, per-group α against single values, by the output error on held-back samples.
 - `judge_head`: the LM head INT8 or float, by the check's loss with it each way (quality.HeadVerdict).
-- `keep_float_done`: --keep-float-budget's search stops once the loss fits the budget, or half the layers are float.
+- `keep_float_done`: --keep-float-budget's doubling stops once the loss fits the budget, or half the layers are float
+  (the pipeline then halves the gap to the last count that did not fit).
 - `decide_rotation`: the residual-stream rotation kept or declined, by the INT8 error of the groups reading the
   stream rotated and without it (quality.RotationVerdict).
 """

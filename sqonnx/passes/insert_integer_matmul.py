@@ -18,7 +18,10 @@ so their product is stored as one and the integer MatMul runs unfused, followed 
 Siblings reading the same x (q/k/v, gate/up) share one quantized x.
 
 `--target cuda` writes O3 with int8 activations (zero point 0): onnxruntime's CUDA MatMulInteger is int8 x int8
-only (cublasGemmEx), and its QuantizeLinear, Cast and Mul have CUDA kernels, so every node stays on the GPU.
+only (cublasGemmEx), and its QuantizeLinear, Cast and Mul have CUDA kernels, so every node stays on the GPU. A
+float16 layer (where the target takes half Q/DQ) is quantized from its float16 input with a float16 scale; its int32
+sums are cast to float32 for the rescale (they pass float16's 65504) and the result to float16:
+x -> QuantizeLinear -> MatMulInteger -> Cast(float) -> Mul -> Cast(float16).
 """
 
 from __future__ import annotations
@@ -30,10 +33,10 @@ import onnx_ir as ir
 
 from sqonnx.config import Level
 from sqonnx.graph.layers import LinearLayer, as_linear_layer
-from sqonnx.graph.tensors import add_initializer
+from sqonnx.graph.tensors import HALF_TYPES, add_initializer
 from sqonnx.math.gptq import Rounded
 from sqonnx.math.quant import ACTIVATION_QMAX, symmetric_scale
-from sqonnx.passes.insert_qdq import LayerQuantization, weight_codes
+from sqonnx.passes.insert_qdq import LayerQuantization, round_up, weight_codes
 from sqonnx.passes.quantizing import QuantizingPass
 
 UINT8_ZERO = 128  # symmetric int8 codes [-127, 127] stored as uint8 [1, 255]
@@ -81,10 +84,11 @@ class InsertIntegerMatMulPass(QuantizingPass):
         nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], {"to": ir.DataType.FLOAT}, name=f"{name}/Cast",
                              outputs=[ir.Value(name=f"{name}/output_int32_as_float")]))
         cast = nodes[-1].outputs[0]
-        output_name = f"{name}/output_unbiased" if layer.bias_value else name
+        half = layer.activation.dtype if layer.activation.dtype in HALF_TYPES else None
+        output_name = f"{name}/output_unbiased" if layer.bias_value or half else name
         if x_scale.const_value is not None:  # O3: one constant scale per output channel
             scale = add_initializer(graph, f"{name}/output_scale",
-                                    (x_scale.const_value.numpy() * w_scale).astype(np.float32))
+                                    (x_scale.const_value.numpy().astype(np.float32) * w_scale).astype(np.float32))
             nodes.append(ir.node("Mul", [cast, scale], name=f"{name}/rescale_Mul",
                                  outputs=[ir.Value(name=output_name)]))
         elif level is Level.O1 and (layer.bias_value is not None or _feeds_constant_add(layer.node.outputs[0])):
@@ -95,12 +99,16 @@ class InsertIntegerMatMulPass(QuantizingPass):
                                  outputs=[ir.Value(name=f"{name}/output_scale")]))
             nodes.append(ir.node("Mul", [cast, nodes[-1].outputs[0]], name=f"{name}/rescale_Mul",
                                  outputs=[ir.Value(name=output_name)]))
+        if half is not None:
+            nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], {"to": half}, name=f"{name}/output_Cast",
+                                 outputs=[ir.Value(name=f"{name}/output_{half.name.lower()}" if layer.bias_value
+                                                   else name)]))
         if layer.bias_value is not None:
             nodes.append(ir.node("Add", [nodes[-1].outputs[0], layer.bias_value], name=f"{name}/bias_Add",
                                  outputs=[ir.Value(name=name)]))
         old_output = layer.node.outputs[0]
         new_output = nodes[-1].outputs[0]
-        new_output.dtype, new_output.shape = ir.DataType.FLOAT, old_output.shape
+        new_output.dtype, new_output.shape = half or ir.DataType.FLOAT, old_output.shape
         ir.convenience.replace_nodes_and_values(graph, layer.node, [layer.node], nodes, [old_output], [new_output])
 
     def _quantized_weight(self, graph: ir.Graph, layer: LinearLayer, rounded: Rounded | None,
@@ -108,7 +116,7 @@ class InsertIntegerMatMulPass(QuantizingPass):
         """int8 weight in MatMulInteger's [in, out] layout, quantized once per initializer (tied weights)."""
         cached = shared.weights.get(layer.weight_value)
         if cached is None:
-            codes, scale = weight_codes(layer, rounded, self.weight_qmax, self.per_channel)
+            codes, scale = weight_codes(layer, rounded, self.weight_qmax, self.per_channel)  # float32: the rescale's
             if layer.in_axis == 1:  # Gemm(transB=1) stores [out, in]
                 codes = codes.T
             cached = (add_initializer(graph, f"{layer.weight_value.name}_quantized", codes), scale)
@@ -129,7 +137,10 @@ class InsertIntegerMatMulPass(QuantizingPass):
                                     ir.Value(name=f"{base}_zero_point")])
             nodes, cached = [node], (node.outputs[0], node.outputs[1], node.outputs[2])
         elif level is Level.O3:
-            scale = add_initializer(graph, f"{base}_scale", symmetric_scale(activation_max, ACTIVATION_QMAX))
+            scale = symmetric_scale(activation_max, ACTIVATION_QMAX)
+            if x.dtype in HALF_TYPES:  # the target's QuantizeLinear takes the half input and scale
+                scale = round_up(scale, x.dtype)
+            scale = add_initializer(graph, f"{base}_scale", scale)
             zero_point = add_initializer(graph, f"{base}_zero_point", np.array(0, dtype=np.int8)) if self.signed \
                 else add_initializer(graph, f"{base}_zero_point", np.array(UINT8_ZERO, dtype=np.uint8))
             node = ir.node("QuantizeLinear", [x, scale, zero_point], name=f"{base}_QuantizeLinear",

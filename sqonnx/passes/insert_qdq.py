@@ -10,6 +10,11 @@ integer kernel (QLinearMatMul when a Q follows, MatMulIntegerToFloat when not): 
 pair is only fused after being rewritten to uint8, which requires explicit constant int8 zero points on
 both nodes, equal zero points, and a Q with exactly one reader. So every layer gets its own pair even
 when siblings read the same X (q/k/v): three cheap Q ops instead of three unfused DQs per inference.
+
+A layer is quantized in its activation's type: float32, or float16 / bfloat16 where the target's runtime takes
+half Q/DQ (TensorRT: `targets.rules.TargetRules.half_qdq`; CPU targets put half layers in float32 islands first).
+Scales are then stored in that type and every DequantizeLinear gives it, so nothing between a Q/DQ pair and its
+layer is float32. The weight's codes are rounded against the scale as stored (`weight_codes`'s `dtype`).
 """
 
 from __future__ import annotations
@@ -21,9 +26,9 @@ import onnx_ir as ir
 
 from sqonnx.config import Level
 from sqonnx.graph.layers import LinearLayer, as_linear_layer
-from sqonnx.graph.tensors import add_initializer, opset_version
+from sqonnx.graph.tensors import HALF_TYPES, add_initializer, opset_version
 from sqonnx.math.gptq import Rounded
-from sqonnx.math.quant import ACTIVATION_QMAX, quantize_weight, symmetric_scale
+from sqonnx.math.quant import ACTIVATION_QMAX, quantize_symmetric, quantize_weight, symmetric_scale
 from sqonnx.passes.quantizing import QuantizingPass
 
 
@@ -38,13 +43,32 @@ class LayerQuantization:
     rounded: Rounded | None = None  # the weight's int8 codes and scales, rounded by GPTQ; None: round to nearest
 
 
-def weight_codes(layer: LinearLayer, rounded: Rounded | None, qmax: int,
-                 per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
-    """int8 codes in `layer`'s weight layout, and their scale (per output channel, or one)."""
+def weight_codes(layer: LinearLayer, rounded: Rounded | None, qmax: int, per_channel: bool,
+                 dtype: ir.DataType = ir.DataType.FLOAT) -> tuple[np.ndarray, np.ndarray]:
+    """int8 codes in `layer`'s weight layout, and their scale (per output channel, or one) in `dtype`. A half type's
+    scale is rounded up to it first and the codes rounded against that (rounded up, no code leaves the range)."""
     if rounded is None:
-        return quantize_weight(layer.weight, layer.in_axis, qmax, per_channel)
-    codes = rounded.codes.astype(np.int8)  # [in, out]
-    return (codes if layer.in_axis == 0 else codes.T), rounded.scales[:, 0].copy()
+        codes, scale = quantize_weight(layer.weight, layer.in_axis, qmax, per_channel)
+    else:
+        codes = rounded.codes.astype(np.int8)  # [in, out]
+        codes, scale = (codes if layer.in_axis == 0 else codes.T), rounded.scales[:, 0].copy()
+    if dtype == ir.DataType.FLOAT:
+        return codes, scale
+    stored = round_up(scale, dtype)
+    if rounded is None:
+        as_float = stored.astype(np.float32)
+        codes = quantize_symmetric(layer.weight, np.expand_dims(as_float, layer.in_axis) if per_channel else as_float,
+                                   qmax)
+    return codes, stored
+
+
+def round_up(scale: np.ndarray, dtype: ir.DataType) -> np.ndarray:
+    """Positive `scale` in the half type `dtype`, each value the nearest at or above it: |x| / scale then stays within
+    the range the float32 scale gave. (float16 and bfloat16 are 16-bit: the next value up is the next bit pattern.)"""
+    half = np.asarray(scale, np.float32).astype(dtype.numpy())
+    below = half.astype(np.float32) < scale
+    bits = half.view(np.uint16)
+    return np.where(below, bits + np.uint16(1), bits).astype(np.uint16).view(dtype.numpy())
 
 
 class InsertQDQPass(QuantizingPass):
@@ -91,13 +115,13 @@ class InsertQDQPass(QuantizingPass):
             shared[layer.weight_value] = inputs
         attributes = {"axis": ir.AttrInt64("axis", out_axis)} if self.per_channel else {}
         dequantize = ir.Node("", "DequantizeLinear", inputs, attributes, name=f"{layer.name}/weight_DequantizeLinear")
-        _name_output(dequantize, f"{layer.name}/weight_dequantized", weight.shape)
+        _name_output(dequantize, f"{layer.name}/weight_dequantized", weight.shape, _type(layer.activation))
         graph.insert_before(layer.node, dequantize)
         layer.node.replace_input_with(1, dequantize.outputs[0])
 
     def _weight_initializers(self, graph: ir.Graph, layer: LinearLayer, rounded: Rounded | None) -> list[ir.Value]:
         base = str(layer.weight_value.name)
-        codes, scale = weight_codes(layer, rounded, self.weight_qmax, self.per_channel)
+        codes, scale = weight_codes(layer, rounded, self.weight_qmax, self.per_channel, _type(layer.activation))
         zero_point = np.zeros(scale.shape, dtype=np.int8)
         return [add_initializer(graph, f"{base}_quantized", codes),
                 add_initializer(graph, f"{base}_scale", scale),
@@ -106,17 +130,18 @@ class InsertQDQPass(QuantizingPass):
     def _quantize_activation(self, graph: ir.Graph, layer: LinearLayer, activation_max: float) -> None:
         activation = layer.activation
         name = layer.name
-        scale = add_initializer(graph, f"{name}/input_scale", symmetric_scale(activation_max, ACTIVATION_QMAX))
+        dtype = _type(activation)
+        scale = symmetric_scale(activation_max, ACTIVATION_QMAX)
+        scale = add_initializer(graph, f"{name}/input_scale", scale if dtype == ir.DataType.FLOAT else
+                                round_up(np.asarray(scale), dtype))
         zero_point = add_initializer(graph, f"{name}/input_zero_point", np.zeros((), dtype=np.int8))
         quantize = ir.Node("", "QuantizeLinear", [activation, scale, zero_point], name=f"{name}/input_QuantizeLinear")
         _name_output(quantize, f"{name}/input_quantized", activation.shape, ir.DataType.INT8)
         dequantize = ir.Node("", "DequantizeLinear", [quantize.outputs[0], scale, zero_point],
                              name=f"{name}/input_DequantizeLinear")
-        _name_output(dequantize, f"{name}/input_dequantized", activation.shape)
+        _name_output(dequantize, f"{name}/input_dequantized", activation.shape, dtype)
         graph.insert_before(layer.node, [quantize, dequantize])
         layer.node.replace_input_with(0, dequantize.outputs[0])
-
-
     def _quantize_activation_dynamically(self, graph: ir.Graph, layer: LinearLayer) -> None:
         # One DynamicQuantizeLinear per layer: onnxruntime only fuses it into DynamicQuantizeMatMul
         # when it has a single reader.
@@ -131,8 +156,6 @@ class InsertQDQPass(QuantizingPass):
         _name_output(dequantize, f"{name}/input_dequantized", activation.shape)
         graph.insert_before(layer.node, [quantize, dequantize])
         layer.node.replace_input_with(0, dequantize.outputs[0])
-
-
 def gemm_as_batched_matmul(graph: ir.Graph, layer: LinearLayer, opset: int) -> LinearLayer:
     """Rewrite Gemm(x, W[, b]) on 2-D x as Squeeze(MatMul(Unsqueeze(x), W) [+ b]), named like the Gemm.
 
@@ -165,6 +188,11 @@ def gemm_as_batched_matmul(graph: ir.Graph, layer: LinearLayer, opset: int) -> L
     converted = as_linear_layer(matmul)
     assert converted is not None
     return converted
+
+
+def _type(activation: ir.Value) -> ir.DataType:
+    """The float type a layer reading `activation` is quantized in: its own half type, else float32."""
+    return activation.dtype if activation.dtype in HALF_TYPES else ir.DataType.FLOAT
 
 
 def _name_output(node: ir.Node, name: str, shape: object, dtype: ir.DataType = ir.DataType.FLOAT) -> None:

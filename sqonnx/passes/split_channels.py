@@ -90,9 +90,10 @@ class SplitChannelsPass(ir.passes.InPlacePass):
     with an [in, out] weight read by it alone)."""
 
     def __init__(self, groups: list[GroupResult], stats: ActivationStats, quantized: set[str],
-                 skip: frozenset[str] = frozenset()) -> None:
+                 skip: frozenset[str] = frozenset(), half: tuple[ir.DataType, ...] = ()) -> None:
         super().__init__()
         self.groups, self.stats, self.quantized, self.skip = groups, stats, quantized, skip
+        self.half = half  # half types the layers are quantized in as they are (no float islands; see targets.rules)
 
     def call(self, model: ir.Model) -> SplitResult:
         stats = ActivationStats(dict(self.stats.channel_max), dict(self.stats.rows), dict(self.stats.maps),
@@ -104,7 +105,7 @@ class SplitChannelsPass(ir.passes.InPlacePass):
             act_max = stats.channel_max.get(name)
             split = None
             if act_max is not None and result.scales is not None and name not in self.skip and _splittable(
-                    group, self.quantized):
+                    group, self.quantized, self.half):
                 split = plan_split(act_max / result.scales)
             if split is None:
                 out.append(result)
@@ -113,11 +114,11 @@ class SplitChannelsPass(ir.passes.InPlacePass):
         return SplitResult(model, any(r is not g for r, g in zip(out, self.groups, strict=True)), out, stats)
 
 
-def _splittable(group: SmoothingGroup, quantized: set[str]) -> bool:
-    # float32 only (a MatMul's two inputs share their type: the weight's says the activation's where the graph
-    # leaves it unknown); half-precision blocks keep their float islands as they are
+def _splittable(group: SmoothingGroup, quantized: set[str], half: tuple[ir.DataType, ...]) -> bool:
+    # float32, or a half type the target quantizes in (a MatMul's two inputs share their type: the weight's says the
+    # activation's where the graph leaves it unknown); half-precision layers in float32 islands are left as they are
     read = group.layers[0].activation
-    return group.activation.dtype in (ir.DataType.FLOAT, None) and all(
+    return group.activation.dtype in (ir.DataType.FLOAT, None, *half) and all(
         layer.activation is read and layer.name in quantized and layer.node.op_type == "MatMul" and layer.in_axis == 0
         and (weight := constant(layer.weight_value)) is not None and weight.dtype == np.float32
         and len(layer.weight_value.uses()) == 1
@@ -129,8 +130,9 @@ def _apply(graph: ir.Graph, result: GroupResult, split: Split, stats: Activation
     name = str(group.activation.name)
     assert result.scales is not None
     indices = ir.Value(name=f"{name}/split/indices", const_value=ir.tensor(split.source, name=f"{name}/split/indices"))
+    dtype = group.activation.dtype or ir.DataType.FLOAT
     factors = ir.Value(name=f"{name}/split/factors", const_value=ir.tensor(
-        (1.0 / split.copies).astype(np.float32), name=f"{name}/split/factors"))
+        (1.0 / split.copies).astype(np.float32).astype(dtype.numpy()), name=f"{name}/split/factors"))
     graph.register_initializer(indices)
     graph.register_initializer(factors)
     # what the layers read now: the activation, or the explicit smoothing Mul's output in front of it
@@ -138,10 +140,10 @@ def _apply(graph: ir.Graph, result: GroupResult, split: Split, stats: Activation
     gather = ir.node("Gather", [read, indices], attributes={"axis": -1}, name=f"{name}/split/Gather")
     mul = ir.node("Mul", [gather.outputs[0], factors], name=f"{name}/split/Mul")
     gather.outputs[0].name = f"{name}/split/gathered"
-    gather.outputs[0].dtype = ir.DataType.FLOAT
+    gather.outputs[0].dtype = dtype
     split_value = mul.outputs[0]
     split_value.name = f"{name}/split"
-    split_value.dtype = ir.DataType.FLOAT
+    split_value.dtype = dtype
     readers = [layer.node for layer in group.layers]
     graph.insert_before(min(readers, key=lambda node: list(graph).index(node)), [gather, mul])
     for layer in group.layers:

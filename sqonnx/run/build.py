@@ -29,8 +29,11 @@ from sqonnx.passes.smoothing_groups import find_smoothing_groups
 from sqonnx.passes.split_channels import SplitChannelsPass, SplitResult
 from sqonnx.passes.transposed import RestoreTransposedCopiesPass
 from sqonnx.run.planning import BlockPlan, plan_block
+from sqonnx.targets import rules_of
 
 __all__ = ["Built", "build", "quantization_scheme", "smooth_block"]
+
+_HALF_WEIGHT = "sqonnx.half_weight"  # a weight's type before _weights_in_float32 (value.meta)
 
 
 @dataclass
@@ -60,11 +63,13 @@ def build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quant
     groups = smooth_block(model, config, stats, quantized, scheme) if smoothing is None else \
         smooth_block(model, smoothing, stats, quantized)
     if config.splits_channels:
-        split = SplitChannelsPass(groups, stats, quantized, rotation.readers if rotation is not None else frozenset())(
-            model)
+        split = SplitChannelsPass(groups, stats, quantized, rotation.readers if rotation is not None else frozenset(),
+                                  rules_of(config.target).half_qdq)(model)
         assert isinstance(split, SplitResult) and split.stats is not None
         groups, stats = split.groups, split.stats
     plan = plan_block(groups, config, stats, quantized, originals, scheme, rotation, sensitivities)
+    if not config.smooth_only:
+        _weights_back_in_half(model.graph, {planned.layer.name for planned in plan.layers})
     write_block(model, plan, config)
     return Built(model, plan.layer_reports, [planned.layer for planned in plan.layers], plan.sensitivity,
                  plan.rotation_errors)
@@ -92,12 +97,15 @@ def smooth_block(model: ir.Model, config: QuantizeConfig, stats: ActivationStats
 
 
 def write_block(model: ir.Model, plan: BlockPlan, config: QuantizeConfig) -> None:
-    """Insert what the plan says, one pass manager over the block: float islands for half-precision models (the
-    8-bit layers' first, then the 4-bit ones', as their names have always come), each format's insert pass in
-    registry order, then the clean-up."""
+    """Insert what the plan says, one pass manager over the block: float islands for half-precision layers whose type
+    the target's integer path does not take (the 8-bit layers' first, then the 4-bit ones', as their names have
+    always come), each format's insert pass in registry order, then the clean-up. The insert passes quantize a
+    layer in its activation's type: float32 in an island, the model's half type where the target takes it."""
     opset = opset_version(model.graph)
     by_format = {id(fmt): [planned.item for planned in plan.layers if planned.format is fmt] for fmt in FORMATS}
-    islands = [planned.layer for bits in (8, 4) for planned in plan.layers if planned.format.bits == bits]
+    native = rules_of(config.target).half_qdq
+    islands = [planned.layer for bits in (8, 4) for planned in plan.layers if planned.format.bits == bits
+               and not (planned.format.bits == 8 and planned.layer.activation.dtype in native)]
     manager = ir.passes.PassManager([
         FloatIslandsPass(islands),
         *(fmt.insert(by_format[id(fmt)], config, opset) for fmt in FORMATS),
@@ -128,3 +136,17 @@ def _weights_in_float32(graph: ir.Graph, quantized: set[str]) -> None:
             continue
         value.const_value = ir.tensor(as_float32(tensor.numpy()), name=value.name)
         value.type = ir.TensorType(ir.DataType.FLOAT)
+        value.meta[_HALF_WEIGHT] = tensor.dtype
+
+
+def _weights_back_in_half(graph: ir.Graph, planned: set[str]) -> None:
+    """The weights `_weights_in_float32` turned whose layer the plan leaves float (a static-only target's choice) go
+    back to the model's type: a float layer reads its input in that type."""
+    for layer in find_linear_layers(graph):
+        value = layer.weight_value
+        dtype = value.meta.get(_HALF_WEIGHT)
+        if dtype is None or layer.name in planned or value.const_value is None:
+            continue
+        value.const_value = ir.tensor(value.const_value.numpy().astype(dtype.numpy()), name=value.name)
+        value.type = ir.TensorType(dtype)
+        del value.meta[_HALF_WEIGHT]

@@ -23,6 +23,7 @@ from sqonnx.graph.tensors import opset_version
 from sqonnx.io.genai import companion_files
 from sqonnx.io.load import load_model
 from sqonnx.io.writer import PHASE_INPUT
+from sqonnx.passes.opset import HALF_QDQ_OPSET, SetOpsetPass
 from sqonnx.passes.prepare import prepare
 from sqonnx.passes.rotate import RotationResult, rotate_model
 from sqonnx.run.progress import Progress
@@ -64,6 +65,7 @@ def read_input(model_path: Path, output_path: Path, config: QuantizeConfig) -> L
     """Read the model and refuse, with one line, what the asked quantization cannot take."""
     model = load_model(model_path)
     companions = companion_files(model_path, output_path)
+    move_to_target_opset(model, config)
     check_quantizable(model, config)
     # A --decode-weights model keeps its weights in a data file whatever the input did: onnxruntime then holds each
     # branch's weights once instead of beside the parsed protobuf (SmolLM2's W8A8 generating 256 + 64 tokens: peak RSS
@@ -97,6 +99,7 @@ def prepare_model(model: ir.Model, model_path: Path, config: QuantizeConfig, wor
         with progress.phase("optimize"):
             source, fused = fuse_transformer_ops(model_path, workdir)
             model = load_model(source)
+            move_to_target_opset(model, config)
     with progress.phase("load"):
         model = prepare(model)
         layers = find_linear_layers(model.graph)
@@ -190,6 +193,27 @@ def _rotate(model: ir.Model, model_path: Path, config: QuantizeConfig) -> Rotati
     if config.rotate is False or (config.rotate is None and not config.smooth):
         return RotationResult(False, "--no-rotate" if config.rotate is False else "--no-smooth")
     return rotate_model(model, ROTATION_SEED, model_path.parent, online=config.rotate is True)
+
+
+def move_to_target_opset(model: ir.Model, config: QuantizeConfig) -> None:
+    """A GPU target's opset window: 19 at least where the model's half type is quantized in that type (Q/DQ took
+    half types in 19), the target's maximum at most (TensorRT 10 reads 20, onnxruntime-genai writes 21). The graph
+    is relabelled where every op means the same (passes.opset); else the refusal names the node."""
+    if config.smooth_only:
+        return
+    rules = rules_of(config.target)
+    opset = opset_version(model.graph)
+    weight_types = {layer.weight_value.const_value.dtype for layer in find_linear_layers(model.graph)
+                    if layer.weight_value.const_value is not None}
+    wanted = opset
+    if weight_types & set(rules.half_qdq) and opset < HALF_QDQ_OPSET:
+        wanted, why = HALF_QDQ_OPSET, (f"{rules.runtime} takes {'/'.join(t.name.lower() for t in rules.half_qdq)} "
+                                       f"Q/DQ from opset {HALF_QDQ_OPSET}")
+    elif rules.max_opset and opset > rules.max_opset:
+        wanted, why = rules.max_opset, rules.opset_reason.format(max=rules.max_opset)
+    if wanted != opset and opset >= 13:
+        SetOpsetPass(wanted, why)(model)
+        logger.info("opset %d -> %d (%s)", opset, wanted, why)
 
 
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearMatMul", "MatMulInteger",

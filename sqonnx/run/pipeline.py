@@ -133,6 +133,7 @@ class KeepFloatTrial:
     float_layers: list[str]
     quality_loss: float
     speedup: float  # FP time / this model's time, one forward of the first evaluation sample (block by block)
+    chosen: bool = False  # the trial written (the fewest float layers that fit the budget)
 
 
 @dataclass
@@ -150,6 +151,11 @@ class Outcome:
     decode: BlockPassResult | None = None  # the decode stage's layers (--decode-weights)
     decode_check: QualityCheck | None = None  # the decode stage's layers on the check's samples
     decode_head: HeadVerdict | None = None  # the decode stage's LM head judged against a float one
+
+    @property
+    def kept_float(self) -> list[str]:
+        """The layers --keep-float-budget's search left float in the model written (none without a search)."""
+        return next((trial.float_layers for trial in self.keep_float if trial.chosen), [])
 
 
 def _check(written: Track, baseline: Track | None, held_out: bool, other: str = "") -> QualityCheck | None:
@@ -260,7 +266,7 @@ class Pipeline:
                              other_keys=other,
                              stage=writer.stage(f"alpha-{alpha}")) for alpha in UNIFORM_ALPHAS if low <= alpha <= high]
             tracks += uniform
-        keep_float = config.keep_float_budget is not None
+        keep_float = config.float_budget is not None
         eval_keys = set(range(min(EVAL_SAMPLES, samples.calibration_count))) | other if keep_float else set()
         trial0 = primary
         if keep_float and primary.keys:
@@ -357,41 +363,73 @@ class Pipeline:
 
     def _keep_float(self, outcome: Outcome, trial0: Track, sensitivity: dict[str, float], fp_seconds: float,
                     eval_keys: set[int], writer: StreamingWriter) -> Track:
-        """Leave the most sensitive layers in float, 1, 2, 4, ... until the quality loss fits the budget. Each trial
-        with float layers is staged as it is built; the last one is the model written. Returns it (its comparison
-        measured on `eval_keys`)."""
+        """Leave the fewest most sensitive layers in float for the quality loss to fit the budget: 1, 2, 4, ... until
+        it fits (`keep_float_done`), then halving the gap to the last count that did not (a SmolLM2 for TensorRT fit
+        at 16, not at 8: the count it needs lies between). Each trial with float layers is staged as it is built; the
+        one chosen (`KeepFloatTrial.chosen`: the fewest that fit, else the last of the doubling) is the model
+        written. Returns its track (its comparison measured on `eval_keys`)."""
         config = outcome.config
-        budget = config.keep_float_budget
+        budget = config.float_budget
         assert budget is not None
         ranking = sorted(sensitivity, key=lambda name: -sensitivity[name])
-        trial = trial0 if config is trial0.config else None
-        staged: Track | None = None
-        count = 0
-        while True:
+        best: tuple[int, Track] | None = None  # the fewest float layers that fit so far, and their trial
+        last: tuple[int, Track] | None = None
+
+        def trial(count: int) -> Track:
             chosen = frozenset(ranking[:count])
-            if trial is None:
-                if staged is not None and staged.stage is not None:
-                    staged.stage.drop()
-                trial = Track(f"keep-float {count}", config, chosen, keys=eval_keys, other_keys=trial0.other_keys,
-                              stage=writer.stage(f"keep-float-{count}") if chosen else None)
-                self.run_pass(f"keep-float trial {count}", [trial], writer)
-                staged = trial if chosen else None
-            loss = trial.comparison.quality_loss
-            speed = fp_seconds / trial.timed["seconds"] if trial.timed.get("seconds") else 0.0
+            if count == 0 and trial0.config is config:
+                done = trial0
+            else:
+                done = Track(f"keep-float {count}", config, chosen, keys=eval_keys, other_keys=trial0.other_keys,
+                             stage=writer.stage(f"keep-float-{count}") if chosen else None)
+                self.run_pass(f"keep-float trial {count}", [done], writer)
+            loss = done.comparison.quality_loss
+            speed = fp_seconds / done.timed["seconds"] if done.timed.get("seconds") else 0.0
             outcome.keep_float.append(KeepFloatTrial(list(ranking[:count]), loss, speed))
             logger.info("keep-float: %d layers in float -> quality loss %.4f", count, loss)
-            if keep_float_done(loss, budget, count, len(ranking)):
+            return done
+
+        def keep(count: int, done: Track) -> None:
+            """`done` replaces the trial held so far as the one to write; the other's stage is dropped."""
+            nonlocal best
+            if best is not None and best[1].stage is not None and best[1] is not done:
+                best[1].stage.drop()
+            best = (count, done)
+
+        count, failed = 0, -1
+        while True:  # doubling
+            done = trial(count)
+            if done.comparison.quality_loss <= budget:
+                keep(count, done)
                 break
-            count = 1 if count == 0 else 2 * count
-            trial = None
-        if outcome.keep_float[-1].quality_loss > budget:
+            if keep_float_done(done.comparison.quality_loss, budget, count, len(ranking)):
+                last = (count, done)
+                break
+            if count and done.stage is not None:
+                done.stage.drop()
+            failed, count = count, 1 if count == 0 else 2 * count
+        while best is not None and best[0] - failed > 1:  # halving the gap to the last count that did not fit
+            middle = (failed + best[0]) // 2
+            done = trial(middle)
+            if done.comparison.quality_loss <= budget:
+                keep(middle, done)
+            else:
+                failed = middle
+                if done.stage is not None:
+                    done.stage.drop()
+        if best is None:
+            assert last is not None
             logger.warning("--keep-float-budget %.3g not met with %d of %d layers in float (loss %.4f); keeping those",
-                           budget, count, len(ranking), outcome.keep_float[-1].quality_loss)
-        if staged is not None and staged.stage is not None:
+                           budget, last[0], len(ranking), last[1].comparison.quality_loss)
+            best = last
+        chosen_count, chosen = best
+        for index, found in enumerate(outcome.keep_float):
+            if len(found.float_layers) == chosen_count:
+                outcome.keep_float[index] = replace(found, chosen=True)
+        if chosen.stage is not None and chosen is not trial0:
             outcome.stage.drop()
-            outcome.result, outcome.stage = staged.result, staged.stage
-        assert trial is not None
-        return trial
+            outcome.result, outcome.stage = chosen.result, chosen.stage
+        return chosen
 
     def run_pass(self, label: str, tracks: list[Track], writer: StreamingWriter, *, calibrate: bool = False,
                  references: set[int] | frozenset[int] = frozenset(), keep_stats: bool = False,
@@ -537,7 +575,7 @@ class Pipeline:
         forks from one) also gets its kernels checked; the block's graph and its kernels are returned."""
         with self.progress.phase("smooth and quantize"):
             built = build(fp, track.config, stats, here - track.float_layers,
-                          sensitivities=candidate and track.config.keep_float_budget is not None
+                          sensitivities=candidate and track.config.float_budget is not None
                           and not track.float_layers,
                           rotation=self.rotation if candidate and not track.branch else None,
                           smoothing=track.smoothing)

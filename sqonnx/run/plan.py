@@ -138,9 +138,12 @@ def _settings(requested: QuantizeConfig, outcome: Outcome, front: Prepared) -> d
         settings["alpha"] = f"{settings['alpha']}: chose {kept} (output error on calibration samples: " + \
             ", ".join(f"{key} {loss:.4f}" for key, loss in outcome.alpha_trials.items()) + ")"
     if static_only(config.target) and not config.smooth_only:
-        floated = [r.name for r in result.layer_reports if r.level_reason.startswith("float: needs per-token")]
-        kept = (f"{len(floated)} layers kept float (per-token groups): {', '.join(floated)}" if floated
-                else "no layer kept float")
+        floated = outcome.kept_float
+        budget = config.float_budget
+        kept = (f"{len(floated)} layers kept float (INT8 there costs more than the budget, quality loss "
+                f"{budget:g}): {', '.join(floated)}" if floated and budget is not None
+                else "no layer kept float" + (f" (every layer INT8 fits the budget, quality loss {budget:g})"
+                                              if budget is not None else ""))
         rules = rules_of(config.target)
         if rules.describe is not None:
             settings[rules.target.value] = rules.describe(result.checked_nodes, result.quantized_layers, kept)
@@ -194,7 +197,7 @@ def _metadata(settings: dict[str, object], outcome: Outcome, samples: int) -> di
     if outcome.head is not None:
         metadata["sqonnx.lm_head"] = str(settings["lm_head"])
     if outcome.keep_float:
-        metadata["sqonnx.float_layers"] = json.dumps(outcome.keep_float[-1].float_layers)
+        metadata["sqonnx.float_layers"] = json.dumps(outcome.kept_float)
     if config.level_auto:
         metadata["sqonnx.level_per_layer"] = json.dumps(
             {r.name: r.level for r in reports if r.quantized and r.level != Level.O3.value}, separators=(",", ":"))

@@ -25,7 +25,6 @@ from sqonnx.math.search import (
 )
 from sqonnx.math.smoothing import as_float32, outlier_ratio
 from sqonnx.passes.smooth import GroupResult
-from sqonnx.targets import rules_of, static_only
 
 Weights2D = tuple[np.ndarray, int]  # a weight and the axis that multiplies the activation's channels
 
@@ -53,7 +52,6 @@ class _GroupLevel:
     why: str = ""
     error: float | None = None
     smoothed_rows: np.ndarray | None = None
-    kept_float: bool = False  # a static-only target and a group that needs per-token activations
 
 
 def plan_block(groups: list[GroupResult], config: QuantizeConfig, stats: ActivationStats, quantized: set[str],
@@ -84,8 +82,7 @@ def _group_level(result: GroupResult, act_max: np.ndarray, rows: np.ndarray | No
     level, static_error, token_error = choose_level(
         smoothed_rows, act_max / scales, [(ly.weight, ly.in_axis) for ly in result.group.layers], scheme)
     why = f"O3 error {static_error:.2g} vs per-token {token_error:.2g} on calibration rows"
-    return _GroupLevel(static_max, level, why, static_error if level is Level.O3 else token_error, smoothed_rows,
-                       kept_float=level is Level.O1 and static_only(config.target))
+    return _GroupLevel(static_max, level, why, static_error if level is Level.O3 else token_error, smoothed_rows)
 
 
 def _judge(result: GroupResult, act_max: np.ndarray, rows: np.ndarray | None, config: QuantizeConfig,
@@ -102,9 +99,16 @@ def _judge(result: GroupResult, act_max: np.ndarray, rows: np.ndarray | None, co
             result.alpha, scheme)
     if sensitivities:
         for layer in group.layers:
-            if layer.name in quantized and layer.name in originals:
+            if layer.name not in quantized or layer.name not in originals:
+                continue
+            if originals[layer.name][0].shape == layer.weight.shape:
                 plan.sensitivity[layer.name] = group_error(as_float32(rows), act_max, [originals[layer.name]],
                                                            result.alpha, scheme, relative=False)
+            else:  # outlier channels split (passes.split_channels): the error as written, smoothed rows and weight
+                scales = result.scales if result.scales is not None else np.ones_like(act_max)
+                plan.sensitivity[layer.name] = group_error(as_float32(rows) / scales, act_max / scales,
+                                                           [(layer.weight, layer.in_axis)], None, scheme,
+                                                           relative=False)
 
 
 def _plan_layers(result: GroupResult, act_max: np.ndarray | None, group_level: _GroupLevel, config: QuantizeConfig,
@@ -117,7 +121,7 @@ def _plan_layers(result: GroupResult, act_max: np.ndarray | None, group_level: _
                            group_level.smoothed_rows, hessian)
     why = group_level.why
     for layer in group.layers:
-        is_quantized = layer.name in quantized and not config.smooth_only and not group_level.kept_float
+        is_quantized = layer.name in quantized and not config.smooth_only
         layer_level, layer_why, layer_error = group_level.level.value, why, group_level.error
         if is_quantized:
             declined: list[str] = []
@@ -130,12 +134,9 @@ def _plan_layers(result: GroupResult, act_max: np.ndarray | None, group_level: _
             assert not isinstance(planned, NoMatch), f"no format takes {layer.name}"
             plan.layers.append(planned)
             layer_level, layer_why, layer_error = planned.level, "; ".join([*declined, planned.reason]), planned.error
-        if group_level.kept_float and layer.name in quantized:
-            layer_why = (f"float: needs per-token activations, which {rules_of(config.target).runtime} has no form "
-                         f"for ({why})")
         plan.layer_reports.append(_layer_report(
             layer.name, result, act_max, is_quantized, group_level.static_max, layer_level if is_quantized else "",
-            layer_why if is_quantized or group_level.kept_float else "", layer_error if is_quantized else None))
+            layer_why if is_quantized else "", layer_error if is_quantized else None))
 
 
 def _hessian(stats: ActivationStats, activation: str, scales: np.ndarray | None) -> np.ndarray | None:

@@ -33,7 +33,7 @@ from sqonnx.graph.tensors import SHARED, release
 from sqonnx.math.metrics import log_softmax
 from sqonnx.passes.transposed import FOLDED_TENSOR
 from sqonnx.pause import pause_point
-from sqonnx.runtime.session import PREPACK_TOKENS, Session, has_half_floats, open_session
+from sqonnx.runtime.session import PREPACK_TOKENS, Session, cpu_runs, has_half_floats, open_session
 from sqonnx.runtime.upcast import upcast_to_float32
 from sqonnx.streaming.blocks import Block, Partition
 
@@ -506,8 +506,9 @@ def forward_block(runner: BlockRunner, block: Block, session: Session, carry: Ca
 
 def time_fp_block(runner: BlockRunner, block: Block, model: ir.Model, carry: Carry, key: int,
                   timed: dict[str, float]) -> None:
-    """The FP block's run time on sample `key` (plain session, no statistics): the speed reference."""
-    session = open_session(model, float32=False, what=f"block {block.index}")
+    """The FP block's run time on sample `key` (plain session, no statistics): the speed reference (a bfloat16 block's
+    upcast, as the quantized blocks are timed: onnxruntime's CPU has no bfloat16 kernels)."""
+    session = open_session(model, float32=not cpu_runs(model), what=f"block {block.index}")
     scratch = Carry(carry.folder / "timing", CARRY_MEMORY_BYTES)
 
     def run_one(sequence: Sequence, run: Run, feeds: dict[str, np.ndarray], fetch: list[str]) -> dict[str, np.ndarray]:

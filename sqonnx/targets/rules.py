@@ -25,6 +25,9 @@ class Target(str, enum.Enum):
     CUDA = "cuda"  # onnxruntime's CUDA provider (targets.cuda)
 
 
+CPU_RUNTIME = "onnxruntime's CPU kernels"
+
+
 @dataclass(frozen=True)
 class TargetRules:
     """What one target's runtime takes. The defaults are onnxruntime's CPU kernels'."""
@@ -41,9 +44,13 @@ class TargetRules:
     signed: bool = False
     # Static Q/DQ only: no explicit integer ops, no MatMulNBits (no importer for them).
     qdq_only: bool = False
+    # Half types the runtime's Q/DQ kernels take as input and scale type (ONNX opset 19 and later): a model in one of
+    # them is quantized in its own type, without the float32 islands onnxruntime's CPU kernels need
+    # (passes.float_islands), and its opset raised to 19 where it is older (passes.opset).
+    half_qdq: tuple[ir.DataType, ...] = ()
     max_opset: int = 0  # the highest ai.onnx opset the runtime reads (0: any)
     opset_reason: str = ""  # why, for the error message
-    runtime: str = "onnxruntime's CPU kernels"  # how messages name it
+    runtime: str = CPU_RUNTIME  # how messages name it
     # The first node of a written block that breaks the runtime's rules (None: none), and how many nodes the check
     # looked at; both None: nothing to check statically.
     violation: Callable[[ir.Graph, int], str | None] | None = None
@@ -51,3 +58,8 @@ class TargetRules:
     # The report's line on what the target's rules did (number of checked nodes or quantized layers, the layers kept
     # float); None: no line.
     describe: Callable[[int, int, str], str] | None = None
+
+    @property
+    def on_cpu(self) -> bool:
+        """Whether the model runs on onnxruntime's CPU kernels (whose fusions `runtime.kernels` verifies)."""
+        return self.runtime == CPU_RUNTIME

@@ -6,7 +6,10 @@ activation tensor, and per-channel weight scales along one axis (opset 13 and la
 onnxruntime's integer ops (MatMulInteger, DynamicQuantizeLinear, QLinearMatMul, MatMulIntegerToFloat,
 MatMulNBits and their kind), so a per-token (O1) or dynamic group has no TensorRT form: `--target tensorrt`
 keeps such groups in the model's float type, which TensorRT mixes freely with INT8. TensorRT 10's parser reads
-ai.onnx up to opset 20. `violation` names the first node of a graph that breaks one of these rules.
+ai.onnx up to opset 20. Its Q/DQ scales may be float32, float16 or bfloat16, the type of the tensor quantized
+(onnx-tensorrt's QuantizeLinear/DequantizeLinear importers): an FP16 or BF16 model keeps its own type all through,
+which needs opset 19 (QuantizeLinear-19 took half types). `violation` names the first node of a graph that breaks one
+of these rules.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ INTEGER_OPS = {"DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul", "MatMu
                "DynamicQuantizeMatMul", "QGemm", "MatMulNBits", "ConvInteger", "QLinearConv", "QAttention",
                "DynamicQuantizeLSTM"}
 QDQ = {"QuantizeLinear", "DequantizeLinear"}
+SCALE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ir.DataType.BFLOAT16.numpy()))
 
 
 def violation(graph: ir.Graph, opset: int) -> str | None:
@@ -53,7 +57,7 @@ def _qdq_violation(node: ir.Node) -> str | None:
     scale = constant(scale_value)
     if scale is None:
         return "its scale is not a constant"
-    if scale.dtype not in (np.float32, np.float16) or not np.all(scale > 0):
+    if scale.dtype not in SCALE_DTYPES or not np.all(scale.astype(np.float32) > 0):
         return "scales must be positive float constants"
     if zero_value is None:
         return "no zero point: the quantized type defaults to uint8, which TensorRT refuses (int8 only)"
@@ -80,6 +84,7 @@ def _describe(checked: int, _quantized: int, kept: str) -> str:
             f"scales, per-tensor activations, per-channel weights, opset <= {MAX_OPSET}): all pass; {kept}")
 
 
-RULES = TargetRules(Target.TENSORRT, full_range=True, static_only=True, qdq_only=True, max_opset=MAX_OPSET,
+RULES = TargetRules(Target.TENSORRT, full_range=True, static_only=True, qdq_only=True,
+                    half_qdq=(ir.DataType.FLOAT16, ir.DataType.BFLOAT16), max_opset=MAX_OPSET,
                     opset_reason="TensorRT 10's parser reads up to {max}", runtime="TensorRT", violation=violation,
                     checked_nodes=count_qdq, describe=_describe)
