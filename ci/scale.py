@@ -190,6 +190,11 @@ def measure(name: str, shape: scale_models.LlamaShape, dtype: str, with_past: bo
     run_measured([python, __file__, "--check", str(out / "model.onnx"), str(feeds),
                   str(workdir / "baseline.npy"), str(workdir / "check.json")], [], env)
     check = json.loads((workdir / "check.json").read_text())
+    print("  sqonnx compare FP and output (4 samples, block by block)", flush=True)
+    compared = run_measured([python, "-m", "sqonnx", "compare", str(model), str(out / "model.onnx"), "--data",
+                             str(feeds), "--samples", "4", "--rounds", "1", "--json"], [tmp], env)
+    text = str(compared["output"])
+    comparison = json.loads(text[text.index("{"):text.rindex("}") + 1])
     decode: dict[str, object] = {}
     if signals:
         print("  Ctrl-C at three moments of a run", flush=True)
@@ -211,6 +216,8 @@ def measure(name: str, shape: scale_models.LlamaShape, dtype: str, with_past: bo
         "peak_rss_gb": quantized["peak_rss"] / 1e9,
         "peak_scratch_gb": max(0, quantized["peak_disk"] - output_bytes) / 1e9,
         "output_gb": output_bytes / 1e9, **{f"output_{k}": v for k, v in check.items()}, **decode,
+        "compare_peak_rss_gb": compared["peak_rss"] / 1e9, "compare_seconds": compared["seconds"],
+        "compare_kl": comparison["kl"], "compare_top1": comparison["top1"],
         "summary": [line.strip() for line in str(quantized["output"]).splitlines() if line.startswith("  ")],
     }
     shutil.rmtree(workdir, ignore_errors=True)
@@ -318,15 +325,19 @@ def signal_latency(model: Path, feeds: Path, out: Path, delays: tuple[float, ...
 
 def table(rows: list[dict[str, object]]) -> str:
     lines = ["| model | size | calibration | peak RSS | scratch disk beyond the output | sqonnx wall | FP32 forward "
-             "(block by block) | ratio | output | onnxruntime runs it: logits vs FP (rel. L2, same top-1) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "(block by block) | ratio | output | onnxruntime runs it: logits vs FP (rel. L2, same top-1) | "
+             "`sqonnx compare` (4 samples): peak RSS, wall |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         past = " with past" if r.get("with_past") else ""
         check = (f"{r['output_relative_error']:.3f}, {r['output_same_top1']:.0%}" if "output_relative_error" in r
                  else "(demo: `make demo`)")
+        compared = (f"{r['compare_peak_rss_gb']:.2f} GB, {r['compare_seconds']:.0f} s" if "compare_peak_rss_gb" in r
+                    else "not measured")
         lines.append(f"| {r['model']} {r['dtype']}{past} | {r['model_gb']:.2f} GB | {r['samples']} x {r['seq_len']} | "
                      f"{r['peak_rss_gb']:.2f} GB | {r['peak_scratch_gb']:.2f} GB | {r['quantize_seconds']:.0f} s | "
-                     f"{r['forward_seconds']:.0f} s | {r['ratio']:.2f}x | {r['output_gb']:.2f} GB | {check} |")
+                     f"{r['forward_seconds']:.0f} s | {r['ratio']:.2f}x | {r['output_gb']:.2f} GB | {check} | "
+                     f"{compared} |")
     return "\n".join(lines) + "\n"
 
 

@@ -4,7 +4,7 @@ from sqonnx.runtime.install import check_onnxruntime
 
 check_onnxruntime()
 
-from sqonnx.api import quantize  # noqa: E402
+from sqonnx.api import compare, quantize  # noqa: E402
 from sqonnx.config import (  # noqa: E402
     CalibMethod,
     CalibrationConfig,
@@ -24,4 +24,5 @@ from sqonnx.targets import Target  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = ["CalibMethod", "CalibrationConfig", "Format", "LayerReport", "Level", "QuantizeConfig", "QuantizeReport",
-           "Provider", "Rounding", "SqonnxError", "Target", "Unabsorbed", "Weights", "__version__", "quantize"]
+           "Provider", "Rounding", "SqonnxError", "Target", "Unabsorbed", "Weights", "__version__", "compare",
+           "quantize"]

@@ -14,10 +14,12 @@ from typing import Annotated
 
 import typer
 
+from sqonnx.api import compare as compare_models
 from sqonnx.api import quantize as quantize_model
 from sqonnx.config import (
     AUTO,
     DEFAULT_EXCLUDE,
+    MB,
     OWN_TEXT_SHARE,
     CalibMethod,
     CalibrationConfig,
@@ -218,6 +220,30 @@ def inspect(
     typer.echo(f"{len(results)} layer groups; worst activation outliers: {', '.join(worst.layers)} (max/median "
                f"{worst.activation_ratio_before:.1f} -> {worst.activation_ratio_after:.1f} after smoothing)")
     typer.echo(f"report: {out / 'index.html'}")
+
+
+@app.command()
+def compare(
+    fp: Annotated[Path, typer.Argument(help="The FP .onnx model (its tokenizer.json beside it for text data)")],
+    quantized: Annotated[Path, typer.Argument(help="Its quantized .onnx")],
+    data: Annotated[Path | None, typer.Option(
+        help="Text or .npz of input feeds to measure on [default: held-out pydoc topics]")] = None,
+    samples: Annotated[int, typer.Option(help="Samples (windows of text) to measure on")] = 8,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sample (text data)")] = 512,
+    rounds: Annotated[int, typer.Option(help="Timed prefill runs of each model, alternating")] = 3,
+    decode_tokens: Annotated[int, typer.Option(help="Greedy decode steps timed (models with a cache; 0: none)")] = 32,
+    block_size: Annotated[int | None, typer.Option(
+        help="Run block by block, MB of FP weights per block; 0: whole models [default: whole up to 2 GB together]")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the numbers as JSON instead of a table")] = False,
+) -> None:
+    """Measure what quantization cost: FP and QUANTIZED side by side on the same data (perplexity or cosine, KL and
+    top-1 agreement of next-token distributions, prefill and decode speed)."""
+    with _user_errors("interrupted"):
+        report = compare_models(fp, quantized, data, samples=samples, seq_len=seq_len, rounds=rounds,
+                                decode_tokens=decode_tokens,
+                                block_bytes=None if block_size is None else block_size * MB)
+    typer.echo(report.to_json() if as_json else report.table())
 
 
 class Terminated(KeyboardInterrupt):

@@ -134,6 +134,11 @@ class CalibrationConfig:
         if self.decode_steps < 0:
             raise SqonnxError(f"--decode-steps must be at least 0 (0: prefill only), got {self.decode_steps}")
 
+    @property
+    def is_text(self) -> bool:
+        """Text to tokenize (pydoc, files, a folder), not an .npz of feeds."""
+        return not isinstance(self.data, Path) or self.data.is_dir() or self.data.suffix != ".npz"
+
 
 @dataclass(frozen=True)
 class QuantizeConfig:
@@ -234,10 +239,11 @@ class QuantizeConfig:
             if self.format is Format.QOPERATOR or self.level is not Level.O3:
                 raise SqonnxError(f"--target {target} takes static Q/DQ only; drop "
                                   f"{'--format qoperator' if self.format is Format.QOPERATOR else '--dynamic/--level'}"
-                                  " (groups that need per-token activations stay float there)")
+                                  " (every group is static there; --keep-float-budget decides which layers stay float)")
         elif rules.static_only and self.level is not Level.O3:
             raise SqonnxError(f"--target {target} writes static int8 activations ({rules.runtime} has no "
-                              "DynamicQuantizeLinear); drop --dynamic/--level (per-token groups stay float there)")
+                              "DynamicQuantizeLinear); drop --dynamic/--level (every group is static there; "
+                              "--keep-float-budget decides which layers stay float)")
         if self.int4_block not in (16, 32, 64, 128, 256):
             raise SqonnxError(f"--int4-block must be 16, 32, 64, 128 or 256, got {self.int4_block}; try 32")
         if self.smooth_only and self.weights.matmul_nbits:

@@ -172,6 +172,21 @@ def test_relabelling_past_opset_18_moves_reduce_axes_to_an_input() -> None:
     assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
 
 
+def test_relabelling_past_opset_18_names_an_equal_splits_output_count() -> None:
+    import onnxruntime as ort
+
+    split = helper.make_node("Split", ["x"], ["a", "b"], name="halves", axis=-1)
+    graph = helper.make_graph([split], "g", [helper.make_tensor_value_info("x", FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info(n, FLOAT, [2, 2]) for n in ("a", "b")])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    SetOpsetPass(19, "test")(model)
+    proto = ir.serde.serialize_model(model)
+    onnx.checker.check_model(proto, full_check=True)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    a, b = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert np.array_equal(a, x[:, :2]) and np.array_equal(b, x[:, 2:])
+
+
 def test_relabelling_refuses_an_op_that_changed_meaning() -> None:
     grid = helper.make_node("GridSample", ["x4", "g4"], ["s4"], name="sampler")
     model = _reduce_model(17, [grid])

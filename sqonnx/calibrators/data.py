@@ -38,8 +38,9 @@ logger = logging.getLogger(__name__)
 
 EVAL_EVERY = 5  # every 5th pydoc topic (sorted by name) is held out for evaluation
 
+# (a bfloat16 input is fed float32: onnxruntime's CPU has no bfloat16 kernels, and runs such models upcast)
 _NUMPY_OF = {ir.DataType.INT64: np.int64, ir.DataType.INT32: np.int32, ir.DataType.FLOAT: np.float32,
-             ir.DataType.FLOAT16: np.float16}
+             ir.DataType.FLOAT16: np.float16, ir.DataType.BFLOAT16: np.float32}
 CACHE_PREFIXES = ("past_key_values", "past_key", "past_value")
 DECODE_CHAINS = 4  # decode steps are split among (at least) this many prompts
 LOGITS = "logits"

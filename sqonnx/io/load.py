@@ -39,6 +39,27 @@ def load_model(path: Path) -> ir.Model:
     return model
 
 
+def save_model_proto(proto: onnx.ModelProto, folder: Path) -> Path:
+    """An in-memory model (`sqonnx.quantize`'s ModelProto route) as a file the run reads like any other: saved as it
+    is, its weights inside (a model over protobuf's 2 GB into a data file beside it, from a copy: the caller's proto
+    is left as it was). Tensors that point to external data refer to a folder the proto does not name: refused."""
+    for tensor in proto.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "?")
+            raise SqonnxError(f"the ModelProto's initializer {tensor.name} keeps its data in {location}, which "
+                              "sqonnx cannot find without the model's folder: pass the model's path instead, or "
+                              "load it with onnx.load(path) (which reads the data in)")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.onnx"
+    if proto.ByteSize() < onnx.checker.MAXIMUM_PROTOBUF:
+        onnx.save_model(proto, path)
+    else:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(proto)
+        onnx.save_model(copy, path, save_as_external_data=True, location=f"{path.name}.data")
+    return path
+
+
 class _DanglingInputs(logging.Filter):
     """Collects the inputs onnx_ir could not resolve while loading ("cannot be found in any scope"), and keeps
     its one warning per reader off the console: `_check_graph` turns them into one error line."""

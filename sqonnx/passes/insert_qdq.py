@@ -46,7 +46,8 @@ class LayerQuantization:
 def weight_codes(layer: LinearLayer, rounded: Rounded | None, qmax: int, per_channel: bool,
                  dtype: ir.DataType = ir.DataType.FLOAT) -> tuple[np.ndarray, np.ndarray]:
     """int8 codes in `layer`'s weight layout, and their scale (per output channel, or one) in `dtype`. A half type's
-    scale is rounded up to it first and the codes rounded against that (rounded up, no code leaves the range)."""
+    scale is rounded up to it and the codes rounded against that (rounded up, no code leaves the range); GPTQ's codes
+    are fixed, so their scale is rounded to the nearest half value instead."""
     if rounded is None:
         codes, scale = quantize_weight(layer.weight, layer.in_axis, qmax, per_channel)
     else:
@@ -54,11 +55,11 @@ def weight_codes(layer: LinearLayer, rounded: Rounded | None, qmax: int, per_cha
         codes, scale = (codes if layer.in_axis == 0 else codes.T), rounded.scales[:, 0].copy()
     if dtype == ir.DataType.FLOAT:
         return codes, scale
+    if rounded is not None:
+        return codes, np.asarray(scale, np.float32).astype(dtype.numpy())
     stored = round_up(scale, dtype)
-    if rounded is None:
-        as_float = stored.astype(np.float32)
-        codes = quantize_symmetric(layer.weight, np.expand_dims(as_float, layer.in_axis) if per_channel else as_float,
-                                   qmax)
+    as_float = stored.astype(np.float32)
+    codes = quantize_symmetric(layer.weight, np.expand_dims(as_float, layer.in_axis) if per_channel else as_float, qmax)
     return codes, stored
 
 
@@ -142,6 +143,7 @@ class InsertQDQPass(QuantizingPass):
         _name_output(dequantize, f"{name}/input_dequantized", activation.shape, dtype)
         graph.insert_before(layer.node, [quantize, dequantize])
         layer.node.replace_input_with(0, dequantize.outputs[0])
+
     def _quantize_activation_dynamically(self, graph: ir.Graph, layer: LinearLayer) -> None:
         # One DynamicQuantizeLinear per layer: onnxruntime only fuses it into DynamicQuantizeMatMul
         # when it has a single reader.
@@ -156,6 +158,8 @@ class InsertQDQPass(QuantizingPass):
         _name_output(dequantize, f"{name}/input_dequantized", activation.shape)
         graph.insert_before(layer.node, [quantize, dequantize])
         layer.node.replace_input_with(0, dequantize.outputs[0])
+
+
 def gemm_as_batched_matmul(graph: ir.Graph, layer: LinearLayer, opset: int) -> LinearLayer:
     """Rewrite Gemm(x, W[, b]) on 2-D x as Squeeze(MatMul(Unsqueeze(x), W) [+ b]), named like the Gemm.
 
@@ -171,19 +175,20 @@ def gemm_as_batched_matmul(graph: ir.Graph, layer: LinearLayer, opset: int) -> L
         weight = add_initializer(graph, f"{weight.name}_transposed", layer.weight.T)
     axes = [add_initializer(graph, f"{name}/axis0", np.array([0], np.int64))] if opset >= 13 else []
     attrs = {} if opset >= 13 else {"axes": ir.AttrInt64s("axes", [0])}
+    dtype = _type(x)  # float32, or the half type a GPU target quantizes in
     unsqueeze = ir.Node("", "Unsqueeze", [x, *axes], attrs, name=f"{name}/Unsqueeze")
-    _name_output(unsqueeze, f"{name}/input_batched", None)
+    _name_output(unsqueeze, f"{name}/input_batched", None, dtype)
     matmul = ir.Node("", "MatMul", [unsqueeze.outputs[0], weight], name=name)
-    _name_output(matmul, f"{name}/output_batched", None)
+    _name_output(matmul, f"{name}/output_batched", None, dtype)
     nodes = [unsqueeze, matmul]
     if layer.bias_value is not None:
         nodes.append(ir.Node("", "Add", [matmul.outputs[0], layer.bias_value], name=f"{name}/bias_Add"))
-        _name_output(nodes[-1], f"{name}/output_biased", None)
+        _name_output(nodes[-1], f"{name}/output_biased", None, dtype)
     nodes.append(ir.Node("", "Squeeze", [nodes[-1].outputs[0], *axes], dict(attrs), name=f"{name}/Squeeze"))
     old_output = node.outputs[0]
     new_output = nodes[-1].outputs[0]
     new_output.name = f"{name}/output"
-    new_output.dtype, new_output.shape = ir.DataType.FLOAT, old_output.shape
+    new_output.dtype, new_output.shape = dtype, old_output.shape
     ir.convenience.replace_nodes_and_values(graph, node, [node], nodes, [old_output], [new_output])
     converted = as_linear_layer(matmul)
     assert converted is not None

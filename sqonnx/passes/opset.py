@@ -3,8 +3,9 @@
 TensorRT 10's parser reads up to opset 20 and onnxruntime-genai's builder writes 21; Q/DQ in float16 or bfloat16
 (what a GPU target writes for a half-precision model: `targets.rules.TargetRules.half_qdq`) needs 19, and optimum
 exports 14 to 18. Between those versions almost every change to an op a transformer graph uses only added types or
-an attribute or input whose default keeps the old meaning (`_SAME_MEANING`); the one exception, opset 18 moving the
-Reduce ops' `axes` from an attribute to an input, is rewritten. So the graph is moved by relabelling its import (and
+an attribute or input whose default keeps the old meaning (`_SAME_MEANING`); the exceptions, opset 18 moving the
+Reduce ops' `axes` from an attribute to an input and wanting an equal Split's output count as `num_outputs`, are
+rewritten. So the graph is moved by relabelling its import (and
 that rewrite), nothing else: no weight is read, which keeps a 7B model's load flat. An op whose meaning did change
 (RoiAlign 16, DFT 20, GroupNormalization 21, ...), or 4-bit types and blocked Q/DQ when going below 21, are refused
 with the node named, and the user converts with onnx's version converter instead.
@@ -74,6 +75,9 @@ class SetOpsetPass(ir.passes.InPlacePass):
             for node in nodes:
                 if node.op_type in _REDUCE_OPS:
                     _axes_as_input(node)
+                elif node.op_type == "Split" and (len(node.inputs) < 2 or node.inputs[1] is None):
+                    # an equal split by its output count: opset 18 wants that count said (num_outputs)
+                    node.attributes["num_outputs"] = ir.AttrInt64("num_outputs", len(node.outputs))
         for graph in graphs:
             for domain in STANDARD_DOMAINS:
                 if domain in graph.opset_imports:
@@ -85,6 +89,8 @@ class SetOpsetPass(ir.passes.InPlacePass):
 def _change(node: ir.Node, source: int, target: int) -> str | None:
     """Why `node` would mean something else at `target` (None: it means the same)."""
     low, high = sorted((source, target))
+    if not onnx.defs.has(node.op_type, ""):
+        return None  # not an ONNX op: one onnxruntime registers in the standard domain (SimplifiedLayerNormalization)
     try:
         since = {onnx.defs.get_schema(node.op_type, version, "").since_version for version in range(low, high + 1)}
     except onnx.defs.SchemaError:

@@ -33,7 +33,6 @@ from sqonnx.targets import rules_of
 
 __all__ = ["Built", "build", "quantization_scheme", "smooth_block"]
 
-_HALF_WEIGHT = "sqonnx.half_weight"  # a weight's type before _weights_in_float32 (value.meta)
 
 
 @dataclass
@@ -68,8 +67,6 @@ def build(model: ir.Model, config: QuantizeConfig, stats: ActivationStats, quant
         assert isinstance(split, SplitResult) and split.stats is not None
         groups, stats = split.groups, split.stats
     plan = plan_block(groups, config, stats, quantized, originals, scheme, rotation, sensitivities)
-    if not config.smooth_only:
-        _weights_back_in_half(model.graph, {planned.layer.name for planned in plan.layers})
     write_block(model, plan, config)
     return Built(model, plan.layer_reports, [planned.layer for planned in plan.layers], plan.sensitivity,
                  plan.rotation_errors)
@@ -136,17 +133,4 @@ def _weights_in_float32(graph: ir.Graph, quantized: set[str]) -> None:
             continue
         value.const_value = ir.tensor(as_float32(tensor.numpy()), name=value.name)
         value.type = ir.TensorType(ir.DataType.FLOAT)
-        value.meta[_HALF_WEIGHT] = tensor.dtype
 
-
-def _weights_back_in_half(graph: ir.Graph, planned: set[str]) -> None:
-    """The weights `_weights_in_float32` turned whose layer the plan leaves float (a static-only target's choice) go
-    back to the model's type: a float layer reads its input in that type."""
-    for layer in find_linear_layers(graph):
-        value = layer.weight_value
-        dtype = value.meta.get(_HALF_WEIGHT)
-        if dtype is None or layer.name in planned or value.const_value is None:
-            continue
-        value.const_value = ir.tensor(value.const_value.numpy().astype(dtype.numpy()), name=value.name)
-        value.type = ir.TensorType(dtype)
-        del value.meta[_HALF_WEIGHT]

@@ -203,15 +203,21 @@ def move_to_target_opset(model: ir.Model, config: QuantizeConfig) -> None:
         return
     rules = rules_of(config.target)
     opset = opset_version(model.graph)
-    weight_types = {layer.weight_value.const_value.dtype for layer in find_linear_layers(model.graph)
-                    if layer.weight_value.const_value is not None}
+    # the insert passes quantize a layer in its activation's type (a weight's where the graph leaves it untyped)
+    types = {layer.activation.dtype or (layer.weight_value.const_value.dtype if layer.weight_value.const_value
+                                        else None) for layer in find_linear_layers(model.graph)}
+    half = bool(types & set(rules.half_qdq))
+    if half and opset < 13:
+        raise SqonnxError(f"the model uses opset {opset}; {rules.runtime} takes half-precision Q/DQ from opset "
+                          f"{HALF_QDQ_OPSET}: convert it with onnx.version_converter.convert_version(model, "
+                          f"{HALF_QDQ_OPSET}) first")
     wanted = opset
-    if weight_types & set(rules.half_qdq) and opset < HALF_QDQ_OPSET:
+    if half and opset < HALF_QDQ_OPSET:
         wanted, why = HALF_QDQ_OPSET, (f"{rules.runtime} takes {'/'.join(t.name.lower() for t in rules.half_qdq)} "
                                        f"Q/DQ from opset {HALF_QDQ_OPSET}")
     elif rules.max_opset and opset > rules.max_opset:
         wanted, why = rules.max_opset, rules.opset_reason.format(max=rules.max_opset)
-    if wanted != opset and opset >= 13:
+    if wanted != opset:
         SetOpsetPass(wanted, why)(model)
         logger.info("opset %d -> %d (%s)", opset, wanted, why)
 

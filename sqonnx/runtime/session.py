@@ -144,6 +144,18 @@ _NUMPY_BACKED = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.D
                            ir.DataType.UINT32, ir.DataType.INT64, ir.DataType.UINT64, ir.DataType.BOOL})
 
 
+def open_file_session(path: Path, what: str) -> Session:
+    """A CPU session over a saved model, its weights read by onnxruntime from the file (and its data file): what a
+    deployment runs. A model onnxruntime cannot load is one error line naming `what`."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    try:
+        session = ort.InferenceSession(str(path), options, providers=CPU)
+    except Exception as exc:
+        raise SqonnxError(f"onnxruntime cannot run {what} ({path}): {str(exc).splitlines()[0]}") from None
+    return Session(session, [])
+
+
 def has_half_floats(model: ir.Model, types: tuple[ir.DataType, ...] = HALF_TYPES) -> bool:
     """Whether any value or initializer of the model is float16 or bfloat16 (or of `types`)."""
     graph = model.graph

@@ -132,6 +132,39 @@ def partition(graph: ir.Graph, budget: int) -> Partition:
     return Partition(_link(graph, blocks), graph_outputs=[str(v.name) for v in graph.outputs])
 
 
+def follow(part: Partition, graph: ir.Graph) -> Partition | None:
+    """`part`'s borders in another graph that computes the same values under the same names (a model's quantized
+    output: sqonnx links its blocks by those names, Q/DQ tools keep them): block i holds the nodes, not in an
+    earlier block, that block i's border values depend on, in graph order; nodes nothing reads go last. None where a
+    border value is not in `graph` (a constant may have become an initializer there: blocks read those directly), or
+    where `graph` has control flow (a branch reads outer values no node input names)."""
+    nodes = list(graph)
+    if any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+           for node in nodes for attr in node.attributes.values()):
+        return None
+    producer = {str(out.name): node for node in nodes for out in node.outputs}
+    owner: dict[int, int] = {}
+    for block in part.blocks:
+        stack = [name for name in block.outputs
+                 if name not in {str(v.name) for v in graph.inputs} and name not in graph.initializers]
+        if any(name not in producer for name in stack):
+            return None
+        while stack:
+            node = producer.get(stack.pop())
+            if node is None or id(node) in owner:
+                continue
+            owner[id(node)] = block.index
+            stack.extend(str(v.name) for v in node.inputs if v is not None and not v.is_initializer())
+    last = part.blocks[-1].index
+    blocks = [Block(block.index, [n for n in nodes if owner.get(id(n), last) == block.index], 0)
+              for block in part.blocks]
+    for block in blocks:
+        block.weight_bytes = sum(v.const_value.nbytes for v in {id(v): v for n in block.nodes for v in n.inputs
+                                                                 if v is not None and v.is_initializer()}.values()
+                                 if v.const_value is not None)
+    return Partition(_link(graph, blocks), graph_outputs=[str(v.name) for v in graph.outputs])
+
+
 def _one_block(graph: ir.Graph, nodes: list[ir.Node], reason: str) -> Partition:
     weights = sum(v.const_value.nbytes for v in graph.initializers.values() if v.const_value is not None)
     return Partition(_link(graph, [Block(0, nodes, weights)]), reason, [str(v.name) for v in graph.outputs])

@@ -204,6 +204,7 @@ class Comparison:
     cosines: list[float] = field(default_factory=list)
     gaps: list[float] = field(default_factory=list)  # per sample: mean NLL per token minus the FP model's (nats)
     language_model: bool = True
+    agreed: int = 0  # positions whose most likely next token is the FP model's
 
     def add(self, name: str, reference: np.ndarray, output: np.ndarray, feeds: dict[str, np.ndarray]) -> None:
         """Sums in float64, taken ROWS positions at a time: a SmolLM2 window's logits are 100 MB in float32, and
@@ -239,6 +240,7 @@ class Comparison:
             self.nll += nll
             gap += nll - nll_reference
             self.kl += float(np.sum(np.exp(log_p) * (log_p - log_q)))
+            self.agreed += int(np.count_nonzero(log_p.argmax(axis=1) == log_q.argmax(axis=1)))
         self.gaps.append(gap / len(tokens))
         self.tokens += len(tokens)
 
@@ -251,7 +253,7 @@ class Comparison:
         return Comparison(self.squared_error + other.squared_error, self.squared_reference + other.squared_reference,
                           self.nll_reference + other.nll_reference, self.nll + other.nll, self.kl + other.kl,
                           self.tokens + other.tokens, self.cosines + other.cosines, self.gaps + other.gaps,
-                          self.language_model and other.language_model)
+                          self.language_model and other.language_model, self.agreed + other.agreed)
 
     @property
     def output_error(self) -> float:
@@ -270,6 +272,11 @@ class Comparison:
         if self.language_model and self.tokens:
             return [float(np.expm1(gap)) for gap in self.gaps]
         return [1.0 - c for c in self.cosines]
+
+    @property
+    def top1_agreement(self) -> float:
+        """The share of positions whose most likely next token is the FP model's."""
+        return self.agreed / self.tokens if self.tokens else 0.0
 
     @property
     def mean_kl(self) -> float:

@@ -29,5 +29,6 @@ def full_range_is_safe(target: Target) -> bool:
 
 
 def static_only(target: Target) -> bool:
-    """Targets whose runtime has no per-token (O1) or dynamic form: those groups stay float."""
+    """Targets whose runtime has no per-token (O1) or dynamic form: every group is static there, and the layers where
+    static INT8 costs more than `QuantizeConfig.float_budget` stay float."""
     return rules_of(target).static_only

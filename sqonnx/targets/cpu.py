@@ -30,7 +30,7 @@ ROWS = (
     TargetRules(Target.X86_AVX2),
     TargetRules(Target.X86_VNNI, full_range=True),
     TargetRules(Target.ARM64, full_range=True),
-    TargetRules(Target.GPU, full_range=True, runtime="onnxruntime's GPU kernels"),
+    TargetRules(Target.GPU, full_range=True, runtime="onnxruntime's GPU kernels", cpu_kernels=False),
 )
 
 

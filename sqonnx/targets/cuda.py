@@ -26,4 +26,4 @@ RULES = TargetRules(Target.CUDA, full_range=True, static_only=True, integer_ops=
                     half_qdq=(ir.DataType.FLOAT16,), max_opset=CUDA_QDQ_OPSET,
                     opset_reason="onnxruntime's CUDA QuantizeLinear is registered up to {max} (later ones run on the "
                                  "CPU)",
-                    runtime="onnxruntime's CUDA provider", describe=_describe)
+                    runtime="onnxruntime's CUDA provider", cpu_kernels=False, describe=_describe)

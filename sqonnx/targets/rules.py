@@ -36,7 +36,8 @@ class TargetRules:
     # Integer products accumulate in int32 (VNNI, ARM dot products, GPUs): 8-bit weights cannot saturate. Else
     # weights are 7-bit (targets.cpu: x86 without VNNI sums pairs into a saturating int16).
     full_range: bool = False
-    # No per-token or dynamic activation form: groups that need per-token activations stay in the float type.
+    # No per-token or dynamic activation form: every group static, the layers where that costs more than a budget
+    # left float (config.QuantizeConfig.float_budget).
     static_only: bool = False
     # Explicit integer ops (QuantizeLinear -> MatMulInteger -> Cast -> Mul) where the runtime has no fused Q/DQ
     # kernel; `signed`: int8 activations with zero point 0 (int8 x int8).
@@ -51,6 +52,9 @@ class TargetRules:
     max_opset: int = 0  # the highest ai.onnx opset the runtime reads (0: any)
     opset_reason: str = ""  # why, for the error message
     runtime: str = CPU_RUNTIME  # how messages name it
+    # The model runs on onnxruntime's CPU kernels, whose fusions `runtime.kernels` verifies (an unfused layer is
+    # then worth a warning; a GPU runtime fuses Q/DQ its own way).
+    cpu_kernels: bool = True
     # The first node of a written block that breaks the runtime's rules (None: none), and how many nodes the check
     # looked at; both None: nothing to check statically.
     violation: Callable[[ir.Graph, int], str | None] | None = None
@@ -58,8 +62,3 @@ class TargetRules:
     # The report's line on what the target's rules did (number of checked nodes or quantized layers, the layers kept
     # float); None: no line.
     describe: Callable[[int, int, str], str] | None = None
-
-    @property
-    def on_cpu(self) -> bool:
-        """Whether the model runs on onnxruntime's CPU kernels (whose fusions `runtime.kernels` verifies)."""
-        return self.runtime == CPU_RUNTIME

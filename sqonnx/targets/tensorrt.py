@@ -5,7 +5,8 @@ quantization" rules): int8 with zero points 0 (uint8 is refused), positive const
 activation tensor, and per-channel weight scales along one axis (opset 13 and later). It has no kernel for
 onnxruntime's integer ops (MatMulInteger, DynamicQuantizeLinear, QLinearMatMul, MatMulIntegerToFloat,
 MatMulNBits and their kind), so a per-token (O1) or dynamic group has no TensorRT form: `--target tensorrt`
-keeps such groups in the model's float type, which TensorRT mixes freely with INT8. TensorRT 10's parser reads
+makes every group static and leaves float (the model's type, which TensorRT mixes freely with INT8) only the layers
+where that costs more than the budget (`QuantizeConfig.float_budget`). TensorRT 10's parser reads
 ai.onnx up to opset 20. Its Q/DQ scales may be float32, float16 or bfloat16, the type of the tensor quantized
 (onnx-tensorrt's QuantizeLinear/DequantizeLinear importers): an FP16 or BF16 model keeps its own type all through,
 which needs opset 19 (QuantizeLinear-19 took half types). `violation` names the first node of a graph that breaks one
@@ -86,5 +87,6 @@ def _describe(checked: int, _quantized: int, kept: str) -> str:
 
 RULES = TargetRules(Target.TENSORRT, full_range=True, static_only=True, qdq_only=True,
                     half_qdq=(ir.DataType.FLOAT16, ir.DataType.BFLOAT16), max_opset=MAX_OPSET,
-                    opset_reason="TensorRT 10's parser reads up to {max}", runtime="TensorRT", violation=violation,
+                    opset_reason="TensorRT 10's parser reads up to {max}", runtime="TensorRT", cpu_kernels=False,
+                    violation=violation,
                     checked_nodes=count_qdq, describe=_describe)
