@@ -132,9 +132,9 @@ class InsertQDQPass(QuantizingPass):
         activation = layer.activation
         name = layer.name
         dtype = _type(activation)
-        scale = symmetric_scale(activation_max, ACTIVATION_QMAX)
-        scale = add_initializer(graph, f"{name}/input_scale", scale if dtype == ir.DataType.FLOAT else
-                                round_up(np.asarray(scale), dtype))
+        computed = symmetric_scale(activation_max, ACTIVATION_QMAX)
+        scale = add_initializer(graph, f"{name}/input_scale", computed if dtype == ir.DataType.FLOAT else
+                                round_up(np.asarray(computed), dtype))
         zero_point = add_initializer(graph, f"{name}/input_zero_point", np.zeros((), dtype=np.int8))
         quantize = ir.Node("", "QuantizeLinear", [activation, scale, zero_point], name=f"{name}/input_QuantizeLinear")
         _name_output(quantize, f"{name}/input_quantized", activation.shape, ir.DataType.INT8)

@@ -62,7 +62,7 @@ class SetOpsetPass(ir.passes.InPlacePass):
         source = opset_version(model.graph)
         if source == self.version:
             return ir.passes.PassResult(model, modified=False)
-        graphs = [model.graph, *model.functions.values()]
+        graphs: list[ir.Graph | ir.Function] = [model.graph, *model.functions.values()]
         nodes = [node for graph in graphs for node in ir.traversal.RecursiveGraphIterator(graph)
                  if node.domain in STANDARD_DOMAINS]
         for node in nodes:
