@@ -136,21 +136,23 @@ def _peak_rss(model: Path, out: Path, feeds: Path) -> int:
 
 
 def test_memory_does_not_grow_with_depth(tmp_path: Path) -> None:
-    """Twice the layers, each a block of its own (5120 x 5120 float32 weights, 105 MB): the peak resident memory
-    of the whole run differs by less than one block's weights (it would double with the model if any step held
-    it whole)."""
+    """Three times the layers, each a block of its own (5120 x 5120 float32 weights, 105 MB): the peak resident
+    memory of the whole run grows by less than 2.5 blocks' weights, where holding the model whole would add six.
+
+    The bound is one-sided and loose on purpose: the peak counts the memory-mapped weights' pages, whose residency
+    moves with the machine's load; runs of the same model measured up to 190 MB apart here (suites run loaded)."""
     hidden = 5120
     block = hidden * hidden * 4
     x = np.random.default_rng(0).standard_normal((2, 1, 8, hidden)).astype(np.float32)
     np.savez(tmp_path / "feeds.npz", x=x)
     peaks = []
-    for layers in (3, 6):
+    for layers in (3, 9):
         model = build_stack(tmp_path / f"m{layers}" / "model.onnx", layers=layers, hidden=hidden)
         peaks.append(_peak_rss(model, tmp_path / f"q{layers}" / "model.onnx", tmp_path / "feeds.npz"))
         for path in (model.parent, tmp_path / f"q{layers}"):
             for file in path.iterdir():
                 file.unlink()
-    assert abs(peaks[1] - peaks[0]) < block, f"peak RSS {peaks[0] / 1e6:.0f} MB -> {peaks[1] / 1e6:.0f} MB"
+    assert peaks[1] - peaks[0] < 2.5 * block, f"peak RSS {peaks[0] / 1e6:.0f} MB -> {peaks[1] / 1e6:.0f} MB"
 
 
 @pytest.mark.zoo
