@@ -32,6 +32,7 @@ bench: install
 	$(PY) ci/bench.py
 	$(PY) ci/phases.py
 	$(PY) ci/genai_bench.py
+	$(PY) ci/gpu_forms.py
 
 lint: install
 	$(VENV)/bin/ruff check sqonnx models tests ci
