@@ -11,7 +11,6 @@ FP32 export with every float type made half (tests/test_half.to_bfloat16's conve
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import tempfile
 from collections import Counter
@@ -20,7 +19,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import onnx_ir as ir  # noqa: E402
 
@@ -30,40 +28,6 @@ from sqonnx.targets.tensorrt import violation  # noqa: E402
 
 RESULTS = REPO / "ci" / "results"
 TARGETS = (sqonnx.Target.TENSORRT, sqonnx.Target.CUDA)
-
-
-def _half(array: np.ndarray, dtype: ir.DataType) -> np.ndarray:
-    """In `dtype`, within its finite range: an exporter writes the half type's own minimum where float32's was (an
-    attention mask's -3.4e38 would be -inf in bfloat16, and 0 * -inf a NaN)."""
-    info = np.finfo(dtype.numpy()) if dtype == ir.DataType.FLOAT16 else None
-    low, high = (float(info.min), float(info.max)) if info is not None else (-3.38e38, 3.38e38)
-    return np.clip(array, low, high).astype(dtype.numpy())
-
-
-def to_half(source: Path, target: Path, dtype: ir.DataType) -> Path:
-    """`source` with every float32 type, constant and Cast target made `dtype`."""
-    model = ir.load(source)
-    graph = model.graph
-    for value in graph.initializers.values():
-        tensor = value.const_value
-        if tensor is not None and tensor.dtype == ir.DataType.FLOAT:
-            value.const_value = ir.tensor(_half(tensor.numpy(), dtype), name=value.name)
-    for value in (*graph.inputs, *graph.outputs, *graph.initializers.values(),
-                  *(out for node in graph for out in node.outputs)):
-        if value.dtype == ir.DataType.FLOAT:
-            value.type = ir.TensorType(dtype)
-    for node in graph:
-        if node.op_type == "Cast" and node.attributes.get_int("to", 0) == ir.DataType.FLOAT.value:
-            node.attributes["to"] = ir.AttrInt64("to", dtype.value)
-        attr = node.attributes.get("value")
-        if attr is not None and attr.type == ir.AttributeType.TENSOR and attr.value.dtype == ir.DataType.FLOAT:
-            node.attributes["value"] = ir.AttrTensor("value", ir.tensor(_half(attr.value.numpy(), dtype)))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for companion in source.parent.iterdir():
-        if companion.suffix in (".json", ".txt"):
-            shutil.copy(companion, target.parent / companion.name)
-    ir.save(model, target)
-    return target
 
 
 def models(folder: Path) -> list[tuple[str, str, Path]]:
@@ -76,14 +40,14 @@ def models(folder: Path) -> list[tuple[str, str, Path]]:
             found.append((family, "float16", zoo.build(family, "float16")))
         except Exception as exc:  # an exporter that cannot write the family in float16
             print(f"{family} float16: no export ({type(exc).__name__}: {str(exc)[:80]})", flush=True)
-            found.append((family, "float16", to_half(zoo.build(family), folder / f"{family}-fp16" / "model.onnx",
+            found.append((family, "float16", zoo.to_half(zoo.build(family), folder / f"{family}-fp16" / "model.onnx",
                                                       ir.DataType.FLOAT16)))
-        found.append((family, "bfloat16", to_half(zoo.build(family), folder / f"{family}-bf16" / "model.onnx",
+        found.append((family, "bfloat16", zoo.to_half(zoo.build(family), folder / f"{family}-bf16" / "model.onnx",
                                                    ir.DataType.BFLOAT16)))
     genai = build_genai(folder / "genai", fused_norms=True)
     found.append(("genai", "float32", genai))
     for dtype, kind in (("float16", ir.DataType.FLOAT16), ("bfloat16", ir.DataType.BFLOAT16)):
-        found.append(("genai", dtype, to_half(genai, folder / f"genai-{dtype}" / "model.onnx", kind)))
+        found.append(("genai", dtype, zoo.to_half(genai, folder / f"genai-{dtype}" / "model.onnx", kind)))
     return found
 
 

@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from types import MappingProxyType
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -358,6 +360,43 @@ def main() -> None:
         size = sum(p.stat().st_size for p in path.parent.iterdir()) / 1e6
         print(f"{family:12s} {time.perf_counter() - start:6.1f} s  {size:5.2f} MB  {path}", flush=True)
     print(f"total {time.perf_counter() - total:.1f} s")
+
+
+
+def _half(array: np.ndarray, dtype: ir.DataType) -> np.ndarray:
+    """In `dtype`, within its finite range: an exporter writes the half type's own minimum where float32's was (an
+    attention mask's -3.4e38 would be -inf in bfloat16, and 0 * -inf a NaN)."""
+    info = np.finfo(dtype.numpy()) if dtype == ir.DataType.FLOAT16 else None
+    low, high = (float(info.min), float(info.max)) if info is not None else (-3.38e38, 3.38e38)
+    return np.clip(array, low, high).astype(dtype.numpy())
+
+
+def to_half(source: Path, target: Path, dtype: ir.DataType) -> Path:
+    """`source` with every float32 type, constant and Cast target made `dtype` (float16 or bfloat16), its json and
+    text companions (config, tokenizer) copied beside: what an export in that type holds where it matters (an
+    exporter that cannot write the type, or onnxruntime's CPU that cannot run it for the exporter)."""
+    model = ir.load(source)
+    graph = model.graph
+    for value in graph.initializers.values():
+        tensor = value.const_value
+        if tensor is not None and tensor.dtype == ir.DataType.FLOAT:
+            value.const_value = ir.tensor(_half(tensor.numpy(), dtype), name=value.name)
+    for value in (*graph.inputs, *graph.outputs, *graph.initializers.values(),
+                  *(out for node in graph for out in node.outputs)):
+        if value.dtype == ir.DataType.FLOAT:
+            value.type = ir.TensorType(dtype)
+    for node in graph:
+        if node.op_type == "Cast" and node.attributes.get_int("to", 0) == ir.DataType.FLOAT.value:
+            node.attributes["to"] = ir.AttrInt64("to", dtype.value)
+        attr = node.attributes.get("value")
+        if attr is not None and attr.type == ir.AttributeType.TENSOR and attr.value.dtype == ir.DataType.FLOAT:
+            node.attributes["value"] = ir.AttrTensor("value", ir.tensor(_half(attr.value.numpy(), dtype)))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for companion in source.parent.iterdir():
+        if companion.suffix in (".json", ".txt"):
+            shutil.copy(companion, target.parent / companion.name)
+    ir.save(model, target)
+    return target
 
 
 if __name__ == "__main__":

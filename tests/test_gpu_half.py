@@ -19,9 +19,8 @@ import sqonnx
 from models import zoo
 from sqonnx import CalibrationConfig, QuantizeConfig, SqonnxError, Target
 from sqonnx.passes.opset import SetOpsetPass
-from sqonnx.runtime.upcast import upcast_to_float32
 from sqonnx.targets.tensorrt import violation
-from tests.test_half import to_bfloat16
+from tests.test_half import logits_error, to_bfloat16, upcast_copy
 
 pytestmark = pytest.mark.zoo
 
@@ -51,17 +50,7 @@ def fp32_int8_error(models: dict[str, Path], calibration: CalibrationConfig,
     out = tmp_path_factory.mktemp("fp32") / "q.onnx"
     sqonnx.quantize(models["float32"], out, QuantizeConfig(calibration=calibration, target=Target.TENSORRT))
     feeds = zoo.feeds(models["float32"], 2, 32, seed=7)
-    return _error(out, zoo.logits(models["float32"], feeds).astype(np.float64), feeds)
-
-
-def _upcast(path: Path, target: Path) -> Path:
-    ir.save(upcast_to_float32(ir.load(path)), target)
-    return target
-
-
-def _error(model: Path, reference: np.ndarray, feeds: list[dict[str, np.ndarray]]) -> float:
-    got = zoo.logits(model, feeds).astype(np.float64)
-    return float(np.linalg.norm(got - reference) / np.linalg.norm(reference))
+    return logits_error(out, zoo.logits(models["float32"], feeds).astype(np.float64), feeds)
 
 
 def _types(graph: onnx.GraphProto) -> dict[str, int]:
@@ -116,9 +105,9 @@ def test_half_model_quantized_in_its_own_type(tmp_path: Path, models: dict[str, 
         assert Counter(n.op_type for n in graph.node if n.name.endswith("/output_Cast")) == {"Cast": 15}
         assert not {n.op_type for n in graph.node} & {"DequantizeLinear", "DynamicQuantizeLinear"}
     feeds = zoo.feeds(models["float32"], 2, 32, seed=7)
-    source = _upcast(models[dtype], tmp_path / "source-upcast.onnx")
+    source = upcast_copy(models[dtype], tmp_path / "source-upcast.onnx")
     upcast = zoo.logits(source, feeds).astype(np.float64)
-    error = _error(_upcast(out, tmp_path / "q-upcast.onnx") if dtype == "bfloat16" else out, upcast, feeds)
+    error = logits_error(upcast_copy(out, tmp_path / "q-upcast.onnx") if dtype == "bfloat16" else out, upcast, feeds)
     rounding = 2e-3 if dtype == "float16" else 1e-2  # the half type's own rounding of the folded weights
     assert error < 1.5 * fp32_int8_error + rounding, (error, fp32_int8_error)
 

@@ -26,34 +26,15 @@ FLOAT, FLOAT16, BFLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onn
 def to_bfloat16(source: Path, target: Path) -> Path:
     """The model with every float32 type, constant and Cast target made bfloat16 (what an export in bfloat16
     holds; onnxruntime's CPU provider cannot run it, so optimum's exporter cannot export one here)."""
-    model = ir.load(source)
-    graph = model.graph
-    bfloat16 = ir.DataType.BFLOAT16
-    for value in graph.initializers.values():
-        tensor = value.const_value
-        if tensor is not None and tensor.dtype == ir.DataType.FLOAT:
-            value.const_value = ir.tensor(tensor.numpy().astype(bfloat16.numpy()), name=value.name)
-    for value in (*graph.inputs, *graph.outputs, *graph.initializers.values(),
-                  *(out for node in graph for out in node.outputs)):
-        if value.dtype == ir.DataType.FLOAT:
-            value.type = ir.TensorType(bfloat16)
-    for node in graph:
-        if node.op_type == "Cast" and node.attributes.get_int("to", 0) == ir.DataType.FLOAT.value:
-            node.attributes["to"] = ir.AttrInt64("to", bfloat16.value)
-        attr = node.attributes.get("value")
-        if attr is not None and attr.type == ir.AttributeType.TENSOR and attr.value.dtype == ir.DataType.FLOAT:
-            node.attributes["value"] = ir.AttrTensor("value", ir.tensor(attr.value.numpy().astype(bfloat16.numpy())))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    ir.save(model, target)
-    return target
+    return zoo.to_half(source, target, ir.DataType.BFLOAT16)
 
 
-def _upcast(path: Path, target: Path) -> Path:
+def upcast_copy(path: Path, target: Path) -> Path:
     ir.save(upcast_to_float32(ir.load(path)), target)
     return target
 
 
-def _error(model: Path, reference: np.ndarray, feeds: list[dict[str, np.ndarray]]) -> float:
+def logits_error(model: Path, reference: np.ndarray, feeds: list[dict[str, np.ndarray]]) -> float:
     got = zoo.logits(model, feeds).astype(np.float64)
     return float(np.linalg.norm(got - reference) / np.linalg.norm(reference))
 
@@ -68,13 +49,13 @@ def calibration(tmp_path_factory: pytest.TempPathFactory) -> CalibrationConfig:
 def test_fp16_export_in_fp16_out(tmp_path: Path, calibration: CalibrationConfig) -> None:
     fp16, fp32 = zoo.build("llama", "float16"), zoo.build("llama")
     feeds = zoo.feeds(fp32, 2, 32, seed=7)
-    upcast = zoo.logits(_upcast(fp16, tmp_path / "upcast.onnx"), feeds).astype(np.float64)
-    rounding = _error(fp16, upcast, feeds)  # what float16 itself costs against its exact float32 upcast
+    upcast = zoo.logits(upcast_copy(fp16, tmp_path / "upcast.onnx"), feeds).astype(np.float64)
+    rounding = logits_error(fp16, upcast, feeds)  # what float16 itself costs against its exact float32 upcast
     assert 0 < rounding < 2e-3
 
     sqonnx.quantize(fp16, tmp_path / "smoothed.onnx", QuantizeConfig(smooth_only=True, exclude=(),
                                                                      calibration=calibration))
-    assert _error(tmp_path / "smoothed.onnx", upcast, feeds) < 5 * rounding  # rotation and smoothing: exact
+    assert logits_error(tmp_path / "smoothed.onnx", upcast, feeds) < 5 * rounding  # rotation and smoothing: exact
     # up to storing the folded weights in float16
 
     out = tmp_path / "int8.onnx"
@@ -100,8 +81,8 @@ def test_fp16_export_in_fp16_out(tmp_path: Path, calibration: CalibrationConfig)
 
     reference32 = zoo.logits(fp32, feeds).astype(np.float64)
     sqonnx.quantize(fp32, tmp_path / "int8-fp32.onnx", QuantizeConfig(calibration=calibration))
-    fp32_loss = _error(tmp_path / "int8-fp32.onnx", reference32, feeds)
-    assert _error(out, upcast, feeds) < 1.25 * fp32_loss + 2 * rounding
+    fp32_loss = logits_error(tmp_path / "int8-fp32.onnx", reference32, feeds)
+    assert logits_error(out, upcast, feeds) < 1.25 * fp32_loss + 2 * rounding
 
 
 def test_bf16_model_in_bf16_out(tmp_path: Path, calibration: CalibrationConfig) -> None:
@@ -121,8 +102,8 @@ def test_bf16_model_in_bf16_out(tmp_path: Path, calibration: CalibrationConfig) 
     assert kept == {BFLOAT16}, kept  # the embedding and norm weights stay bfloat16
     assert any(d in HALF_TYPES for d in (ir.DataType(t.data_type) for t in proto.graph.initializer))
     feeds = zoo.feeds(fp32, 2, 32, seed=7)
-    upcast = zoo.logits(_upcast(bf16, tmp_path / "bf16-upcast.onnx"), feeds).astype(np.float64)
+    upcast = zoo.logits(upcast_copy(bf16, tmp_path / "bf16-upcast.onnx"), feeds).astype(np.float64)
     reference32 = zoo.logits(fp32, feeds).astype(np.float64)
     sqonnx.quantize(fp32, tmp_path / "int8-fp32.onnx", QuantizeConfig(calibration=calibration))
-    fp32_loss = _error(tmp_path / "int8-fp32.onnx", reference32, feeds)
-    assert _error(_upcast(out, tmp_path / "int8-upcast.onnx"), upcast, feeds) < 1.5 * fp32_loss
+    fp32_loss = logits_error(tmp_path / "int8-fp32.onnx", reference32, feeds)
+    assert logits_error(upcast_copy(out, tmp_path / "int8-upcast.onnx"), upcast, feeds) < 1.5 * fp32_loss
