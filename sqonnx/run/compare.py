@@ -37,7 +37,7 @@ from sqonnx.errors import SqonnxError
 from sqonnx.io.load import load_model
 from sqonnx.passes.prepare import prepare
 from sqonnx.runtime.session import Session, cpu_runs, open_file_session, open_session
-from sqonnx.streaming.blocks import Block, Partition, follow, partition
+from sqonnx.streaming.blocks import Block, Partition, follow, initializer_bytes, partition
 from sqonnx.streaming.runner import (
     CARRY_MEMORY_BYTES,
     BlockRunner,
@@ -140,7 +140,8 @@ def compare_models(fp_path: Path, quantized_path: Path, data: Path | None = None
             data.write_text(pydoc_text("evaluation"))
         config = CalibrationConfig(data=data, num_samples=samples, seq_len=seq_len, own_text=0, decode_steps=0)
         feeds = calibration_feeds(graph, fp_path.parent, config)
-        total = _weight_bytes(fp_model) + _weight_bytes(quantized_model)
+        total = initializer_bytes(fp_model.graph.initializers.values()) + \
+            initializer_bytes(quantized_model.graph.initializers.values())
         if block_bytes == 0 or (block_bytes is None and total <= WHOLE_MODEL_BYTES):
             present = cache_outputs(list(graph.inputs))
             del fp_model, quantized_model, graph  # the sessions read the files themselves
@@ -229,10 +230,6 @@ def _by_blocks(fp: ir.Model, quantized: ir.Model, part: Partition, followed: Par
 def _block_session(model: ir.Model, block: Block, what: str) -> Session:
     part = extract_block(model, block)
     return open_session(part, float32=not cpu_runs(part), what=f"{what}'s block {block.index} ({block.label})")
-
-
-def _weight_bytes(model: ir.Model) -> int:
-    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
 def _prefill_ms(fp: Session, quantized: Session, name: str, feed: dict[str, np.ndarray],

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -159,14 +160,27 @@ def follow(part: Partition, graph: ir.Graph) -> Partition | None:
     blocks = [Block(block.index, [n for n in nodes if owner.get(id(n), last) == block.index], 0)
               for block in part.blocks]
     for block in blocks:
-        block.weight_bytes = sum(v.const_value.nbytes for v in {id(v): v for n in block.nodes for v in n.inputs
-                                                                 if v is not None and v.is_initializer()}.values()
-                                 if v.const_value is not None)
+        block.weight_bytes = initializer_bytes(block_initializers(block))
     return Partition(_link(graph, blocks), graph_outputs=[str(v.name) for v in graph.outputs])
 
 
+def block_initializers(block: Block) -> list[ir.Value]:
+    """The initializers `block`'s nodes read, once each."""
+    found: dict[int, ir.Value] = {}
+    for node in block.nodes:
+        for value in node.inputs:
+            if value is not None and value.is_initializer():
+                found.setdefault(id(value), value)
+    return list(found.values())
+
+
+def initializer_bytes(values: Iterable[ir.Value]) -> int:
+    """The bytes of the values' constant tensors, as stored (external data is not read)."""
+    return sum(v.const_value.nbytes for v in values if v.const_value is not None)
+
+
 def _one_block(graph: ir.Graph, nodes: list[ir.Node], reason: str) -> Partition:
-    weights = sum(v.const_value.nbytes for v in graph.initializers.values() if v.const_value is not None)
+    weights = initializer_bytes(graph.initializers.values())
     return Partition(_link(graph, [Block(0, nodes, weights)]), reason, [str(v.name) for v in graph.outputs])
 
 

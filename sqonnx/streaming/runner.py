@@ -35,7 +35,7 @@ from sqonnx.passes.transposed import FOLDED_TENSOR
 from sqonnx.pause import pause_point
 from sqonnx.runtime.session import PREPACK_TOKENS, Session, cpu_runs, has_half_floats, open_session
 from sqonnx.runtime.upcast import upcast_to_float32
-from sqonnx.streaming.blocks import Block, Partition
+from sqonnx.streaming.blocks import Block, Partition, block_initializers
 
 logger = logging.getLogger(__name__)
 
@@ -168,16 +168,6 @@ def extract_block(model: ir.Model, block: Block) -> ir.Model:
                     functions=list(model.functions.values()))
     part.metadata_props.update(model.metadata_props)
     return part
-
-
-def block_initializers(block: Block) -> list[ir.Value]:
-    """The initializers `block`'s nodes read, once each."""
-    found: dict[int, ir.Value] = {}
-    for node in block.nodes:
-        for value in node.inputs:
-            if value is not None and value.is_initializer():
-                found.setdefault(id(value), value)
-    return list(found.values())
 
 
 def release_block(model: ir.Model, block: Block) -> None:
